@@ -1,0 +1,96 @@
+"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--batch-size N] [--engine local|ray]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from index_builder.build import BuildError, BuildReport, discover_images, finish_build
+from serve_app.config import DEFAULT_MODEL
+from serve_app.storage import StoreError, is_s3_uri, open_store
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m index_builder", description=__doc__)
+    parser.add_argument("--images", required=True, help="folder or s3://bucket/prefix of images (walked recursively)")
+    parser.add_argument("--out", required=True, help="folder or s3://bucket/prefix to publish the index to")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="CLIP hub id or local checkpoint folder")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local threads or Ray Data")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads (local engine)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (ray engine); default: local")
+    parser.add_argument("--actors", type=int, default=1, help="encoder actors (ray engine)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+def run_local(args: argparse.Namespace) -> BuildReport:
+    from tqdm import tqdm
+
+    from index_builder.local_engine import embed_local
+    from serve_app.encoder import ClipImageEncoder, ModelLoadError
+
+    started = time.perf_counter()
+    source = open_store(args.images)
+    out = open_store(args.out)
+    keys = discover_images(source)
+    if not keys:
+        raise BuildError(f"no images (jpg, jpeg, png, webp, bmp, gif, tiff) found in {source.uri}")
+    try:
+        encoder = ClipImageEncoder(args.model, device=args.device, precision=args.precision)
+    except (ModelLoadError, ValueError) as exc:
+        raise BuildError(str(exc)) from exc
+    with tqdm(total=len(keys), unit="img", disable=args.quiet, file=sys.stderr) as progress:
+        records, vectors, skipped = embed_local(
+            source, keys, encoder.spec, encoder.encode_pixels, args.batch_size, args.workers, progress.update
+        )
+    return finish_build(
+        out=out,
+        source=source,
+        records=records,
+        vectors=vectors,
+        skipped=skipped,
+        model=args.model,
+        model_fingerprint=encoder.identity.fingerprint,
+        embedding_dim=encoder.embedding_dim,
+        preprocessing=encoder.spec.to_dict(),
+        started=started,
+    )
+
+
+def check_source(location: str) -> None:
+    if not is_s3_uri(location):
+        from pathlib import Path
+
+        if not Path(location).is_dir():
+            raise BuildError(f"--images {location}: no such folder")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_source(args.images)
+        if args.engine == "ray":
+            from index_builder.ray_engine import run_ray
+
+            report = run_ray(args)
+        else:
+            report = run_local(args)
+    except (BuildError, StoreError) as exc:
+        print(f"index_builder: error: {exc}", file=sys.stderr)
+        return 1
+    for path, reason in report.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    spec = report.index.factory if report.index else "?"
+    print(
+        f"indexed {report.count} images ({len(report.skipped)} skipped) into {args.out} "
+        f"version {report.version}, index {spec}, in {report.seconds:.1f}s = {report.images_per_second:.1f} images/s"
+    )
+    return 0

@@ -1,0 +1,46 @@
+"""The application graph, built in one place: `serve_app.app:build_app` in serve_config.yaml."""
+
+from typing import Any, cast
+
+from ray.serve import Application, Deployment
+
+from serve_app.artifact import load_manifest, resolve_version
+from serve_app.config import AppArgs
+from serve_app.deployments.embedder import Embedder
+from serve_app.deployments.ingress import Ingress
+from serve_app.deployments.searcher import Searcher
+from serve_app.errors import ArtifactError
+from serve_app.storage import open_store
+
+
+def check_model_dim(model: str, embedding_dim: int) -> None:
+    """Fail the deploy at once (not after 20 replica retries) when the index's dim cannot fit the model."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError:
+        return  # the Embedder reports an unloadable model with its own message
+    dim = getattr(config, "projection_dim", None)
+    if dim is not None and dim != embedding_dim:
+        raise ArtifactError(
+            f"the index holds {embedding_dim}-d vectors but model {model!r} makes {dim}-d vectors; "
+            "serve with the model the index was built with, or rebuild the index with this model"
+        )
+
+
+# No `from __future__ import annotations` here: Ray validates the config's `args` into the
+# builder's pydantic annotation only when it is a real class, not a string.
+def build_app(args: AppArgs) -> Application:
+    if not isinstance(args, AppArgs):  # called directly with a plain dict
+        args = AppArgs.model_validate(cast(dict[str, Any], args))
+    store = open_store(args.index)
+    # Pin one version for every replica, so all of them serve the same artifact even if a
+    # rebuild publishes a new one while they start.
+    version_folder = resolve_version(store)
+    manifest = load_manifest(store, version_folder)
+    check_model_dim(args.model, manifest.embedding_dim)
+    # @serve.deployment turns the classes into Deployments; type checkers still see the classes.
+    embedder = cast(Deployment, Embedder).bind(args.model, args.embedder)
+    searcher = cast(Deployment, Searcher).bind(store.uri, version_folder, args.searcher)
+    return cast(Deployment, Ingress).bind(embedder, searcher, args, store.uri, version_folder)

@@ -1,0 +1,78 @@
+"""Typed configuration of the application.
+
+Everything a deployment needs arrives through these objects, validated once, from
+serve_config.yaml `args` (or the test fixtures). Nothing else reads the environment for settings.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class UploadLimits(BaseModel):
+    """Limits enforced by the Ingress before any model work. Every limit has a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_files: int = Field(default=16, ge=1, description="files per request")
+    max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="bytes per file")
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="bytes per request body")
+    max_fields: int = Field(default=32, ge=1, description="non-file form fields per request")
+    max_pixels: int = Field(default=50_000_000, ge=1, description="width x height of one image")
+    max_k: int = Field(default=100, ge=1, le=1000)
+    default_k: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _default_k_within_max(self) -> UploadLimits:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
+        return self
+
+
+class EmbedderOptions(BaseModel):
+    """How the Embedder runs the model. Batching is set through the deployment's user_config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    precision: Precision = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # None: torch keeps the thread count Ray gave the replica (OMP_NUM_THREADS = its CPU share).
+    num_threads: int | None = Field(default=None, ge=1)
+
+
+class SearcherOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # FAISS threads per replica; several replicas share a machine, so one each by default.
+    num_threads: int = Field(default=1, ge=1)
+    # Search-time knobs of approximate indexes (ignored by exact ones).
+    nprobe: int | None = Field(default=None, ge=1)
+    ef_search: int | None = Field(default=None, ge=1)
+
+
+class AppArgs(BaseModel):
+    """The `args` of the application in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(default=DEFAULT_MODEL, description="hub id or local folder of a CLIP checkpoint")
+    index: str = Field(default="data/index", description="index location written by the builder (folder or s3://)")
+    limits: UploadLimits = UploadLimits()
+    embedder: EmbedderOptions = EmbedderOptions()
+    searcher: SearcherOptions = SearcherOptions()
+    thumbnail_sizes: tuple[int, ...] = (128, 256, 512)
+
+
+class BatchingConfig(BaseModel):
+    """The Embedder deployment's `user_config` (key names are a contract)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=10.0)

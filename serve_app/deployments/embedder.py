@@ -1,0 +1,107 @@
+"""Embedder deployment: a thin Serve wrapper around ClipImageEncoder with dynamic batching."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from serve_app.config import BatchingConfig, EmbedderOptions
+from serve_app.encoder import ClipImageEncoder
+from serve_app.metrics import EmbedderMetrics
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_BATCHING = BatchingConfig()
+
+
+def configure_torch_threads(requested: int | None) -> int:
+    """Pin torch's intra-op threads: Ray sets OMP_NUM_THREADS to the replica's CPU share."""
+    threads = requested or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def split_valid(batch: list[Any], shape: tuple[int, ...]) -> tuple[list[int], list[np.ndarray]]:
+    """Positions and arrays of the items that are uint8 crops of the expected shape."""
+    positions, arrays = [], []
+    for position, item in enumerate(batch):
+        if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.shape == shape:
+            positions.append(position)
+            arrays.append(item)
+    return positions, arrays
+
+
+@serve.deployment(
+    name="Embedder",
+    # Batches never exceed max_ongoing_requests, so it must stay >= max_batch_size.
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 1},
+    user_config=DEFAULT_BATCHING.model_dump(),
+    health_check_period_s=10,
+)
+class Embedder:
+    def __init__(self, model: str, options: EmbedderOptions) -> None:
+        self.threads = configure_torch_threads(options.num_threads)
+        self.encoder = ClipImageEncoder(model, device=options.device, precision=options.precision)
+        spec = self.encoder.spec
+        self.input_shape = (spec.crop_height, spec.crop_width, 3)
+        self.batch_sizes: Counter[int] = Counter()
+        self.metrics = EmbedderMetrics()
+        logger.info(
+            "Embedder ready: %s on %s, %s, %d threads",
+            model,
+            self.encoder.device,
+            options.precision,
+            self.threads,
+        )
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = BatchingConfig(**user_config)
+        # @serve.batch adds these setters to the method; type checkers cannot see them.
+        batched: Any = self.embed
+        batched.set_max_batch_size(config.max_batch_size)
+        batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    def identity(self) -> dict[str, Any]:
+        identity = self.encoder.identity
+        return {"model": identity.name, "embedding_dim": identity.embedding_dim, "fingerprint": identity.fingerprint}
+
+    def batch_size_counts(self) -> dict[int, int]:
+        """How many batches of each size this replica ran (tests and operators observe batching here)."""
+        return dict(self.batch_sizes)
+
+    def input_spec(self) -> dict[str, Any]:
+        return self.encoder.spec.to_dict()
+
+    @serve.batch(
+        max_batch_size=DEFAULT_BATCHING.max_batch_size, batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s
+    )
+    async def embed(self, batch: list[np.ndarray]) -> list[np.ndarray | None]:
+        """One uint8 crop per request in, its unit vector out (None for a malformed item).
+
+        An exception here would fail every request in the batch, so bad items are answered
+        individually. The forward pass runs in a thread so the replica keeps accepting requests
+        into the next batch meanwhile.
+        """
+        positions, arrays = split_valid(batch, self.input_shape)
+        results: list[np.ndarray | None] = [None] * len(batch)
+        if arrays:
+            started = time.perf_counter()
+            vectors = await asyncio.to_thread(self.encoder.encode_pixels, np.stack(arrays))
+            self.metrics.observe_batch(len(arrays), time.perf_counter() - started)
+            for position, vector in zip(positions, vectors, strict=True):
+                results[position] = vector
+        self.batch_sizes[len(batch)] += 1
+        return results
+
+    def check_health(self) -> None:
+        if self.encoder.model is None:
+            raise RuntimeError("the model is not loaded")

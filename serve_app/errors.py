@@ -1,0 +1,97 @@
+"""Errors a client can cause, raised where they are found.
+
+Each carries a stable `code` and the HTTP status it maps to; the Ingress turns them into the JSON
+error shape of DESIGN.md in one place (`serve_app.http_errors`). They are small, picklable classes
+so they survive crossing a deployment boundary (Ray re-raises them as a subclass of the original).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClientError(Exception):
+    """Something the client sent is wrong. Never a 5xx."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, filename: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.filename = filename
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.filename))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "filename": self.filename}
+
+
+class EmptyFile(ClientError):
+    code = "empty_file"
+
+
+class NotAnImage(ClientError):
+    code = "not_an_image"
+
+
+class CorruptImage(ClientError):
+    code = "corrupt_image"
+
+
+class UnsupportedFormat(ClientError):
+    status = 415
+    code = "unsupported_format"
+
+
+class TooManyPixels(ClientError):
+    status = 413
+    code = "too_many_pixels"
+
+
+class FileTooLarge(ClientError):
+    status = 413
+    code = "file_too_large"
+
+
+class RequestTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class TooManyFiles(ClientError):
+    status = 413
+    code = "too_many_files"
+
+
+class TooManyFields(ClientError):
+    status = 413
+    code = "too_many_fields"
+
+
+class NoFiles(ClientError):
+    code = "no_files"
+
+
+class NotMultipart(ClientError):
+    status = 415
+    code = "not_multipart"
+
+
+class MalformedRequest(ClientError):
+    code = "malformed_request"
+
+
+class InvalidK(ClientError):
+    status = 422
+    code = "invalid_k"
+
+
+class ImageNotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class ArtifactError(Exception):
+    """The index artifact is missing, corrupt, or does not fit the model. Raised at start-up."""

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the deployments, through Ray Serve's metrics API (exported with a `ray_` prefix)."""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+BATCH_SIZE_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128]
+LATENCY_MS_BUCKETS: list[float] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
+
+
+class EmbedderMetrics:
+    def __init__(self) -> None:
+        self.batch_size = Histogram(
+            "image_search_embed_batch_size",
+            description="Images per forward pass of the Embedder.",
+            boundaries=BATCH_SIZE_BUCKETS,
+        )
+        self.batch_latency_ms = Histogram(
+            "image_search_embed_batch_latency_ms",
+            description="Forward-pass time of one Embedder batch.",
+            boundaries=LATENCY_MS_BUCKETS,
+        )
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_latency_ms.observe(seconds * 1000)
+
+
+class SearcherMetrics:
+    def __init__(self) -> None:
+        self.search_latency_ms = Histogram(
+            "image_search_search_latency_ms",
+            description="FAISS search time of one Searcher call.",
+            boundaries=LATENCY_MS_BUCKETS,
+        )
+
+    def observe_search(self, seconds: float) -> None:
+        self.search_latency_ms.observe(seconds * 1000)
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "image_search_requests",
+            description="Requests answered by the Ingress, by route and status.",
+            tag_keys=("route", "status"),  # type: ignore[arg-type]  # Ray annotates tuple[str]
+        )
+        self.files = Counter(
+            "image_search_query_files",
+            description="Query files received, by outcome (ok or an error code).",
+            tag_keys=("outcome",),
+        )
+
+    def count_request(self, route: str, status: int) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+
+    def count_file(self, outcome: str) -> None:
+        self.files.inc(tags={"outcome": outcome})

@@ -1,0 +1,172 @@
+"""Streaming multipart/form-data reader that enforces every upload limit while reading.
+
+Starlette's own parser spools files over 1 MB to disk and knows no per-file or per-request byte
+limit; this one keeps uploads in memory (bounded by the limits) and stops reading at the first
+byte over any limit, so the excess is never buffered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from serve_app.config import UploadLimits
+from serve_app.errors import (
+    FileTooLarge,
+    MalformedRequest,
+    NoFiles,
+    NotMultipart,
+    RequestTooLarge,
+    TooManyFields,
+    TooManyFiles,
+)
+
+FILES_FIELD = "files"
+MAX_FIELD_BYTES = 4096  # a non-file field never needs more
+MAX_FILENAME_CHARS = 255
+MAX_PART_HEADER_BYTES = 8192
+
+
+@dataclass
+class Upload:
+    filename: str
+    content_type: str
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class _Part:
+    disposition: bytes = b""
+    content_type: bytes = b""
+    header_bytes: int = 0
+    upload: Upload | None = None
+    field_bytes: int = 0
+    is_file: bool = False
+
+
+def content_type_boundary(content_type: str | None) -> bytes:
+    """The multipart boundary, or NotMultipart if this is not a multipart/form-data body."""
+    media_type, params = parse_options_header(content_type or "")
+    if media_type != b"multipart/form-data":
+        raise NotMultipart("Send the photos as multipart/form-data, in one or more fields named 'files'.")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MalformedRequest("The multipart body has no boundary.")
+    return boundary
+
+
+def _clean_filename(raw: bytes) -> str:
+    name = raw.decode("utf-8", errors="replace").replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(ch for ch in name if ch.isprintable())[:MAX_FILENAME_CHARS] or "upload"
+
+
+class _Reader:
+    def __init__(self, limits: UploadLimits) -> None:
+        self.limits = limits
+        self.uploads: list[Upload] = []
+        self.files = 0
+        self.fields = 0
+        self.part = _Part()
+        self._header_name = b""
+        self._header_value = b""
+
+    def on_part_begin(self) -> None:
+        self.part = _Part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+        self._count_header(end - start)
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+        self._count_header(end - start)
+
+    def _count_header(self, size: int) -> None:
+        self.part.header_bytes += size
+        if self.part.header_bytes > MAX_PART_HEADER_BYTES:
+            raise MalformedRequest("A multipart part has oversized headers.")
+
+    def on_header_end(self) -> None:
+        name = self._header_name.lower()
+        if name == b"content-disposition":
+            self.part.disposition = self._header_value
+        elif name == b"content-type":
+            self.part.content_type = self._header_value
+        self._header_name = b""
+        self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.part.disposition)
+        if b"name" not in options:
+            raise MalformedRequest("A multipart part has no field name.")
+        if b"filename" in options:
+            self.files += 1
+            if self.files > self.limits.max_files:
+                raise TooManyFiles(f"Send at most {self.limits.max_files} files per request.")
+            self.part.is_file = True
+            if options[b"name"] == FILES_FIELD.encode():
+                filename = _clean_filename(options[b"filename"])
+                self.part.upload = Upload(filename, self.part.content_type.decode("latin-1"))
+        else:
+            self.fields += 1
+            if self.fields > self.limits.max_fields:
+                raise TooManyFields(f"Send at most {self.limits.max_fields} form fields per request.")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        size = end - start
+        upload = self.part.upload
+        if upload is not None:
+            if len(upload.data) + size > self.limits.max_file_bytes:
+                raise FileTooLarge(
+                    f"Each file may be at most {self.limits.max_file_bytes} bytes.", filename=upload.filename
+                )
+            upload.data += data[start:end]
+        elif not self.part.is_file:
+            self.part.field_bytes += size
+            if self.part.field_bytes > MAX_FIELD_BYTES:
+                raise MalformedRequest(f"A form field is larger than {MAX_FIELD_BYTES} bytes.")
+        # File parts under another field name are read past (and counted in the request total).
+
+    def on_part_end(self) -> None:
+        if self.part.upload is not None:
+            self.uploads.append(self.part.upload)
+
+
+async def read_uploads(
+    content_type: str | None, content_length: str | None, body: AsyncIterator[bytes], limits: UploadLimits
+) -> list[Upload]:
+    """Parse a multipart body into the uploads of its `files` fields, in order."""
+    boundary = content_type_boundary(content_type)
+    too_large = RequestTooLarge(f"A request may carry at most {limits.max_request_bytes} bytes.")
+    if content_length is not None and content_length.isdigit() and int(content_length) > limits.max_request_bytes:
+        raise too_large
+    reader = _Reader(limits)
+    callbacks = {
+        name: getattr(reader, name)
+        for name in (
+            "on_part_begin",
+            "on_part_data",
+            "on_part_end",
+            "on_header_field",
+            "on_header_value",
+            "on_header_end",
+            "on_headers_finished",
+        )
+    }
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    received = 0
+    try:
+        async for chunk in body:
+            received += len(chunk)
+            if received > limits.max_request_bytes:
+                raise too_large
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise MalformedRequest(f"The multipart body is malformed: {exc}") from None
+    if not reader.uploads:
+        raise NoFiles("Send at least one photo in a multipart field named 'files'.")
+    return reader.uploads

@@ -1,0 +1,165 @@
+"""Where images and index artifacts live: a local folder or an `s3://bucket/prefix`.
+
+A `Store` is rooted at one location and speaks in relative keys ("a/b.jpg"). Keys come from
+manifests or from walking the store, never from a request. S3 credentials come only from boto3's
+standard chain; `AWS_ENDPOINT_URL(_S3)` is honoured by boto3 itself (MinIO, moto, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """A location cannot be read or written."""
+
+
+class Store(Protocol):
+    uri: str
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def iter_keys(self) -> Iterator[str]: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    def local_path(self, key: str) -> Path | None: ...
+
+
+def is_s3_uri(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def open_store(location: str) -> Store:
+    if is_s3_uri(location):
+        return S3Store(location)
+    return LocalStore(location)
+
+
+def _check_key(key: str) -> str:
+    """Keys are relative POSIX paths inside the store; anything that could escape it is refused."""
+    path = PurePosixPath(key)
+    if not key or path.is_absolute() or ".." in path.parts or "\\" in key:
+        raise StoreError(f"invalid key {key!r}")
+    return key
+
+
+class LocalStore:
+    def __init__(self, location: str | Path) -> None:
+        self.root = Path(location).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._path(key)}: {exc.strerror or exc}") from exc
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Atomic: written to a temporary file beside the target, flushed, then renamed over it."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def iter_keys(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            raise StoreError(f"{self.root} is not a folder")
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                yield (Path(dirpath) / name).relative_to(self.root).as_posix()
+
+    def delete_prefix(self, prefix: str) -> None:
+        import shutil
+
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+
+class S3Store:
+    def __init__(self, location: str, client: Any | None = None) -> None:
+        without_scheme = location[len("s3://") :]
+        bucket, _, prefix = without_scheme.partition("/")
+        if not bucket:
+            raise StoreError(f"{location!r} names no bucket; use s3://bucket/prefix")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        if client is None:
+            import boto3
+
+            client = boto3.client("s3")
+        self.client = client
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return bytes(response["Body"].read())
+        except Exception as exc:  # botocore's ClientError and connection errors alike
+            raise StoreError(f"cannot read s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        # A single PUT is atomic in S3: readers see the old object or the new one, never a part.
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except Exception as exc:
+            raise StoreError(f"cannot write s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception:
+            return False
+
+    def iter_keys(self) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        base = f"{self.prefix}/" if self.prefix else ""
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(base) :]
+                    if key and not key.endswith("/"):
+                        yield key
+        except Exception as exc:
+            raise StoreError(f"cannot list {self.uri}: {exc}") from exc
+
+    def delete_prefix(self, prefix: str) -> None:
+        full = self._key(prefix).rstrip("/") + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+    def local_path(self, key: str) -> Path | None:
+        return None

@@ -1,0 +1,135 @@
+"""The search service end to end, over real HTTP against the real Serve application."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.support import synthetic_image
+
+
+def post_files(base_url: str, files: list[tuple[str, bytes]], k: int | None = None) -> requests.Response:
+    params = {"k": k} if k is not None else None
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return requests.post(f"{base_url}/search", files=parts, params=params, timeout=60)
+
+
+def test_every_indexed_image_finds_itself_first(
+    serve_base_url: str, indexed_images: list[Path], image_folder: Path
+) -> None:
+    for expected_id, path in enumerate(indexed_images):
+        response = post_files(serve_base_url, [(path.name, path.read_bytes())])
+        assert response.status_code == 200, response.text
+        (result,) = response.json()["results"]
+        top = result["matches"][0]
+        assert top["id"] == expected_id, (path, result["matches"][:2])
+        assert top["score"] >= 0.99
+        assert image_folder / top["path"] == path
+
+
+def test_multi_file_request_answers_each_file_in_order(serve_base_url: str, indexed_images: list[Path]) -> None:
+    chosen = [indexed_images[3], indexed_images[0], indexed_images[7]]
+    response = post_files(serve_base_url, [(p.name, p.read_bytes()) for p in chosen], k=3)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [p.name for p in chosen]
+    assert [r["matches"][0]["id"] for r in results] == [3, 0, 7]
+    assert all(len(r["matches"]) == 3 for r in results)
+    scores = [m["score"] for m in results[0]["matches"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("k", [1, 5, 24])
+def test_k_is_honoured(serve_base_url: str, indexed_images: list[Path], k: int) -> None:
+    path = indexed_images[1]
+    response = post_files(serve_base_url, [(path.name, path.read_bytes())], k=k)
+    assert response.status_code == 200
+    assert len(response.json()["results"][0]["matches"]) == k
+
+
+def test_k_defaults_to_five(serve_base_url: str, indexed_images: list[Path]) -> None:
+    path = indexed_images[2]
+    response = post_files(serve_base_url, [(path.name, path.read_bytes())])
+    assert len(response.json()["results"][0]["matches"]) == 5
+
+
+def test_k_larger_than_collection_returns_whole_collection(serve_base_url: str, indexed_images: list[Path]) -> None:
+    path = indexed_images[2]
+    response = post_files(serve_base_url, [(path.name, path.read_bytes())], k=100)
+    assert response.status_code == 200
+    ids = [m["id"] for m in response.json()["results"][0]["matches"]]
+    assert sorted(ids) == list(range(len(indexed_images)))
+
+
+def test_image_route_returns_the_indexed_bytes(serve_base_url: str, indexed_images: list[Path]) -> None:
+    for image_id in (0, 5, len(indexed_images) - 1):
+        response = requests.get(f"{serve_base_url}/images/{image_id}", timeout=30)
+        assert response.status_code == 200
+        assert response.content == indexed_images[image_id].read_bytes()
+        assert response.headers["content-type"].startswith("image/")
+
+
+def test_thumbnail_is_small_jpeg_with_cache_headers(serve_base_url: str) -> None:
+    response = requests.get(f"{serve_base_url}/images/0?size=128", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    assert "max-age" in response.headers["cache-control"]
+    image = Image.open(io.BytesIO(response.content))
+    assert max(image.size) == 128
+    again = requests.get(
+        f"{serve_base_url}/images/0?size=128", headers={"If-None-Match": response.headers["etag"]}, timeout=30
+    )
+    assert again.status_code == 304
+
+
+@pytest.mark.parametrize("image_id", ["24", "99999", "-1", "abc", "..%2F..%2Fetc%2Fpasswd", "0x1"])
+def test_unknown_image_ids_are_404(serve_base_url: str, image_id: str) -> None:
+    response = requests.get(f"{serve_base_url}/images/{image_id}", timeout=30)
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+def test_info_reports_model_dim_and_count(serve_base_url: str, manifest: dict, tiny_model_dir: Path) -> None:
+    info = requests.get(f"{serve_base_url}/info", timeout=30).json()
+    assert info["model"] == str(tiny_model_dir)
+    assert info["embedding_dim"] == 32
+    assert info["index_size"] == len(manifest["records"]) == 24
+    assert info["index_version"]
+    assert info["index_type"] == "Flat"
+
+
+def test_healthz(serve_base_url: str) -> None:
+    assert requests.get(f"{serve_base_url}/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_unseen_photo_gets_ranked_matches(serve_base_url: str) -> None:
+    out = io.BytesIO()
+    synthetic_image(10_000, (640, 480)).save(out, format="JPEG")
+    response = post_files(serve_base_url, [("new.jpg", out.getvalue())])
+    matches = response.json()["results"][0]["matches"]
+    assert len(matches) == 5
+    assert all(-1.0 <= m["score"] <= 1.0 for m in matches)
+    assert [m["score"] for m in matches] == sorted((m["score"] for m in matches), reverse=True)
+
+
+def test_concurrent_requests_form_batches(serve_base_url: str, indexed_images: list[Path]) -> None:
+    """Observe the Embedder's batches rather than assume them: 16 concurrent clients must share some."""
+    from ray import serve
+
+    from tests.conftest import APP_NAME
+
+    embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    before = embedder.batch_size_counts.remote().result()
+    payloads = [(p.name, p.read_bytes()) for p in indexed_images[:16]]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda item: post_files(serve_base_url, [item]), payloads * 2))
+    assert all(r.status_code == 200 for r in responses)
+    after = embedder.batch_size_counts.remote().result()
+    new_batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert sum(size * n for size, n in new_batches.items()) == 32
+    assert any(size > 1 and n > 0 for size, n in new_batches.items()), new_batches
