@@ -17,7 +17,7 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 
 
 def fetch_images(dest: Path) -> int:
-    with urllib.request.urlopen(COCO128_URL, timeout=120) as response:  # noqa: S310 - fixed https URL
+    with urllib.request.urlopen(COCO128_URL, timeout=120) as response:
         archive = zipfile.ZipFile(io.BytesIO(response.read()))
     dest.mkdir(parents=True, exist_ok=True)
     count = 0

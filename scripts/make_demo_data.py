@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support import TINY, VIT_B_32, make_clip_checkpoint, write_image_folder  # noqa: E402
+from tests.support import TINY, VIT_B_32, make_clip_checkpoint, write_image_folder
 
 
 def main() -> int:
