@@ -1,0 +1,127 @@
+"""The index builder through its command line (`index_builder.cli.main`), on generated images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from index_builder.cli import main
+from serve_app.artifact import load_artifact
+from serve_app.storage import LocalStore
+from tests.support import write_image_folder
+
+
+def read_manifest(out: Path) -> dict:
+    version = (out / "CURRENT").read_text().strip()
+    return json.loads((out / "versions" / version / "manifest.json").read_text())
+
+
+def build(images: Path, out: Path, model: Path, *extra: str) -> int:
+    return main(["--images", str(images), "--out", str(out), "--model", str(model), "--quiet", *extra])
+
+
+def test_same_input_twice_gives_same_manifest(tmp_path: Path, image_folder: Path, tiny_model_dir: Path) -> None:
+    assert build(image_folder, tmp_path / "a", tiny_model_dir) == 0
+    assert build(image_folder, tmp_path / "b", tiny_model_dir) == 0
+    first, second = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    first.pop("created_at"), second.pop("created_at")
+    assert first == second
+    assert first["count"] == 24 and len(first["records"]) == 24
+
+
+def test_batch_size_changes_no_record_and_vectors_only_by_rounding(
+    tmp_path: Path, index_dir: Path, image_folder: Path, tiny_model_dir: Path
+) -> None:
+    import numpy as np
+
+    assert build(image_folder, tmp_path / "b7", tiny_model_dir, "--batch-size", "7") == 0
+    default, small = load_artifact(LocalStore(index_dir)), load_artifact(LocalStore(tmp_path / "b7"))
+    assert default.manifest.records == small.manifest.records
+    vectors = [artifact.index.reconstruct_n(0, artifact.index.ntotal) for artifact in (default, small)]
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
+
+
+def test_manifest_records_every_image_with_hash(index_dir: Path, image_folder: Path, manifest: dict) -> None:
+    import hashlib
+
+    assert manifest["format_version"] == 1
+    assert manifest["embedding_dim"] == 32
+    assert manifest["index"]["factory"] == "Flat"
+    assert [r["path"] for r in manifest["records"]] == sorted(r["path"] for r in manifest["records"])
+    for record in manifest["records"]:
+        data = (image_folder / record["path"]).read_bytes()
+        assert record["size"] == len(data)
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    artifact = load_artifact(LocalStore(index_dir))
+    assert artifact.index.ntotal == 24
+
+
+def test_non_image_is_skipped_and_reported(
+    image_folder: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert build(image_folder, tmp_path / "out", tiny_model_dir) == 0
+    captured = capsys.readouterr()
+    assert "skipped notes.jpg" in captured.err
+    assert "1 skipped" in captured.out
+    manifest = read_manifest(tmp_path / "out")
+    assert [s["path"] for s in manifest["skipped"]] == ["notes.jpg"]
+    assert "notes.jpg" not in {r["path"] for r in manifest["records"]}
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "no such folder"),
+        ("empty", "no images"),
+        ("only_bad", "could be read"),
+        ("bad_model", "could not load CLIP checkpoint"),
+    ],
+)
+def test_fails_with_one_line_reason(tmp_path: Path, tiny_model_dir: Path, setup: str, message: str) -> None:
+    images = tmp_path / "images"
+    model = tiny_model_dir
+    if setup != "missing":
+        images.mkdir()
+    if setup == "only_bad":
+        (images / "x.png").write_bytes(b"nope")
+    if setup == "bad_model":
+        write_image_folder(images, 2)
+        model = tmp_path / "no-model-here"
+        model.mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "index_builder",
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(model),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("index_builder: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    assert not (tmp_path / "out" / "CURRENT").exists()
+
+
+def test_rebuild_publishes_new_version_and_keeps_old_readable(
+    tmp_path: Path, image_folder: Path, tiny_model_dir: Path
+) -> None:
+    out = tmp_path / "out"
+    assert build(image_folder, out, tiny_model_dir) == 0
+    first = (out / "CURRENT").read_text().strip()
+    assert build(image_folder, out, tiny_model_dir) == 0
+    second = (out / "CURRENT").read_text().strip()
+    assert first != second
+    assert (out / "versions" / first / "manifest.json").is_file()
