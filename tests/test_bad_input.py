@@ -1,0 +1,218 @@
+"""Whatever a client sends: a clear 4xx JSON error or a normal answer, and the service stays up.
+
+Limits of the test application (conftest): 8 files, 2,000,000 bytes per file, 6,000,000 per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests import images
+from tests.support import synthetic_image
+
+MAX_FILE_BYTES = 2_000_000
+MAX_REQUEST_BYTES = 6_000_000
+MAX_FILES = 8
+
+
+def post(base_url: str, files: list[tuple[str, bytes]], params: dict | None = None) -> requests.Response:
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return requests.post(f"{base_url}/search", files=parts, params=params, timeout=60)
+
+
+def assert_error(response: requests.Response, status: int, code: str, filename: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"]
+    if filename is not None:
+        assert error["filename"] == filename
+
+
+@pytest.fixture(autouse=True)
+def service_still_answers(serve_base_url: str, indexed_images: list[Path]) -> None:
+    """After every bad request, a valid one still succeeds."""
+    yield
+    path = indexed_images[0]
+    response = post(serve_base_url, [(path.name, path.read_bytes())])
+    assert response.status_code == 200
+    assert response.json()["results"][0]["matches"][0]["id"] == 0
+
+
+REFUSED_FILES: list[tuple[str, Callable[[], bytes], int, str]] = [
+    ("text.jpg", lambda: b"hello, I am not a picture", 400, "not_an_image"),
+    ("empty.png", lambda: b"", 400, "empty_file"),
+    ("truncated.jpg", lambda: images.jpeg(2, (640, 480))[:3000], 400, "corrupt_image"),
+    ("truncated.png", lambda: images.png(2, (640, 480))[:2000], 400, "corrupt_image"),
+    (
+        "drawing.svg",
+        lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        415,
+        "unsupported_format",
+    ),
+    (
+        "drawing.jpg",
+        lambda: b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>',
+        415,
+        "unsupported_format",
+    ),
+    ("doc.pdf", lambda: b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", 415, "unsupported_format"),
+    (
+        "photo.heic",
+        lambda: b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64,
+        415,
+        "unsupported_format",
+    ),
+    ("icon.ico", lambda: images.encode(synthetic_image(1, (32, 32)), "ICO"), 400, "not_an_image"),
+    ("bomb_small.png", lambda: images.png_header_only(10_000, 5_001), 413, "too_many_pixels"),
+    ("bomb_huge.png", lambda: images.png_header_only(100_000, 100_000), 413, "too_many_pixels"),
+    ("bomb_wide.png", lambda: images.png_header_only(2**31 - 1, 2), 413, "too_many_pixels"),
+    ("big.png", lambda: images.padded_png(MAX_FILE_BYTES + 1), 413, "file_too_large"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "status", "code"), REFUSED_FILES, ids=[case[0] for case in REFUSED_FILES])
+def test_refused_files(serve_base_url: str, name: str, make: Callable[[], bytes], status: int, code: str) -> None:
+    assert_error(post(serve_base_url, [(name, make())]), status, code, filename=name)
+
+
+def test_file_exactly_at_byte_limit_is_accepted(serve_base_url: str) -> None:
+    response = post(serve_base_url, [("edge.png", images.padded_png(MAX_FILE_BYTES))])
+    assert response.status_code == 200, response.text
+
+
+def test_image_exactly_at_pixel_limit_is_accepted(serve_base_url: str) -> None:
+    # The default limit is 50,000,000 pixels; a flat grey PNG of exactly that many stays small on the wire.
+    data = images.encode(Image.new("L", (10_000, 5_000), 128), "PNG", optimize=True)
+    assert len(data) < MAX_FILE_BYTES
+    assert post(serve_base_url, [("edge.png", data)]).status_code == 200
+
+
+ACCEPTED_FILES: list[tuple[str, Callable[[], bytes]]] = [
+    ("animated.gif", images.animated_gif),
+    ("animated.webp", images.animated_webp),
+    ("cmyk.jpg", lambda: images.encode(synthetic_image(5, (300, 200)).convert("CMYK"), "JPEG")),
+    ("gray.jpg", lambda: images.encode(synthetic_image(5, (300, 200)).convert("L"), "JPEG")),
+    ("deep.png", images.png_16bit_gray),
+    ("palette.png", images.palette_with_transparency),
+    ("alpha.png", images.rgba_half_transparent),
+    ("image.bmp", lambda: images.encode(synthetic_image(6, (120, 90)), "BMP")),
+    ("image.tiff", lambda: images.encode(synthetic_image(6, (120, 90)), "TIFF")),
+    ("wide.png", lambda: images.encode(Image.new("RGB", (10_000, 3), (200, 10, 10)), "PNG")),
+    ("tall.png", lambda: images.encode(Image.new("RGB", (3, 10_000), (10, 200, 10)), "PNG")),
+    ("dot.png", lambda: images.encode(Image.new("RGB", (1, 1), (0, 0, 255)), "PNG")),
+    ("no_extension", lambda: images.jpeg(3)),
+]
+
+
+@pytest.mark.parametrize(("name", "make"), ACCEPTED_FILES, ids=[case[0] for case in ACCEPTED_FILES])
+def test_accepted_files(serve_base_url: str, name: str, make: Callable[[], bytes]) -> None:
+    response = post(serve_base_url, [(name, make())])
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["filename"] == name and len(result["matches"]) == 5
+
+
+def test_exif_rotated_photo_is_turned_upright(serve_base_url: str, indexed_images: list[Path]) -> None:
+    upright = Image.open(indexed_images[4]).convert("RGB")
+    response = post(serve_base_url, [("rotated.jpg", images.exif_rotated_jpeg(upright))])
+    top = response.json()["results"][0]["matches"][0]
+    assert top["id"] == 4 and top["score"] > 0.97
+
+
+def test_one_bad_file_among_good_ones(serve_base_url: str, indexed_images: list[Path]) -> None:
+    files = [
+        (indexed_images[1].name, indexed_images[1].read_bytes()),
+        ("broken.jpg", b"not an image"),
+        (indexed_images[2].name, indexed_images[2].read_bytes()),
+    ]
+    response = post(serve_base_url, files)
+    assert response.status_code == 200
+    first, bad, third = response.json()["results"]
+    assert first["matches"][0]["id"] == 1 and third["matches"][0]["id"] == 2
+    assert "matches" not in bad
+    assert bad["error"] == {"code": "not_an_image", "message": bad["error"]["message"], "filename": "broken.jpg"}
+
+
+def test_every_file_bad_gives_first_failure(serve_base_url: str) -> None:
+    response = post(serve_base_url, [("a.txt", b""), ("b.jpg", b"junk")])
+    assert_error(response, 400, "empty_file", filename="a.txt")
+
+
+def test_too_many_files(serve_base_url: str) -> None:
+    small = images.jpeg(1, (32, 32))
+    assert post(serve_base_url, [(f"{i}.jpg", small) for i in range(MAX_FILES)]).status_code == 200
+    assert_error(post(serve_base_url, [(f"{i}.jpg", small) for i in range(MAX_FILES + 1)]), 413, "too_many_files")
+
+
+def test_request_over_total_byte_limit(serve_base_url: str) -> None:
+    part = images.padded_png(MAX_FILE_BYTES - 10)
+    response = post(serve_base_url, [(f"{i}.png", part) for i in range(4)])
+    assert_error(response, 413, "request_too_large")
+
+
+def test_request_over_limit_without_content_length_is_cut_while_streaming(serve_base_url: str) -> None:
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n\r\n'.encode()
+
+    def body():  # chunked transfer: no Content-Length to refuse up front
+        yield head
+        for _ in range(MAX_REQUEST_BYTES // 65536 + 10):
+            yield b"\x00" * 65536
+
+    response = requests.post(
+        f"{serve_base_url}/search",
+        data=body(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] in {"request_too_large", "file_too_large"}
+
+
+def test_no_files(serve_base_url: str) -> None:
+    response = requests.post(f"{serve_base_url}/search", files={"other": ("x", b"1")}, timeout=30)
+    assert_error(response, 400, "no_files")
+    response = requests.post(f"{serve_base_url}/search", data={"k": "3"}, files=[], timeout=30)
+    assert response.status_code in (400, 415)
+
+
+def test_non_multipart_body(serve_base_url: str) -> None:
+    response = requests.post(f"{serve_base_url}/search", json={"files": ["x"]}, timeout=30)
+    assert_error(response, 415, "not_multipart")
+    response = requests.post(f"{serve_base_url}/search", data=images.jpeg(), timeout=30)
+    assert_error(response, 415, "not_multipart")
+
+
+def test_malformed_multipart(serve_base_url: str) -> None:
+    response = requests.post(
+        f"{serve_base_url}/search",
+        data=b"--x\r\nthis is not a header block\r\n\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+        timeout=30,
+    )
+    assert 400 <= response.status_code < 500
+    assert "error" in response.json()
+
+
+def test_thousands_of_form_fields(serve_base_url: str) -> None:
+    fields = [(f"f{i}", (None, "1")) for i in range(3000)]
+    response = requests.post(f"{serve_base_url}/search", files=fields, timeout=30)
+    assert_error(response, 413, "too_many_fields")
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "abc", "101", "1.5", "", "99999999999999"])
+def test_bad_k(serve_base_url: str, k: str) -> None:
+    assert_error(post(serve_base_url, [("a.jpg", images.jpeg())], params={"k": k}), 422, "invalid_k")
+
+
+def test_unknown_route_and_wrong_method_are_json(serve_base_url: str) -> None:
+    response = requests.get(f"{serve_base_url}/nope", timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    response = requests.get(f"{serve_base_url}/search", timeout=30)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
