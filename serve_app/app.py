@@ -4,7 +4,7 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
-from serve_app.artifact import load_manifest, resolve_version
+from serve_app.artifact import load_manifest, read_checked_index_bytes, resolve_version
 from serve_app.config import AppArgs
 from serve_app.deployments.embedder import Embedder
 from serve_app.deployments.ingress import Ingress
@@ -34,13 +34,26 @@ def check_model_dim(model: str, embedding_dim: int) -> None:
 def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):  # called directly with a plain dict
         args = AppArgs.model_validate(cast(dict[str, Any], args))
+    return build_graph(args)
+
+
+def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """The graph; `deployment_options` (by deployment name) does in code what a config's `deployments:` does."""
+    options = deployment_options or {}
     store = open_store(args.index)
     # Pin one version for every replica, so all of them serve the same artifact even if a
     # rebuild publishes a new one while they start.
     version_folder = resolve_version(store)
     manifest = load_manifest(store, version_folder)
+    # Checked here, before any replica starts, so a broken artifact fails the deploy at once with
+    # its reason instead of after a round of replica restarts.
+    read_checked_index_bytes(store, version_folder, manifest)
     check_model_dim(args.model, manifest.embedding_dim)
-    # @serve.deployment turns the classes into Deployments; type checkers still see the classes.
-    embedder = cast(Deployment, Embedder).bind(args.model, args.embedder)
-    searcher = cast(Deployment, Searcher).bind(store.uri, version_folder, args.searcher)
-    return cast(Deployment, Ingress).bind(embedder, searcher, args, store.uri, version_folder)
+
+    def deployment(cls: object, name: str) -> Deployment:
+        # @serve.deployment turns the classes into Deployments; type checkers still see the classes.
+        return cast(Deployment, cls).options(**options.get(name, {}))
+
+    embedder = deployment(Embedder, "Embedder").bind(args.model, args.embedder)
+    searcher = deployment(Searcher, "Searcher").bind(store.uri, version_folder, args.searcher)
+    return deployment(Ingress, "Ingress").bind(embedder, searcher, args, store.uri, version_folder)

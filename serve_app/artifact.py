@@ -141,18 +141,25 @@ def load_manifest(store: Store, folder: str) -> Manifest:
         raise ArtifactError(f"the index at {store.uri} is incomplete: {exc}") from exc
 
 
-def load_artifact(store: Store, folder: str | None = None) -> LoadedArtifact:
-    """Read and check an artifact; every inconsistency is an ArtifactError naming what is wrong."""
-    folder = resolve_version(store) if folder is None else folder
-    manifest = load_manifest(store, folder)
+def read_checked_index_bytes(store: Store, folder: str, manifest: Manifest) -> bytes:
+    """The index file's bytes, refused unless they are exactly what the manifest describes."""
     try:
         index_bytes = store.read_bytes(_join(folder, INDEX_FILE))
     except StoreError as exc:
         raise ArtifactError(f"the index at {store.uri} is incomplete: {exc}") from exc
     if sha256_hex(index_bytes) != manifest.index_sha256:
         raise ArtifactError(
-            f"{_join(folder, INDEX_FILE)} at {store.uri} is corrupt: its checksum does not match manifest.json"
+            f"{_join(folder, INDEX_FILE)} at {store.uri} is corrupt: its checksum does not match manifest.json; "
+            "rebuild the index"
         )
+    return index_bytes
+
+
+def load_artifact(store: Store, folder: str | None = None) -> LoadedArtifact:
+    """Read and check an artifact; every inconsistency is an ArtifactError naming what is wrong."""
+    folder = resolve_version(store) if folder is None else folder
+    manifest = load_manifest(store, folder)
+    index_bytes = read_checked_index_bytes(store, folder, manifest)
     try:
         index = deserialize_index(index_bytes)
     except RuntimeError as exc:

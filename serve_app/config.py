@@ -67,6 +67,10 @@ class AppArgs(BaseModel):
     embedder: EmbedderOptions = EmbedderOptions()
     searcher: SearcherOptions = SearcherOptions()
     thumbnail_sizes: tuple[int, ...] = (128, 256, 512)
+    # Our own end-to-end deadline per request, enforced inside the Ingress. Serve's
+    # request_timeout_s can be lifted by a client (`x-request-timeout-seconds: 0` disables it);
+    # this one cannot, so a slow upload or a stuck call never holds a slot longer than this.
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 class BatchingConfig(BaseModel):

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 
-class ClientError(Exception):
-    """Something the client sent is wrong. Never a 5xx."""
+class ServiceError(Exception):
+    """An error with a stable code and HTTP status, answered as the JSON error shape."""
 
-    status: int = 400
-    code: str = "bad_request"
+    status: int = 500
+    code: str = "internal"
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, filename: str | None = None) -> None:
         super().__init__(message)
@@ -26,6 +27,29 @@ class ClientError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "filename": self.filename}
+
+
+class ClientError(ServiceError):
+    """Something the client sent is wrong. Never a 5xx."""
+
+    status = 400
+    code = "bad_request"
+
+
+class Overloaded(ServiceError):
+    """A downstream deployment's queue is full (Serve's backpressure)."""
+
+    status = 503
+    code = "overloaded"
+    retry_after_s = 1
+
+
+class Unavailable(ServiceError):
+    """A downstream replica died or none is running yet; Serve is replacing it."""
+
+    status = 503
+    code = "unavailable"
+    retry_after_s = 1
 
 
 class EmptyFile(ClientError):

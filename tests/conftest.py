@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "image_search"
 COLLECTION_SIZE = 24
 STARTUP_TIMEOUT_S = 180
+REQUEST_TIMEOUT_S = 15.0
 
 
 def free_port() -> int:
@@ -118,6 +119,7 @@ def serve_base_url(serve_port: int, index_dir: Path, tiny_model_dir: Path) -> st
             "index": str(index_dir),
             "embedder": {"num_threads": 1},
             "limits": {"max_files": 8, "max_file_bytes": 2_000_000, "max_request_bytes": 6_000_000},
+            "request_timeout_s": REQUEST_TIMEOUT_S,
         }
     )
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)

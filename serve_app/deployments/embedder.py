@@ -46,6 +46,8 @@ def split_valid(batch: list[Any], shape: tuple[int, ...]) -> tuple[list[int], li
     ray_actor_options={"num_cpus": 1},
     user_config=DEFAULT_BATCHING.model_dump(),
     health_check_period_s=10,
+    # A replica that cannot load its model or index will not do better on the 20th try.
+    max_constructor_retry_count=3,
 )
 class Embedder:
     def __init__(self, model: str, options: EmbedderOptions) -> None:

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import mimetypes
 from collections import OrderedDict
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from ray import serve
@@ -20,6 +21,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -28,7 +30,8 @@ from starlette.staticfiles import StaticFiles
 from serve_app import http_errors
 from serve_app.artifact import load_manifest
 from serve_app.config import AppArgs
-from serve_app.errors import ArtifactError, ClientError, ImageNotFound
+from serve_app.deadline import DeadlineMiddleware
+from serve_app.errors import ArtifactError, ClientError, ImageNotFound, Overloaded, ServiceError, Unavailable
 from serve_app.manifest import Manifest, check_compatible
 from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload, read_uploads
@@ -48,7 +51,24 @@ def find_ui_dir() -> Path:
 
 UI_DIR = find_ui_dir()
 THUMBNAIL_CACHE_ENTRIES = 1024
+SEARCH_ATTEMPTS = 3
+
+T = TypeVar("T")
 IMAGE_CACHE_CONTROL = "public, max-age=3600"
+
+
+async def downstream(call: Awaitable[T]) -> T:
+    """Await a call into another deployment, turning Serve's failures into our 503 errors.
+
+    (Serve installs its own plain-text handlers for these on the ASGI app, so they are mapped
+    here, where they are found.)
+    """
+    try:
+        return await call
+    except BackPressureError:
+        raise Overloaded("The service is busy; try again in a moment.") from None
+    except (DeploymentUnavailableError, RayActorError):
+        raise Unavailable("A part of the service is restarting; try again in a moment.") from None
 
 
 class LRUBytes:
@@ -75,6 +95,8 @@ class LRUBytes:
     name="Ingress",
     max_ongoing_requests=32,
     ray_actor_options={"num_cpus": 0.25},
+    # A replica that cannot load its model or index will not do better on the 20th try.
+    max_constructor_retry_count=3,
 )
 @serve.ingress()
 class Ingress:
@@ -113,11 +135,9 @@ class Ingress:
             routes.append(Mount("/ui", app=StaticFiles(directory=UI_DIR), name="ui"))
         return Starlette(
             routes=routes,
+            middleware=[Middleware(DeadlineMiddleware, timeout_s=self.args.request_timeout_s)],
             exception_handlers={
-                ClientError: http_errors.client_error_response,
-                BackPressureError: http_errors.overloaded_response,
-                DeploymentUnavailableError: http_errors.unavailable_response,
-                RayActorError: http_errors.unavailable_response,
+                ServiceError: http_errors.service_error_response,
                 HTTPException: self._http_exception,
                 Exception: http_errors.internal_error_response,
             },
@@ -169,10 +189,10 @@ class Ingress:
             raise errors[0]
         pixels = [item for item in prepared if isinstance(item, np.ndarray)]
         # One Embedder call per image: batching then works across requests as well as within one.
-        vectors = await asyncio.gather(*(self.embedder.embed.remote(item) for item in pixels))
+        vectors = await downstream(asyncio.gather(*(self.embedder.embed.remote(item) for item in pixels)))
         if any(vector is None for vector in vectors):
             raise RuntimeError("the Embedder rejected a crop the Ingress made")
-        scores, ids = await self.searcher.search.remote(np.stack(vectors), k)
+        scores, ids = await self._search(np.stack(vectors), k)
         results: list[dict[str, Any]] = []
         row = 0
         for upload, item in zip(uploads, prepared, strict=True):
@@ -184,6 +204,18 @@ class Ingress:
                 )
                 row += 1
         return JSONResponse({"results": results})
+
+    async def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Searches are read-only, so a call lost with a dying replica is simply sent again."""
+        for attempt in range(SEARCH_ATTEMPTS):
+            try:
+                result: tuple[np.ndarray, np.ndarray] = await downstream(self.searcher.search.remote(vectors, k))
+                return result
+            except Unavailable:
+                if attempt == SEARCH_ATTEMPTS - 1:
+                    raise
+                logger.warning("a Searcher replica died during a search; retrying on another")
+        raise AssertionError("unreachable")
 
     def _prepare(self, upload: Upload) -> np.ndarray | ClientError:
         try:

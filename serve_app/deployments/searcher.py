@@ -23,6 +23,8 @@ logger = logging.getLogger("ray.serve")
     max_ongoing_requests=32,
     ray_actor_options={"num_cpus": 0.25},
     health_check_period_s=10,
+    # A replica that cannot load its model or index will not do better on the 20th try.
+    max_constructor_retry_count=3,
 )
 class Searcher:
     def __init__(self, index_root: str, version_folder: str, options: SearcherOptions) -> None:
