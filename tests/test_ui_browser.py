@@ -1,0 +1,478 @@
+"""Browser tests of the web page (ui/) against the real served application.
+
+A headless Chromium (Debian's /usr/bin/chromium, or $CHROMIUM_PATH) drives the page served at
+`serve_base_url` with the real index. Fixtures `serve_base_url`, `indexed_images` and
+`artifact_dir` come from tests/conftest.py. Screenshots of each state go to
+artifact_dir/screenshots/ui-*.png.
+
+Waiting is always Playwright's auto-waiting (expect(...), wait_for_function), never sleeps.
+Predicates for wait_for_function are written as functions ("() => ..."): Playwright polls bare
+expressions with eval(), which the page's Content-Security-Policy forbids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The first search may wait for model replicas to warm up.
+TIMEOUT_MS = 60_000
+DESKTOP = {"width": 1280, "height": 1000}
+PHONE = {"width": 390, "height": 844}
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def browser() -> Browser:
+    # A missing browser is a broken test setup, not a reason to skip: scripts/test.sh installs it.
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM_PATH)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def api_info(serve_base_url: str) -> dict:
+    """GET /info, read outside the browser so it does not show in the page's request log."""
+    with urllib.request.urlopen(serve_base_url + "/info", timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def screenshots(artifact_dir: Path) -> Path:
+    folder = Path(artifact_dir) / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@dataclass
+class Ui:
+    page: Page
+    base_url: str
+    requests: list[Request] = field(default_factory=list)
+    # Uncaught exceptions and console errors (CSP violations are reported there).
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def origin(self) -> str:
+        parts = urlsplit(self.base_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def rows(self):
+        return self.page.locator(".result-row")
+
+    def upload(self, *paths: Path) -> None:
+        self.page.locator("input[type=file]#file-input").set_input_files([str(p) for p in paths])
+
+    def search_requests(self) -> list[Request]:
+        return [r for r in self.requests if r.method == "POST" and urlsplit(r.url).path == "/search"]
+
+
+def open_page(browser: Browser, base_url: str, viewport: dict, init_script: str | None = None):
+    context = browser.new_context(viewport=viewport)
+    context.set_default_timeout(TIMEOUT_MS)
+    if init_script:
+        context.add_init_script(init_script)
+    page = context.new_page()
+    ui = Ui(page=page, base_url=base_url)
+    # On the context, so requests of popups/new tabs are recorded too.
+    context.on("request", lambda request: ui.requests.append(request))
+    page.on("pageerror", lambda exc: ui.problems.append(f"uncaught: {exc}"))
+    page.on("console", lambda msg: msg.type == "error" and ui.problems.append(f"console: {msg.text}"))
+    page.goto(base_url + "/")
+    # /info has answered once the header no longer shows its loading text.
+    expect(page.locator("#index-info")).not_to_contain_text("Loading")
+    return context, ui
+
+
+@pytest.fixture
+def ui(browser: Browser, serve_base_url: str):
+    context, ui = open_page(browser, serve_base_url, DESKTOP)
+    yield ui
+    context.close()
+
+
+@pytest.fixture
+def phone_ui(browser: Browser, serve_base_url: str):
+    context, ui = open_page(browser, serve_base_url, PHONE)
+    yield ui
+    context.close()
+
+
+@pytest.fixture
+def text_named_jpg(tmp_path: Path) -> Path:
+    path = tmp_path / "holiday-notes.jpg"
+    path.write_text("Not a picture at all, just some text with a .jpg name.\n" * 20)
+    return path
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def expected_matches(api_info: dict, k: int | None = None) -> int:
+    return min(k if k is not None else api_info["default_k"], api_info["index_size"])
+
+
+def wait_thumbnails_loaded(ui: Ui, count: int) -> None:
+    """All result thumbnails exist, and each one actually decoded (naturalWidth > 0)."""
+    images = ui.page.locator(".result-row .match img")
+    expect(images).to_have_count(count)
+    # Thumbnails are lazy-loaded: bring each into view so the browser fetches it.
+    for i in range(count):
+        images.nth(i).scroll_into_view_if_needed()
+    ui.page.wait_for_function(
+        """(n) => {
+            const images = [...document.querySelectorAll('.result-row .match img')];
+            return images.length === n && images.every((img) => img.complete && img.naturalWidth > 0);
+        }""",
+        arg=count,
+    )
+
+
+def row_scores(row) -> list[float]:
+    scores = row.locator(".match .score")
+    for i in range(scores.count()):
+        expect(scores.nth(i)).to_be_visible()
+        expect(scores.nth(i)).to_have_text(re.compile(r"^-?\d+\.\d+$"))
+    return [float(text) for text in scores.all_inner_texts()]
+
+
+def assert_rows_have_results(ui: Ui, names: list[str], per_row: int) -> None:
+    rows = ui.rows()
+    expect(rows).to_have_count(len(names))
+    for i, name in enumerate(names):
+        row = rows.nth(i)
+        expect(row.locator(".query-name")).to_have_text(name)
+        expect(row.locator(".match")).to_have_count(per_row)
+        expect(row.locator(".result-error")).to_have_count(0)
+        expect(row.locator(".query-image")).to_have_attribute("alt", re.compile(re.escape(name)))
+        scores = row_scores(row)
+        assert scores == sorted(scores, reverse=True), f"scores of row {i} are not best-first: {scores}"
+    for img in rows.locator(".match img").all():
+        assert (img.get_attribute("alt") or "").strip(), "every match thumbnail needs alt text"
+
+
+def assert_readable_error(row, about: re.Pattern) -> str:
+    error = row.locator(".result-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text(about)
+    text = error.inner_text()
+    # Words for people: no JSON, no bare error codes as the message.
+    assert "{" not in text and not re.match(r"^\s*[a-z_]+\s*$", text), text
+    expect(row.locator(".match")).to_have_count(0)
+    return text
+
+
+def assert_same_origin(ui: Ui) -> None:
+    """Every request the page made went to the application's own origin."""
+    assert ui.requests, "no requests recorded"
+    outside = []
+    for request in ui.requests:
+        url = request.url
+        if url.startswith("data:"):
+            continue
+        if url.startswith("blob:"):
+            url = url[len("blob:") :]  # blob:http://127.0.0.1:PORT/uuid carries its origin
+        parts = urlsplit(url)
+        if f"{parts.scheme}://{parts.netloc}" != ui.origin or parts.hostname != "127.0.0.1":
+            outside.append(request.url)
+    assert not outside, f"requests left the origin {ui.origin}: {outside}"
+
+
+def assert_no_page_errors(ui: Ui, allowed: re.Pattern | None = None) -> None:
+    """No uncaught exception, no CSP violation, no failed load (except `allowed` ones)."""
+    problems = [p for p in ui.problems if not (allowed and allowed.search(p))]
+    assert not problems, problems
+
+
+def assert_only_thumbnails_requested(ui: Ui, thumbnail_sizes: list[int]) -> None:
+    """The page asked for result images only as server thumbnails (/images/<id>?size=N)."""
+    image_requests = [r for r in ui.requests if urlsplit(r.url).path.startswith("/images/")]
+    assert image_requests, "no result images were requested"
+    for request in image_requests:
+        sizes = parse_qs(urlsplit(request.url).query).get("size")
+        assert sizes and int(sizes[0]) in thumbnail_sizes, f"not a thumbnail request: {request.url}"
+
+
+def answered_filenames(request: Request) -> list[str]:
+    """The file names the server answered for, in order: one entry per uploaded `files` field.
+
+    (Chromium does not expose multipart bodies holding files to Playwright, so the request is
+    checked through its answer.)
+    """
+    response = request.response()
+    assert response is not None, f"no response to {request.url}"
+    return [entry["filename"] for entry in response.json()["results"]]
+
+
+def screenshot(ui: Ui, folder: Path, name: str) -> None:
+    ui.page.screenshot(path=str(folder / f"ui-{name}.png"), full_page=True)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_empty_state_shows_what_to_do_and_index_details(ui: Ui, api_info: dict, screenshots: Path):
+    page = ui.page
+    expect(page.locator("#empty-state")).to_be_visible()
+    expect(page.locator("#empty-state")).to_contain_text("Pick one or more photos")
+    info = page.locator("#index-info")
+    expect(info).to_contain_text(api_info["model"])
+    expect(info).to_contain_text(f"{api_info['index_size']:,}")
+    expect(page.locator("#drop-zone")).to_be_visible()
+    expect(ui.rows()).to_have_count(0)
+    expect(page.locator("#k-input")).to_have_value(str(api_info["default_k"]))
+    expect(page.locator("#k-input")).to_have_attribute("max", str(api_info["max_k"]))
+    screenshot(ui, screenshots, "empty")
+    assert_same_origin(ui)
+    assert_no_page_errors(ui)
+
+
+def test_two_photos_show_a_row_of_matches_each(ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path):
+    photos = indexed_images[:2]
+    ui.upload(*photos)
+    per_row = expected_matches(api_info)
+
+    assert_rows_have_results(ui, [p.name for p in photos], per_row)
+    wait_thumbnails_loaded(ui, 2 * per_row)
+    expect(ui.page.locator("#empty-state")).to_be_hidden()
+    expect(ui.page.locator("#search-status")).to_have_attribute("aria-busy", "false")
+    expect(ui.page.locator("#results")).to_have_attribute("aria-busy", "false")
+    screenshot(ui, screenshots, "results")
+
+    # Both photos went up in one request, as two `files` fields.
+    searches = ui.search_requests()
+    assert len(searches) == 1, [r.url for r in searches]
+    assert answered_filenames(searches[0]) == [p.name for p in photos]
+    assert parse_qs(urlsplit(searches[0].url).query)["k"] == [str(api_info["default_k"])]
+
+    assert_same_origin(ui)
+    assert_only_thumbnails_requested(ui, api_info["thumbnail_sizes"])
+    assert_no_page_errors(ui)
+
+
+def test_text_file_named_jpg_shows_a_readable_error(ui: Ui, text_named_jpg: Path, screenshots: Path):
+    ui.upload(text_named_jpg)
+    rows = ui.rows()
+    expect(rows).to_have_count(1)
+    expect(rows.nth(0).locator(".query-name")).to_have_text(text_named_jpg.name)
+    assert_readable_error(rows.nth(0), re.compile(r"image", re.I))
+    expect(ui.page.locator("#search-status")).to_have_attribute("aria-busy", "false")
+    screenshot(ui, screenshots, "error")
+    assert_same_origin(ui)
+    # The browser logs the 400 of POST /search itself; nothing else may go wrong.
+    assert_no_page_errors(ui, allowed=re.compile(r"status of 400"))
+
+
+def test_good_and_bad_photo_together_show_results_and_error(
+    ui: Ui, api_info: dict, indexed_images: list[Path], text_named_jpg: Path, screenshots: Path
+):
+    good = indexed_images[0]
+    ui.upload(good, text_named_jpg)
+    rows = ui.rows()
+    expect(rows).to_have_count(2)
+
+    per_row = expected_matches(api_info)
+    expect(rows.nth(0).locator(".match")).to_have_count(per_row)
+    expect(rows.nth(0).locator(".result-error")).to_have_count(0)
+    assert_readable_error(rows.nth(1), re.compile(r"image", re.I))
+    wait_thumbnails_loaded(ui, per_row)
+    screenshot(ui, screenshots, "mixed")
+
+    searches = ui.search_requests()
+    assert len(searches) == 1, [r.url for r in searches]
+    assert answered_filenames(searches[0]) == [good.name, text_named_jpg.name]
+    assert_same_origin(ui)
+    assert_only_thumbnails_requested(ui, api_info["thumbnail_sizes"])
+
+
+def test_k_control_changes_the_number_of_matches(ui: Ui, api_info: dict, indexed_images: list[Path]):
+    ui.upload(indexed_images[0])
+    row = ui.rows().nth(0)
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info))
+
+    k_input = ui.page.locator("#k-input")
+    small = 2 if api_info["max_k"] >= 2 else 1
+    k_input.fill(str(small))
+    k_input.press("Enter")
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info, small))
+
+    larger = min(api_info["max_k"], api_info["default_k"] + 3)
+    k_input.fill(str(larger))
+    k_input.press("Enter")
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info, larger))
+
+    # Beyond max_k the page searches with max_k instead of sending a request the server refuses.
+    k_input.fill(str(api_info["max_k"] + 50))
+    k_input.press("Enter")
+    expect(k_input).to_have_value(str(api_info["max_k"]))
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info, api_info["max_k"]))
+
+    sent = [parse_qs(urlsplit(r.url).query)["k"][0] for r in ui.search_requests()]
+    assert sent[-3:] == [str(small), str(larger), str(api_info["max_k"])], sent
+    assert_same_origin(ui)
+
+
+# Holds POST /search in the browser until the test releases it, to observe the busy state.
+HOLD_SEARCH = """
+(() => {
+  const realFetch = window.fetch.bind(window);
+  window.__heldSearches = [];
+  window.__releaseSearches = () => { window.__heldSearches.splice(0).forEach((release) => release()); };
+  window.fetch = async (input, init) => {
+    if (String(input).startsWith('/search')) {
+      await new Promise((release) => window.__heldSearches.push(release));
+    }
+    return realFetch(input, init);
+  };
+})();
+"""
+
+
+def test_busy_state_while_searching_and_a_second_search_after(
+    browser: Browser, serve_base_url: str, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    context, ui = open_page(browser, serve_base_url, DESKTOP, init_script=HOLD_SEARCH)
+    try:
+        page, status = ui.page, ui.page.locator("#search-status")
+        ui.upload(indexed_images[0])
+        # The preview shows at once, before any answer from the server.
+        expect(ui.rows()).to_have_count(1)
+        page.wait_for_function("() => document.querySelector('.result-row .query-image').naturalWidth > 0")
+        expect(status).to_have_attribute("aria-busy", "true")
+        expect(page.locator("#results")).to_have_attribute("aria-busy", "true")
+        expect(status).to_contain_text("Searching")
+        expect(status.locator(".spinner")).to_be_visible()
+        expect(ui.rows().nth(0)).to_have_attribute("data-state", "pending")
+        page.wait_for_function("() => window.__heldSearches.length === 1")
+        screenshot(ui, screenshots, "busy")
+
+        page.evaluate("window.__releaseSearches()")
+        expect(ui.rows().nth(0).locator(".match")).to_have_count(expected_matches(api_info))
+        expect(status).to_have_attribute("aria-busy", "false")
+        expect(status.locator(".spinner")).to_be_hidden()
+
+        # A second search, with other photos, once the first has finished.
+        ui.upload(indexed_images[1], indexed_images[2])
+        expect(status).to_have_attribute("aria-busy", "true")
+        page.wait_for_function("() => window.__heldSearches.length === 1")
+        page.evaluate("window.__releaseSearches()")
+        assert_rows_have_results(ui, [indexed_images[1].name, indexed_images[2].name], expected_matches(api_info))
+        expect(status).to_have_attribute("aria-busy", "false")
+        assert len(ui.search_requests()) == 2
+        assert_same_origin(ui)
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "expected"),
+    [
+        # Ray Serve's own backpressure answer: not JSON at all.
+        (503, {"Retry-After": "3", "Content-Type": "text/plain"}, "Service Unavailable", r"busy.*3 seconds"),
+        (
+            413,
+            {"Content-Type": "application/json"},
+            json.dumps({"error": {"code": "too_many_files", "message": "at most N files", "filename": None}}),
+            r"Too many photos",
+        ),
+        (
+            413,
+            {"Content-Type": "application/json"},
+            json.dumps({"error": {"code": "too_many_pixels", "message": "too many pixels", "filename": "__NAME__"}}),
+            r"too many pixels",
+        ),
+    ],
+    ids=["overloaded-plain-text", "too-many-files", "too-many-pixels"],
+)
+def test_request_level_errors_are_shown_in_words(
+    ui: Ui, indexed_images: list[Path], status: int, headers: dict, body: str, expected: str
+):
+    """Errors hard to provoke on a healthy server, answered by a stand-in for POST /search."""
+    photo = indexed_images[0]
+    ui.page.route(
+        "**/search?*",
+        lambda route: route.fulfill(status=status, headers=headers, body=body.replace("__NAME__", photo.name)),
+    )
+    ui.upload(photo)
+    expect(ui.rows()).to_have_count(1)
+    assert_readable_error(ui.rows().nth(0), re.compile(expected, re.I))
+    expect(ui.page.locator("#search-status")).to_have_attribute("aria-busy", "false")
+
+
+def test_drop_zone_is_keyboard_usable(ui: Ui, api_info: dict, indexed_images: list[Path]):
+    page = ui.page
+    drop_zone = page.locator("#drop-zone")
+    # Tab reaches the drop zone (after the skip link) and shows a visible focus ring.
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    expect(drop_zone).to_be_focused()
+    outline = drop_zone.evaluate("(el) => getComputedStyle(el).outlineStyle")
+    assert outline not in ("none", ""), outline
+
+    for key in ("Enter", " "):
+        with page.expect_file_chooser() as chooser:
+            drop_zone.press(key)
+        assert chooser.value.is_multiple()
+    chooser.value.set_files(str(indexed_images[0]))
+    expect(ui.rows().nth(0).locator(".match")).to_have_count(expected_matches(api_info))
+
+
+def test_click_on_a_match_shows_the_full_size_image(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    ui.upload(indexed_images[0])
+    first = ui.rows().nth(0).locator(".match").first
+    expect(first).to_be_visible()
+    href = first.get_attribute("href")
+    assert href and re.fullmatch(r"/images/\d+", href), href
+    # Nothing full-size was fetched before it was asked for.
+    assert_only_thumbnails_requested(ui, api_info["thumbnail_sizes"])
+
+    first.click()
+    lightbox = ui.page.locator("#lightbox")
+    expect(lightbox).to_be_visible()
+    expect(ui.page.locator("#lightbox-image")).to_have_attribute("src", href)
+    ui.page.wait_for_function("() => document.querySelector('#lightbox-image').naturalWidth > 0")
+    screenshot(ui, screenshots, "lightbox")
+    ui.page.keyboard.press("Escape")
+    expect(lightbox).to_be_hidden()
+    expect(first).to_be_focused()
+    assert_same_origin(ui)
+
+
+def test_phone_width_layout(phone_ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path):
+    ui = phone_ui
+    ui.upload(*indexed_images[:2])
+    per_row = expected_matches(api_info)
+    assert_rows_have_results(ui, [p.name for p in indexed_images[:2]], per_row)
+    wait_thumbnails_loaded(ui, 2 * per_row)
+    overflow = ui.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
+    ui.page.evaluate("window.scrollTo(0, 0)")
+    screenshot(ui, screenshots, "phone-results")
+    assert_same_origin(ui)

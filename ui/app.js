@@ -1,0 +1,644 @@
+/*
+ * Image search page.
+ *
+ * Flow: the person picks, drops or pastes photos -> each photo gets a result row at once
+ * (preview from an object URL, no upload needed) -> all photos go to the server in ONE
+ * POST /search (field `files` repeated) -> each row is filled with its matches or its error.
+ *
+ * Plain browser JavaScript, no build step, no third-party code, no requests to other origins.
+ */
+"use strict";
+
+(function () {
+  // Used until GET /info answers (or if it fails), so the page stays usable.
+  const FALLBACK_INFO = {
+    model: null, index_size: null, max_k: 100, default_k: 5,
+    max_files: 16, max_file_bytes: 10 * 1024 * 1024,
+  };
+
+  const state = {
+    info: { ...FALLBACK_INFO },
+    infoLoaded: false,
+    // The current query photos: [{ file, previewUrl, row, clientError }]
+    queries: [],
+    // Each search gets a number; answers of superseded searches are ignored.
+    searchSeq: 0,
+    searchedK: null,
+    controller: null,
+  };
+
+  const el = {};
+
+  document.addEventListener("DOMContentLoaded", init);
+
+  function init() {
+    for (const id of [
+      "drop-zone", "file-input", "k-input", "search-button", "clear-button", "search-status",
+      "search-status-text", "results", "empty-state", "empty-index-info", "index-info", "limits-hint",
+      "lightbox", "lightbox-image", "lightbox-caption", "lightbox-open", "lightbox-close",
+      "result-row-template",
+    ]) {
+      el[camel(id)] = document.getElementById(id);
+    }
+    bindPicker();
+    bindDragAndDrop();
+    bindPaste();
+    bindControls();
+    bindLightbox();
+    setStatus("idle", "");
+    loadInfo();
+  }
+
+  // ---------------------------------------------------------------- /info
+
+  async function loadInfo() {
+    try {
+      const response = await fetch("/info", { headers: { Accept: "application/json" } });
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const info = await response.json();
+      state.info = { ...FALLBACK_INFO, ...info };
+      state.infoLoaded = true;
+      renderInfo();
+    } catch (err) {
+      el.indexInfo.textContent = "Index details are unavailable right now.";
+      el.emptyIndexInfo.textContent = "";
+    }
+    applyKLimits();
+  }
+
+  function renderInfo() {
+    const { index_size: size, model } = state.info;
+    const count = formatCount(size, "image", "images");
+    el.indexInfo.replaceChildren(
+      strong(count), document.createTextNode(" indexed · model "), strong(model || "unknown"),
+    );
+    el.indexInfo.title = [
+      state.info.index_type && "Index type: " + state.info.index_type,
+      state.info.index_version && "Index version: " + state.info.index_version,
+      state.info.embedding_dim && "Embedding size: " + state.info.embedding_dim,
+    ].filter(Boolean).join("\n");
+    el.emptyIndexInfo.textContent = size === 0
+      ? "The index is empty, so there is nothing to match against yet."
+      : `The collection has ${count}, indexed with the ${model} model.`;
+    el.limitsHint.textContent =
+      `Up to ${state.info.max_files} photos at once, ${formatBytes(state.info.max_file_bytes)} each.`;
+  }
+
+  // The k control: default from /info, never more than max_k.
+  function applyKLimits() {
+    el.kInput.max = String(state.info.max_k);
+    el.kInput.value = String(clamp(state.info.default_k, 1, state.info.max_k));
+  }
+
+  function currentK() {
+    const raw = parseInt(el.kInput.value, 10);
+    const k = clamp(Number.isFinite(raw) ? raw : state.info.default_k, 1, state.info.max_k);
+    el.kInput.value = String(k); // show the value actually used
+    return k;
+  }
+
+  // ---------------------------------------------------------------- choosing photos
+
+  function bindPicker() {
+    el.dropZone.addEventListener("click", openPicker);
+    el.dropZone.addEventListener("keydown", (event) => {
+      // role="button" must behave like a button for keyboard users.
+      if (event.key === "Enter" || event.key === " ") {
+        event.preventDefault();
+        openPicker();
+      }
+    });
+    el.fileInput.addEventListener("change", () => {
+      const files = Array.from(el.fileInput.files || []);
+      // Reset so choosing the same file again still fires `change`.
+      el.fileInput.value = "";
+      if (files.length) startWithFiles(files);
+    });
+  }
+
+  function openPicker() {
+    el.fileInput.click();
+  }
+
+  function bindDragAndDrop() {
+    // Depth counter: dragenter/dragleave also fire for child elements.
+    let depth = 0;
+    const hasFiles = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
+
+    window.addEventListener("dragenter", (event) => {
+      if (!hasFiles(event)) return;
+      event.preventDefault();
+      depth += 1;
+      el.dropZone.classList.add("is-dragover");
+    });
+    window.addEventListener("dragover", (event) => {
+      if (!hasFiles(event)) return;
+      event.preventDefault(); // allow dropping anywhere on the page
+      event.dataTransfer.dropEffect = "copy";
+    });
+    window.addEventListener("dragleave", () => {
+      depth = Math.max(0, depth - 1);
+      if (depth === 0) el.dropZone.classList.remove("is-dragover");
+    });
+    window.addEventListener("drop", (event) => {
+      // Without preventDefault the browser would navigate away to the dropped file.
+      event.preventDefault();
+      depth = 0;
+      el.dropZone.classList.remove("is-dragover");
+      const files = Array.from(event.dataTransfer?.files || []);
+      if (files.length) startWithFiles(files);
+    });
+  }
+
+  function bindPaste() {
+    document.addEventListener("paste", (event) => {
+      // Let people paste text into the k field as usual.
+      if (event.target === el.kInput) return;
+      const files = Array.from(event.clipboardData?.files || []);
+      if (!files.length) return;
+      event.preventDefault();
+      startWithFiles(files.map(nameClipboardFile));
+    });
+  }
+
+  // Clipboard images are usually all called "image.png"; give them a clearer name.
+  function nameClipboardFile(file, i) {
+    if (file.name && file.name !== "image.png") return file;
+    const ext = (file.type.split("/")[1] || "png").replace("jpeg", "jpg");
+    return new File([file], `pasted-image-${i + 1}.${ext}`, { type: file.type });
+  }
+
+  function bindControls() {
+    // Changing k re-runs the search for the photos already chosen. Enter and `change` can
+    // both fire for one edit, so only a k different from the last search's starts a new one.
+    const searchIfKChanged = () => {
+      if (state.queries.length && currentK() !== state.searchedK) runSearch();
+    };
+    el.kInput.addEventListener("change", searchIfKChanged);
+    el.kInput.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        searchIfKChanged();
+      }
+    });
+    el.searchButton.addEventListener("click", () => {
+      if (state.queries.length) runSearch();
+    });
+    el.clearButton.addEventListener("click", clearAll);
+  }
+
+  // ---------------------------------------------------------------- rows
+
+  function startWithFiles(files) {
+    clearQueries();
+    let accepted = 0;
+    state.queries = files.map((file) => {
+      const clientError = checkFileLocally(file, accepted);
+      if (!clientError) accepted += 1;
+      return { file, previewUrl: URL.createObjectURL(file), row: null, clientError };
+    });
+    for (const query of state.queries) {
+      query.row = createRow(query);
+      el.results.append(query.row);
+    }
+    el.emptyState.hidden = true;
+    el.searchButton.disabled = false;
+    el.clearButton.disabled = false;
+    runSearch();
+  }
+
+  // Checks worth doing before uploading (they save a doomed upload); the server still
+  // decides, and its errors are shown the same way. `accepted`: files already going up.
+  function checkFileLocally(file, accepted) {
+    const { max_files: maxFiles, max_file_bytes: maxBytes } = state.info;
+    if (file.size === 0) return { code: "empty_file" };
+    if (file.size > maxBytes) return { code: "file_too_large", size: file.size };
+    if (accepted >= maxFiles) return { code: "over_file_limit" };
+    return null;
+  }
+
+  function createRow(query) {
+    const row = el.resultRowTemplate.content.firstElementChild.cloneNode(true);
+    const name = query.file.name || "Pasted image";
+    row.dataset.filename = name;
+    const image = row.querySelector(".query-image");
+    image.alt = `Your photo: ${name}`;
+    // Files the browser cannot decode (often the very ones the server rejects) get a
+    // neutral placeholder instead of a broken-image icon.
+    image.addEventListener("error", () => row.classList.add("no-preview"), { once: true });
+    image.src = query.previewUrl;
+    const caption = row.querySelector(".query-name");
+    caption.textContent = name;
+    caption.title = name;
+    return row;
+  }
+
+  function clearQueries() {
+    abortSearch();
+    for (const query of state.queries) URL.revokeObjectURL(query.previewUrl);
+    state.queries = [];
+    el.results.replaceChildren();
+  }
+
+  function clearAll() {
+    clearQueries();
+    el.emptyState.hidden = false;
+    el.searchButton.disabled = true;
+    el.clearButton.disabled = true;
+    setBusy(false, "");
+    el.dropZone.focus();
+  }
+
+  function setRowPending(row) {
+    row.dataset.state = "pending";
+    row.querySelector(".row-status").textContent = "Searching…";
+    row.querySelector(".matches").replaceChildren();
+    row.querySelector(".result-error")?.remove();
+  }
+
+  function setRowMatches(row, matches) {
+    row.dataset.state = "done";
+    row.querySelector(".result-error")?.remove();
+    const status = row.querySelector(".row-status");
+    status.textContent = matches.length
+      ? `Top ${matches.length} ${matches.length === 1 ? "match" : "matches"}`
+      : "No matches found.";
+    row.querySelector(".matches").replaceChildren(...matches.map(renderMatch));
+  }
+
+  function setRowError(row, error) {
+    row.dataset.state = "error";
+    row.querySelector(".row-status").textContent = "";
+    row.querySelector(".matches").replaceChildren();
+    row.querySelector(".result-error")?.remove();
+
+    const box = document.createElement("div");
+    box.className = "result-error";
+    box.setAttribute("role", "alert");
+    box.dataset.code = error.code || "";
+    const text = document.createElement("span");
+    text.textContent = friendlyMessage(error);
+    box.append(text);
+    const detail = serverDetail(error);
+    if (detail) {
+      const small = document.createElement("span");
+      small.className = "error-detail";
+      small.textContent = detail;
+      text.append(small);
+    }
+    row.querySelector(".row-body").append(box);
+  }
+
+  function renderMatch(match, index) {
+    const item = document.createElement("li");
+    const name = basename(match.path) || `Image ${match.id}`;
+    const score = Number(match.score);
+
+    // A real link: works without JS, middle-click/ctrl-click opens a new tab; a plain
+    // click opens the lightbox instead (see bindLightbox).
+    const link = document.createElement("a");
+    link.className = "match";
+    link.href = match.url;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.dataset.id = String(match.id);
+    link.dataset.name = name;
+    link.title = `${match.path} (similarity ${formatScore(score)})`;
+
+    const image = document.createElement("img");
+    // Only the server's thumbnail is ever loaded here, never the full-size image.
+    image.src = match.thumbnail_url;
+    image.alt = `Match ${index + 1}: ${name}, similarity ${formatScore(score)}`;
+    image.loading = "lazy";
+    image.decoding = "async";
+    image.width = 256;
+    image.height = 256;
+
+    const meta = document.createElement("span");
+    meta.className = "match-meta";
+    const scoreText = document.createElement("span");
+    scoreText.className = "score";
+    scoreText.textContent = formatScore(score);
+    scoreText.setAttribute("aria-hidden", "true"); // already part of the alt text
+    const bar = document.createElement("span");
+    bar.className = "score-bar";
+    bar.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.style.width = `${Math.round(clamp(score, 0, 1) * 100)}%`;
+    bar.append(fill);
+    const nameText = document.createElement("span");
+    nameText.className = "match-name";
+    nameText.textContent = name;
+
+    meta.append(scoreText, bar, nameText);
+    link.append(image, meta);
+    item.append(link);
+    return item;
+  }
+
+  // ---------------------------------------------------------------- searching
+
+  function abortSearch() {
+    if (state.controller) state.controller.abort();
+    state.controller = null;
+  }
+
+  async function runSearch() {
+    // A new search supersedes any running one (new photos, or a new k).
+    abortSearch();
+    const seq = ++state.searchSeq;
+    const controller = new AbortController();
+    state.controller = controller;
+
+    const k = currentK();
+    state.searchedK = k;
+    const toSend = [];
+    for (const query of state.queries) {
+      if (query.clientError) {
+        setRowError(query.row, query.clientError);
+      } else {
+        setRowPending(query.row);
+        toSend.push(query);
+      }
+    }
+    if (!toSend.length) {
+      setBusy(false, "None of the chosen files can be searched.", true);
+      return;
+    }
+
+    setBusy(true, `Searching ${formatCount(toSend.length, "photo", "photos")}…`);
+    const started = performance.now();
+    let outcome;
+    try {
+      outcome = await postSearch(toSend, k, controller.signal);
+    } catch (err) {
+      if (err.name === "AbortError") return; // superseded; the newer search owns the page
+      outcome = { requestError: { code: "network_error" } };
+    }
+    if (seq !== state.searchSeq) return;
+    state.controller = null;
+    applyOutcome(toSend, outcome, performance.now() - started);
+  }
+
+  // One request for all photos: the field `files` is repeated, in row order.
+  async function postSearch(queries, k, signal) {
+    const form = new FormData();
+    for (const query of queries) form.append("files", query.file, query.file.name || "image");
+    const response = await fetch(`/search?k=${encodeURIComponent(k)}`, {
+      method: "POST",
+      body: form,
+      signal,
+      headers: { Accept: "application/json" },
+    });
+    const body = await readBody(response);
+
+    // Per-file results may come with a 200 (some failed) or, if the server chooses, a 4xx.
+    if (body && Array.isArray(body.results)) return { results: body.results };
+    const error = (body && body.error) || {};
+    return {
+      requestError: {
+        code: error.code || statusToCode(response.status),
+        message: error.message || null,
+        filename: error.filename ?? null,
+        status: response.status,
+        retryAfter: response.headers.get("Retry-After"),
+      },
+    };
+  }
+
+  // Error bodies are JSON from our API but may be plain text (e.g. Ray Serve's own 503).
+  async function readBody(response) {
+    const text = await response.text();
+    try {
+      return JSON.parse(text);
+    } catch {
+      return null;
+    }
+  }
+
+  function statusToCode(status) {
+    if (status === 503 || status === 429) return "overloaded";
+    if (status === 413) return "request_too_large";
+    if (status === 415) return "unsupported_format";
+    if (status >= 500) return "server_error";
+    return "request_failed";
+  }
+
+  function applyOutcome(queries, outcome, elapsedMs) {
+    if (outcome.results) {
+      applyResults(queries, outcome.results, elapsedMs);
+    } else {
+      applyRequestError(queries, outcome.requestError);
+    }
+  }
+
+  // Entries come back in upload order; match them by position, not by (possibly repeated) name.
+  function applyResults(queries, results, elapsedMs) {
+    let failed = 0;
+    queries.forEach((query, i) => {
+      const entry = results[i];
+      if (entry && Array.isArray(entry.matches)) {
+        setRowMatches(query.row, entry.matches);
+      } else {
+        failed += 1;
+        setRowError(query.row, (entry && entry.error) || { code: "missing_result" });
+      }
+    });
+    const took = formatDuration(elapsedMs);
+    const failedLocally = state.queries.length - queries.length;
+    const problems = failed + failedLocally;
+    if (problems === 0) {
+      setBusy(false, `Found matches for ${formatCount(queries.length, "photo", "photos")} in ${took}.`);
+    } else if (problems < state.queries.length) {
+      setBusy(false, `${formatCount(problems, "photo", "photos")} could not be searched; the others are below.`);
+    } else {
+      setBusy(false, "None of the photos could be searched. See the messages below.", true);
+    }
+  }
+
+  // The whole request failed. A file-level error names one file; put the specific
+  // message on that row and a short "not searched" note on the others.
+  function applyRequestError(queries, error) {
+    const fileLevel = FILE_LEVEL_CODES.has(error.code) && queries.length > 1;
+    const culprit = fileLevel && error.filename != null
+      ? queries.find((q) => q.file.name === error.filename)
+      : null;
+    for (const query of queries) {
+      if (!culprit || query === culprit) {
+        setRowError(query.row, error);
+      } else {
+        setRowError(query.row, {
+          code: "not_searched",
+          message: `Not searched: the server turned down the whole upload because of “${error.filename}”. ` +
+            "Try again without that photo.",
+        });
+      }
+    }
+    setBusy(false, friendlyMessage(error), true);
+  }
+
+  // ---------------------------------------------------------------- messages
+
+  // Codes that describe one file (versus the request as a whole).
+  const FILE_LEVEL_CODES = new Set([
+    "not_an_image", "corrupt_image", "empty_file", "file_too_large", "too_many_pixels", "unsupported_format",
+  ]);
+
+  // Server error codes in words a person understands. Unknown codes fall back to the
+  // server's own message, so new backend codes still read sensibly.
+  function friendlyMessage(error) {
+    const info = state.info;
+    const retry = retryAfterText(error.retryAfter);
+    switch (error.code) {
+      case "not_an_image":
+        return "This file isn't an image. Choose a photo such as a JPEG or PNG.";
+      case "corrupt_image":
+        return "This image looks damaged or incomplete, so it couldn't be read.";
+      case "empty_file":
+        return "This file is empty.";
+      case "unsupported_format":
+        return "This image format isn't supported. Try a JPEG or PNG instead.";
+      case "file_too_large":
+        return `This photo is too large${error.size ? ` (${formatBytes(error.size)})` : ""}. ` +
+          `The limit is ${formatBytes(info.max_file_bytes)} per photo.`;
+      case "too_many_pixels":
+        return "This image has too many pixels to process. Try a smaller version of it.";
+      case "request_too_large":
+        return "These photos are too large together. Try fewer or smaller photos at once.";
+      case "too_many_files":
+        return `Too many photos at once. You can search up to ${info.max_files} at a time.`;
+      case "over_file_limit":
+        return `Not searched: up to ${info.max_files} photos are searched at once. Search this one separately.`;
+      case "no_files":
+        return "No photo was received. Please choose a photo and try again.";
+      case "invalid_k":
+        return `The number of matches must be between 1 and ${info.max_k}.`;
+      case "not_multipart":
+      case "malformed_request":
+      case "too_many_fields":
+        return "The upload wasn't understood by the server. Reload the page and try again.";
+      case "overloaded":
+        return `The server is busy right now. Please try again ${retry || "in a few seconds"}.`;
+      case "unavailable":
+        return `The service is restarting. Please try again ${retry || "in a few seconds"}.`;
+      case "network_error":
+        return "Couldn't reach the server. Check your connection and try again.";
+      case "server_error":
+      case "internal":
+        return "Something went wrong on the server. Please try again.";
+      case "missing_result":
+        return "The server didn't return a result for this photo. Please try again.";
+      default:
+        return error.message || "This photo couldn't be searched. Please try again.";
+    }
+  }
+
+  // Codes whose server message carries specifics worth showing (accepted formats, the
+  // image's dimensions, the decoder's complaint); for the others it would repeat our text.
+  const DETAIL_CODES = new Set(["unsupported_format", "too_many_pixels", "corrupt_image", "malformed_request"]);
+
+  // The server's own wording, shown small under the friendly text when it adds something.
+  function serverDetail(error) {
+    if (!error.message || !DETAIL_CODES.has(error.code)) return "";
+    return `Details: ${error.message}`;
+  }
+
+  function retryAfterText(value) {
+    const seconds = parseInt(value, 10);
+    if (!Number.isFinite(seconds) || seconds <= 0) return "";
+    return seconds === 1 ? "in a second" : `in ${seconds} seconds`;
+  }
+
+  // ---------------------------------------------------------------- busy state
+
+  function setBusy(busy, text, isError = false) {
+    el.results.setAttribute("aria-busy", String(busy));
+    setStatus(busy ? "busy" : isError ? "error" : "idle", text);
+  }
+
+  function setStatus(kind, text) {
+    el.searchStatus.setAttribute("aria-busy", String(kind === "busy"));
+    el.searchStatus.dataset.state = kind;
+    el.searchStatus.classList.toggle("is-idle", kind !== "busy");
+    el.searchStatus.classList.toggle("is-error", kind === "error");
+    el.searchStatus.classList.toggle("is-empty", !text);
+    el.searchStatusText.textContent = text;
+    el.searchButton.textContent = kind === "busy" ? "Searching…" : "Search again";
+  }
+
+  // ---------------------------------------------------------------- lightbox
+
+  function bindLightbox() {
+    el.results.addEventListener("click", (event) => {
+      const link = event.target.closest("a.match");
+      // Modified clicks keep their usual meaning (new tab / window).
+      if (!link || event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) return;
+      if (typeof el.lightbox.showModal !== "function") return; // very old browser: follow the link
+      event.preventDefault();
+      openLightbox(link);
+    });
+    el.lightboxClose.addEventListener("click", () => el.lightbox.close());
+    // A click on the backdrop (the dialog element itself, outside the figure) closes it.
+    el.lightbox.addEventListener("click", (event) => {
+      if (event.target === el.lightbox) el.lightbox.close();
+    });
+    el.lightbox.addEventListener("close", () => {
+      // Drop the big image so it is not kept in memory (and not re-shown stale).
+      el.lightboxImage.removeAttribute("src");
+      state.lightboxOpener?.focus();
+    });
+  }
+
+  function openLightbox(link) {
+    state.lightboxOpener = link;
+    const name = link.dataset.name;
+    const url = link.getAttribute("href"); // the server's `url`, as given
+    el.lightboxImage.src = url; // the full-size image, fetched only now that it is shown
+    el.lightboxImage.alt = `Full-size image: ${name}`;
+    el.lightboxCaption.textContent = link.title;
+    el.lightboxOpen.href = url;
+    el.lightbox.showModal();
+    el.lightboxClose.focus();
+  }
+
+  // ---------------------------------------------------------------- helpers
+
+  function strong(text) {
+    const node = document.createElement("strong");
+    node.textContent = text;
+    return node;
+  }
+
+  function camel(id) {
+    return id.replace(/-([a-z])/g, (_, c) => c.toUpperCase());
+  }
+
+  function clamp(value, lo, hi) {
+    return Math.min(hi, Math.max(lo, value));
+  }
+
+  function basename(path) {
+    return String(path || "").split(/[\\/]/).pop();
+  }
+
+  function formatScore(score) {
+    return Number.isFinite(score) ? score.toFixed(3) : "–";
+  }
+
+  function formatCount(n, one, many) {
+    if (n == null) return `? ${many}`;
+    return `${Number(n).toLocaleString("en-US")} ${n === 1 ? one : many}`;
+  }
+
+  function formatDuration(ms) {
+    if (ms < 1000) return `${Math.max(1, Math.round(ms))} ms`;
+    return `${(ms / 1000).toFixed(ms < 10000 ? 1 : 0)} s`;
+  }
+
+  function formatBytes(bytes) {
+    if (!Number.isFinite(bytes)) return "?";
+    if (bytes >= 1024 * 1024) return `${+(bytes / (1024 * 1024)).toFixed(1)} MB`;
+    if (bytes >= 1024) return `${Math.round(bytes / 1024)} KB`;
+    return `${bytes} bytes`;
+  }
+})();
