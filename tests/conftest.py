@@ -10,11 +10,15 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
 
 from tests.support import make_clip_checkpoint, write_image_folder
+
+if TYPE_CHECKING:
+    from serve_app.config import AppArgs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "image_search"
@@ -107,13 +111,10 @@ def serve_port(ray_cluster: None) -> Iterator[int]:
 
 
 @pytest.fixture(scope="session")
-def serve_base_url(serve_port: int, index_dir: Path, tiny_model_dir: Path) -> str:
-    from ray import serve
-
-    from serve_app.app import build_app
+def app_args(index_dir: Path, tiny_model_dir: Path) -> AppArgs:
     from serve_app.config import AppArgs
 
-    args = AppArgs.model_validate(
+    return AppArgs.model_validate(
         {
             "model": str(tiny_model_dir),
             "index": str(index_dir),
@@ -122,7 +123,15 @@ def serve_base_url(serve_port: int, index_dir: Path, tiny_model_dir: Path) -> st
             "request_timeout_s": REQUEST_TIMEOUT_S,
         }
     )
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+@pytest.fixture(scope="session")
+def serve_base_url(serve_port: int, app_args: AppArgs) -> str:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
     base_url = f"http://127.0.0.1:{serve_port}"
     wait_until_ok(f"{base_url}/healthz")
     return base_url

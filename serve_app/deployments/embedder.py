@@ -80,6 +80,10 @@ class Embedder:
         """How many batches of each size this replica ran (tests and operators observe batching here)."""
         return dict(self.batch_sizes)
 
+    def replica_pid(self) -> int:
+        """The replica's process id, for operators (and fault tests) that need to find it."""
+        return os.getpid()
+
     def input_spec(self) -> dict[str, Any]:
         return self.encoder.spec.to_dict()
 
