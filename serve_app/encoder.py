@@ -44,7 +44,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _load_preprocess_spec(model: str) -> PreprocessSpec:
+def load_preprocess_spec(model: str) -> PreprocessSpec:
     from pathlib import Path
 
     if Path(model).is_dir():
@@ -83,7 +83,7 @@ class ClipImageEncoder:
         self.precision = precision
         try:
             self.model = _load_vision_tower(model)
-            self.spec = _load_preprocess_spec(model)
+            self.spec = load_preprocess_spec(model)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"could not load CLIP checkpoint {model!r}: {exc}. "

@@ -26,12 +26,17 @@ def parse_k(raw: str | None, limits: UploadLimits) -> int:
     return k
 
 
-def image_url(image_id: int) -> str:
-    return f"/images/{image_id}"
+def image_url(image_id: int, root_path: str = "") -> str:
+    return f"{root_path}/images/{image_id}"
 
 
-def matches_for_row(scores: np.ndarray, ids: np.ndarray, manifest: Manifest) -> list[dict[str, Any]]:
-    """One query's hits, best first; FAISS pads with id -1 when fewer than k vectors exist."""
+def matches_for_row(
+    scores: np.ndarray, ids: np.ndarray, manifest: Manifest, root_path: str = ""
+) -> list[dict[str, Any]]:
+    """One query's hits, best first; FAISS pads with id -1 when fewer than k vectors exist.
+
+    `root_path` is the application's route prefix, so the URLs work when it is not served at /.
+    """
     matches = []
     for score, image_id in zip(scores.tolist(), ids.tolist(), strict=True):
         if image_id < 0 or image_id >= manifest.count:
@@ -40,8 +45,8 @@ def matches_for_row(scores: np.ndarray, ids: np.ndarray, manifest: Manifest) -> 
             {
                 "id": int(image_id),
                 "path": manifest.records[image_id].path,
-                "url": image_url(image_id),
-                "thumbnail_url": f"{image_url(image_id)}?size={THUMBNAIL_SIZE_FOR_RESULTS}",
+                "url": image_url(image_id, root_path),
+                "thumbnail_url": f"{image_url(image_id, root_path)}?size={THUMBNAIL_SIZE_FOR_RESULTS}",
                 "score": round(float(score), 6),
             }
         )

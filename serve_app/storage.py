@@ -135,11 +135,18 @@ class S3Store:
             raise StoreError(f"cannot write s3://{self.bucket}/{self._key(key)}: {exc}") from exc
 
     def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
-        except Exception:
-            return False
+        except ClientError as exc:
+            # Only "not there" is False; access denied or a dead endpoint must surface as such.
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StoreError(f"cannot check s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+        except Exception as exc:
+            raise StoreError(f"cannot reach s3://{self.bucket}/{self._key(key)}: {exc}") from exc
 
     def iter_keys(self) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")

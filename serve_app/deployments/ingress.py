@@ -194,13 +194,17 @@ class Ingress:
             raise RuntimeError("the Embedder rejected a crop the Ingress made")
         scores, ids = await self._search(np.stack(vectors), k)
         results: list[dict[str, Any]] = []
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
         row = 0
         for upload, item in zip(uploads, prepared, strict=True):
             if isinstance(item, ClientError):
                 results.append(error_entry(upload.filename, item))
             else:
                 results.append(
-                    {"filename": upload.filename, "matches": matches_for_row(scores[row], ids[row], self.manifest)}
+                    {
+                        "filename": upload.filename,
+                        "matches": matches_for_row(scores[row], ids[row], self.manifest, root_path),
+                    }
                 )
                 row += 1
         return JSONResponse({"results": results})
