@@ -318,3 +318,39 @@ def test_each_deployment_runs_on_its_node_type(cluster: LocalCluster, deployed: 
     # The Embedder holds the (logical) GPU of its node.
     gpu_node = next(node_id for node_id, resources in node_resources.items() if resources.get("gpu_worker"))
     assert set(placed["Embedder"]) == {gpu_node}
+
+
+def test_batching_changes_in_place_with_serve_deploy(
+    cluster: LocalCluster, deployed: str, index_dir: Path, tiny_model_dir: Path, indexed_images: list[Path]
+) -> None:
+    """Editing the Embedder's user_config and running `serve deploy` again reconfigures the running
+    replica (same process), as the README promises."""
+
+    def embedder() -> dict[str, Any]:
+        details = cluster.get("/api/serve/applications/").json()["applications"][APP]
+        return details["deployments"]["Embedder"]
+
+    before = embedder()
+    pids_before = {replica["pid"] for replica in before["replicas"] if replica["state"] == "RUNNING"}
+    http_port = int(deployed.rsplit(":", 1)[1])
+    config = derived_config(index_dir, tiny_model_dir, http_port)
+    (embedder_config,) = (d for d in config["applications"][0]["deployments"] if d["name"] == "Embedder")
+    embedder_config["user_config"] = {"max_batch_size": 3, "batch_wait_timeout_s": 0.002}
+    config_path = cluster.temp_dir / "serve_config.batching.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = serve_cli(cluster, "deploy", str(config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    def applied() -> bool:
+        current = embedder()
+        return bool(
+            current["status"] == "HEALTHY"
+            and current["deployment_config"]["user_config"] == embedder_config["user_config"]
+        )
+
+    wait_for(applied, "new user_config applied", DEPLOY_TIMEOUT_S, cluster)
+    pids_after = {replica["pid"] for replica in embedder()["replicas"] if replica["state"] == "RUNNING"}
+    assert pids_after == pids_before
+    path = indexed_images[3]
+    response = requests.post(f"{deployed}/search", files=[("files", (path.name, path.read_bytes()))], timeout=60)
+    assert response.status_code == 200 and response.json()["results"][0]["matches"][0]["id"] == 3
