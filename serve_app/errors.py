@@ -112,6 +112,11 @@ class InvalidK(ClientError):
     code = "invalid_k"
 
 
+class InvalidSize(ClientError):
+    status = 422
+    code = "invalid_size"
+
+
 class ImageNotFound(ClientError):
     status = 404
     code = "not_found"

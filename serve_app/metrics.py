@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ray.serve.metrics import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 BATCH_SIZE_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128]
 LATENCY_MS_BUCKETS: list[float] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
@@ -56,3 +57,34 @@ class IngressMetrics:
 
     def count_file(self, outcome: str) -> None:
         self.files.inc(tags={"outcome": outcome})
+
+
+KNOWN_ROUTES = frozenset({"search", "images", "info", "healthz", "ui"})
+
+
+def route_label(path: str) -> str:
+    """A bounded label for a path: its first segment if it is one of ours (ids never become labels)."""
+    first = path.strip("/").split("/", 1)[0]
+    if not first:
+        return "page"
+    return first if first in KNOWN_ROUTES else "other"
+
+
+class RequestCountMiddleware:
+    """Counts every answered request by route and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: IngressMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(route_label(scope["path"]), int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -133,3 +133,10 @@ def test_concurrent_requests_form_batches(serve_base_url: str, indexed_images: l
     new_batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
     assert sum(size * n for size, n in new_batches.items()) == 32
     assert any(size > 1 and n > 0 for size, n in new_batches.items()), new_batches
+
+
+@pytest.mark.parametrize("size", ["64", "0", "abc", "100000"])
+def test_thumbnail_sizes_outside_the_list_are_422(serve_base_url: str, size: str) -> None:
+    response = requests.get(f"{serve_base_url}/images/0", params={"size": size}, timeout=30)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_size"

@@ -31,9 +31,17 @@ from serve_app import http_errors
 from serve_app.artifact import load_manifest
 from serve_app.config import AppArgs
 from serve_app.deadline import DeadlineMiddleware
-from serve_app.errors import ArtifactError, ClientError, ImageNotFound, Overloaded, ServiceError, Unavailable
+from serve_app.errors import (
+    ArtifactError,
+    ClientError,
+    ImageNotFound,
+    InvalidSize,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+)
 from serve_app.manifest import Manifest, check_compatible
-from serve_app.metrics import IngressMetrics
+from serve_app.metrics import IngressMetrics, RequestCountMiddleware
 from serve_app.multipart import Upload, read_uploads
 from serve_app.preprocessing import PreprocessSpec, pixels_from_bytes
 from serve_app.results import error_entry, matches_for_row, parse_k
@@ -135,7 +143,10 @@ class Ingress:
             routes.append(Mount("/ui", app=StaticFiles(directory=UI_DIR), name="ui"))
         return Starlette(
             routes=routes,
-            middleware=[Middleware(DeadlineMiddleware, timeout_s=self.args.request_timeout_s)],
+            middleware=[
+                Middleware(RequestCountMiddleware, metrics=self.metrics),
+                Middleware(DeadlineMiddleware, timeout_s=self.args.request_timeout_s),
+            ],
             exception_handlers={
                 ServiceError: http_errors.service_error_response,
                 HTTPException: self._http_exception,
@@ -257,7 +268,7 @@ class Ingress:
     def _thumbnail_size(self, raw: str) -> int:
         sizes = self.args.thumbnail_sizes
         if not raw.isdigit() or int(raw) not in sizes:
-            raise ImageNotFound(f"Thumbnail sizes are {', '.join(map(str, sizes))}.")
+            raise InvalidSize(f"size must be one of {', '.join(map(str, sizes))}.")
         return int(raw)
 
     def _read_image(self, path: str) -> bytes:
