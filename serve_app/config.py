@@ -79,4 +79,7 @@ class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_batch_size: int = Field(default=16, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=10.0)
+    # How long an idle Embedder waits for company before it starts a forward pass. Under load
+    # batches form anyway (requests that arrive during a forward pass join the next one, see
+    # serve_app/coalescing.py), so the default adds no latency to a lone request.
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import time
 from collections import Counter
 from typing import Any
 
@@ -13,6 +11,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from serve_app.coalescing import ForwardCoalescer
 from serve_app.config import BatchingConfig, EmbedderOptions
 from serve_app.encoder import ClipImageEncoder
 from serve_app.metrics import EmbedderMetrics
@@ -20,6 +19,21 @@ from serve_app.metrics import EmbedderMetrics
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_BATCHING = BatchingConfig()
+# Formed batches are handed to the ForwardCoalescer, which serialises the model work, so Serve's
+# gate on batches in flight must never close before max_ongoing_requests does (each batch holds at
+# least one request); see serve_app/coalescing.py for why it must not gate.
+BATCHES_IN_FLIGHT = 1024
+
+
+class DropBatchCapacityWarning(logging.Filter):
+    """Drops Serve's warning that max_batch_size * max_concurrent_batches exceeds max_ongoing_requests.
+
+    It assumes each formed batch is a forward pass; here formed batches are merged, so it would
+    mislead operators on every start and reconfigure.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in record.getMessage()
 
 
 def configure_torch_threads(requested: int | None) -> int:
@@ -57,6 +71,10 @@ class Embedder:
         self.input_shape = (spec.crop_height, spec.crop_width, 3)
         self.batch_sizes: Counter[int] = Counter()
         self.metrics = EmbedderMetrics()
+        self.coalescer = ForwardCoalescer(
+            self.encoder.encode_pixels, DEFAULT_BATCHING.max_batch_size, observe=self._observe_forward
+        )
+        logger.addFilter(DropBatchCapacityWarning())
         logger.info(
             "Embedder ready: %s on %s, %s, %d threads",
             model,
@@ -71,13 +89,14 @@ class Embedder:
         batched: Any = self.embed
         batched.set_max_batch_size(config.max_batch_size)
         batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.coalescer.max_batch_size = config.max_batch_size
 
     def identity(self) -> dict[str, Any]:
         identity = self.encoder.identity
         return {"model": identity.name, "embedding_dim": identity.embedding_dim, "fingerprint": identity.fingerprint}
 
     def batch_size_counts(self) -> dict[int, int]:
-        """How many batches of each size this replica ran (tests and operators observe batching here)."""
+        """How many forward passes of each batch size this replica ran (tests and operators observe batching here)."""
         return dict(self.batch_sizes)
 
     def replica_pid(self) -> int:
@@ -88,25 +107,28 @@ class Embedder:
         return self.encoder.spec.to_dict()
 
     @serve.batch(
-        max_batch_size=DEFAULT_BATCHING.max_batch_size, batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s
+        max_batch_size=DEFAULT_BATCHING.max_batch_size,
+        batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s,
+        max_concurrent_batches=BATCHES_IN_FLIGHT,
     )
     async def embed(self, batch: list[np.ndarray]) -> list[np.ndarray | None]:
         """One uint8 crop per request in, its unit vector out (None for a malformed item).
 
         An exception here would fail every request in the batch, so bad items are answered
-        individually. The forward pass runs in a thread so the replica keeps accepting requests
-        into the next batch meanwhile.
+        individually. The forward pass runs in a worker thread (in the coalescer) so the replica
+        keeps accepting requests meanwhile, and they join the next forward pass.
         """
         positions, arrays = split_valid(batch, self.input_shape)
         results: list[np.ndarray | None] = [None] * len(batch)
         if arrays:
-            started = time.perf_counter()
-            vectors = await asyncio.to_thread(self.encoder.encode_pixels, np.stack(arrays))
-            self.metrics.observe_batch(len(arrays), time.perf_counter() - started)
+            vectors = await self.coalescer.run(arrays)
             for position, vector in zip(positions, vectors, strict=True):
                 results[position] = vector
-        self.batch_sizes[len(batch)] += 1
         return results
+
+    def _observe_forward(self, size: int, seconds: float) -> None:
+        self.batch_sizes[size] += 1
+        self.metrics.observe_batch(size, seconds)
 
     def check_health(self) -> None:
         if self.encoder.model is None:
