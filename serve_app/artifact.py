@@ -43,11 +43,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+TRAINING_SAMPLE_SEED = 0
+
+
 def build_faiss_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.index_factory(vectors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        index.train(vectors)
+        rows = spec.training_rows(len(vectors))
+        # A fixed seed: the same collection gives the same index, build after build.
+        chosen = np.sort(np.random.default_rng(TRAINING_SAMPLE_SEED).choice(len(vectors), rows, replace=False))
+        index.train(vectors[chosen])
     index.add(vectors)
     apply_search_params(index, spec.params)
     return index

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -27,6 +28,28 @@ def test_choice_by_size(count: int, factory: str, params: dict) -> None:
 def test_list_count_leaves_enough_training_points() -> None:
     for count in (2_000, 50_000, 200_000, 10_000_000):
         assert count // ivf_list_count(count) >= 39 or ivf_list_count(count) == 16
+
+
+@pytest.mark.parametrize(
+    ("factory", "count", "rows"),
+    [
+        ("Flat", 50, 0),
+        ("IVF16,Flat", 500, 500),
+        ("IVF16,Flat", 1024, 1024),
+        ("IVF16,Flat", 1025, 1024),
+        ("IVF4096,Flat", 1_000_000, 262_144),
+    ],
+)
+def test_kmeans_trains_on_a_bounded_sample(factory: str, count: int, rows: int) -> None:
+    assert IndexSpec(factory).training_rows(count) == rows
+
+
+def test_ivf_builds_are_reproducible() -> None:
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(3000, 8)).astype(np.float32)
+    spec = IndexSpec("IVF16,Flat", {"nprobe": 4})
+    first, second = (faiss.serialize_index(build_faiss_index(vectors, spec)) for _ in range(2))
+    assert np.array_equal(first, second)
 
 
 def test_empty_collection_is_refused() -> None:
