@@ -15,6 +15,7 @@ Pure asyncio and numpy: tested without Ray.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +34,7 @@ class _Pending:
 
 
 class ForwardCoalescer:
-    """Runs `forward` (blocking, in a worker thread) on merged groups of submitted arrays.
+    """Runs `forward` (blocking, in one dedicated thread) on merged groups of submitted arrays.
 
     `forward` takes a stacked (n, ...) array and returns n rows. `observe(size, seconds)` is
     called after every forward pass (batch-size metrics).
@@ -45,6 +46,9 @@ class ForwardCoalescer:
         self.observe = observe
         self.pending: deque[_Pending] = deque()
         self.runner: asyncio.Task[None] | None = None
+        # Always the same thread: OpenMP keeps one warm thread team per calling thread, and a
+        # forward pass hopping between the event loop's pool threads builds and wakes new ones.
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     async def run(self, arrays: list[np.ndarray]) -> np.ndarray:
         """The forward pass's rows for `arrays`, in order, computed alongside other callers' arrays."""
@@ -89,7 +93,7 @@ class ForwardCoalescer:
         stacked = np.stack([array for item in group for array in item.arrays])
         started = time.perf_counter()
         try:
-            rows = await asyncio.to_thread(self.forward, stacked)
+            rows = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.forward, stacked)
         except Exception as exc:
             for item in group:
                 if not item.future.done():
