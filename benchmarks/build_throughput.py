@@ -1,0 +1,115 @@
+"""Index builder end to end (`index_builder.cli.main`, local engine) vs the forward-pass ceiling.
+
+Writes ~200 photo-like 640x480 JPEGs once, then alternates, in this process: the fp32 batch-32
+forward pass of the same ViT-B/32-sized checkpoint (the ceiling at the builder's batch size) and a
+full build with `--batch-size 32` (discover, read, decode + crop in 2 threads, embed, train/add, publish).
+
+The build's wall time includes loading the model (~1-3 s), which the ceiling does not; the table
+shows the ratio with and without it (model load timed separately in the same round).
+
+    .venv/bin/python -m benchmarks.build_throughput [--quick] [--images N] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    CACHE_DIR,
+    machine_note,
+    median,
+    print_table,
+    verdict,
+    vit_b32_checkpoint,
+    write_photo_folder,
+)
+from index_builder.cli import main as build_main
+from serve_app.encoder import ClipImageEncoder
+from serve_app.preprocessing import normalize_batch
+
+RATIO_TARGET = 0.9
+BATCH = 32
+
+
+def ceiling_img_s(encoder: ClipImageEncoder, calls: int = 3) -> float:
+    pixels = np.random.default_rng(0).integers(0, 256, (BATCH, 224, 224, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(normalize_batch(pixels, encoder.spec))
+    samples = []
+    with torch.inference_mode():
+        encoder.model(pixel_values=tensor)
+        for _ in range(calls):
+            started = time.perf_counter()
+            encoder.model(pixel_values=tensor)
+            samples.append(time.perf_counter() - started)
+    return BATCH / median(samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="96 images, one round")
+    parser.add_argument("--images", type=int, default=None, help="collection size (default 200)")
+    parser.add_argument("--rounds", type=int, default=None, help="(ceiling, build) pairs (default 2)")
+    args = parser.parse_args(argv)
+    count = args.images or (96 if args.quick else 200)
+    rounds = args.rounds or (1 if args.quick else 2)
+    print(
+        f"build_throughput: {machine_note()}, {count} images, {rounds} rounds, torch {torch.get_num_threads()} threads"
+    )
+
+    model_dir = vit_b32_checkpoint()
+    images = CACHE_DIR / f"photos-{count}"
+    write_photo_folder(images, count)
+    encoder = ClipImageEncoder(str(model_dir), device="cpu", precision="fp32")
+
+    rows = []
+    ratios, ratios_steady = [], []
+    for round_index in range(rounds):
+        ceiling = ceiling_img_s(encoder)
+        started = time.perf_counter()
+        ClipImageEncoder(str(model_dir), device="cpu", precision="fp32")
+        load_s = time.perf_counter() - started
+        out = Path(tempfile.mkdtemp(prefix="build-", dir=CACHE_DIR))
+        try:
+            started = time.perf_counter()
+            argv_build = ["--images", str(images), "--out", str(out), "--model", str(model_dir)]
+            code = build_main([*argv_build, "--batch-size", str(BATCH), "--quiet"])
+            build_s = time.perf_counter() - started
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        if code != 0:
+            raise RuntimeError("the build failed")
+        build_img_s = count / build_s
+        steady_img_s = count / max(build_s - load_s, 1e-9)
+        ratios.append(build_img_s / ceiling)
+        ratios_steady.append(steady_img_s / ceiling)
+        rows.append(
+            [round_index + 1, ceiling, build_s, load_s, build_img_s, steady_img_s, ratios[-1], ratios_steady[-1]]
+        )
+    print_table(
+        f"Index build, {count} x 640x480 JPEG, --batch-size {BATCH}, local engine, 2 decode workers",
+        [
+            "round",
+            "ceiling img/s (fp32 b32)",
+            "build s",
+            "model load s",
+            "build img/s",
+            "build img/s excl. load",
+            "vs ceiling",
+            "vs ceiling excl. load",
+        ],
+        rows,
+    )
+    verdict("build / ceiling (end to end)", median(ratios), RATIO_TARGET)
+    verdict("build / ceiling (excluding model load)", median(ratios_steady), RATIO_TARGET)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

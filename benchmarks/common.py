@@ -1,0 +1,114 @@
+"""Shared helpers for the benchmarks: the ViT-B/32-sized checkpoint, photo-like JPEGs, timing, tables.
+
+Numbers on a shared 2-core machine are noisy, so every benchmark reports ratios against a baseline
+measured in the same process run, with repetitions interleaved where that makes sense.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.support import VIT_B_32, make_clip_checkpoint, synthetic_image
+
+CACHE_DIR = Path(os.environ.get("BENCH_CACHE_DIR", Path(tempfile.gettempdir()) / "image-search-bench"))
+COCO_SIZE = (640, 480)
+
+
+def vit_b32_checkpoint() -> Path:
+    """A random CLIP with real ViT-B/32 sizes, made once and cached (about 600 MB on disk)."""
+    folder = CACHE_DIR / "clip-vit-b32-random"
+    if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        make_clip_checkpoint(folder, VIT_B_32)
+    return folder
+
+
+def photo_jpeg(seed: int, size: tuple[int, int] = COCO_SIZE, quality: int = 90) -> bytes:
+    """A 640x480 JPEG with photo-like entropy (~100-200 KB, like COCO), not a flat synthetic drawing.
+
+    The drawing from tests.support compresses to a few KB and decodes unrealistically fast, so
+    sensor-like noise and fine texture are added before encoding.
+    """
+    rng = np.random.default_rng(seed)
+    base = np.asarray(synthetic_image(seed, size), dtype=np.float32)
+    height, width = base.shape[:2]
+    texture = np.sin(np.arange(width, dtype=np.float32)[None, :, None] * rng.uniform(0.05, 0.5))
+    texture = texture * np.cos(np.arange(height, dtype=np.float32)[:, None, None] * rng.uniform(0.05, 0.5))
+    noisy = base + 18.0 * texture + rng.normal(0.0, 10.0, base.shape).astype(np.float32)
+    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_photo_folder(folder: Path, count: int, start_seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(start_seed, start_seed + count):
+        path = folder / f"photo_{seed:05d}.jpg"
+        if not path.is_file():
+            path.write_bytes(photo_jpeg(seed))
+        paths.append(path)
+    return paths
+
+
+def time_call(function: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call, `repeats` samples after `warmup` unmeasured calls."""
+    for _ in range(warmup):
+        function()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A GitHub-flavoured markdown table, so the output pastes straight into README.md."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            if value != value:  # NaN
+                return "-"
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        return str(value)
+
+    cells = [[cell(value) for value in row] for row in rows]
+    widths = [max(len(header), *(len(row[i]) for row in cells)) for i, header in enumerate(headers)]
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header.ljust(width) for header, width in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)) + " |")
+    print(flush=True)
+
+
+def verdict(name: str, value: float, target: float, higher_is_better: bool = True, unit: str = "") -> str:
+    ok = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    line = f"{'PASS' if ok else 'MISS'}  {name}: {value:.3f}{unit} (target {sign} {target}{unit})"
+    print(line, flush=True)
+    return line
+
+
+def machine_note() -> str:
+    load = os.getloadavg()[0]
+    return f"{os.cpu_count()} cores, load average {load:.2f} at start"

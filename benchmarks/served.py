@@ -1,0 +1,353 @@
+"""End-to-end throughput and latency through HTTP, batched vs unbatched, against the in-process ceiling.
+
+Starts Ray in-process (like tests/conftest.py), builds a small index with the ViT-B/32-sized random
+checkpoint, deploys the application from serve_config.yaml (only `args.model`, `args.index` and the
+Embedder's `user_config` are overridden; `embedder.num_threads` is 2 as shipped), and drives it with
+1/4/16/32 closed-loop clients, each POSTing one 640x480 JPEG per request to 127.0.0.1 for a fixed time.
+
+How the batching is switched at run time: the app is deployed the way `serve deploy serve_config.yaml`
+does it, as a ServeDeploySchema applied by the Serve controller (`ServeControllerClient.deploy_apps`).
+Re-applying the same config with only the Embedder's `user_config` changed is a lightweight update:
+Serve calls `Embedder.reconfigure` on the running replica (no restart, no model reload). The
+alternatives were worse: `serve.run(build_app(args))` cannot override a deployment's options without
+rebuilding the graph by hand (duplicating build_app) or editing the private `Application._bound_deployment`;
+a DeploymentHandle cannot reconfigure; `serve deploy` needs the dashboard's REST API. `deploy_apps`
+is not a documented public API, but it is what the CLI and the dashboard call, and it exercises the
+real config path (import_path + args + deployment overrides), so it is the most faithful choice.
+
+Baselines measured in the same run, in this process while Serve is idle, between rounds:
+the fp32 batch-32 forward pass (the throughput ceiling) and the fp32 batch-1 forward pass (latency).
+
+    .venv/bin/python -m benchmarks.served [--quick] [--duration S] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import socket
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import torch
+import yaml
+
+from benchmarks.common import (
+    machine_note,
+    median,
+    percentile,
+    photo_jpeg,
+    print_table,
+    verdict,
+    vit_b32_checkpoint,
+    write_photo_folder,
+)
+from serve_app.encoder import ClipImageEncoder
+from serve_app.preprocessing import normalize_batch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_NAME = "image_search"
+CONCURRENCY = (1, 4, 16, 32)
+CEILING_RATIO_TARGET = 0.85
+BATCHING_GAIN_TARGET = 1.5
+LATENCY_OVERHEAD_TARGET_MS = 30.0
+COLLECTION = 48
+QUERY_IMAGES = 64
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def build_index(model_dir: Path, work: Path) -> Path:
+    from index_builder.cli import main as build
+
+    images = work / "collection"
+    write_photo_folder(images, COLLECTION, start_seed=10_000)
+    out = work / "index"
+    code = build(["--images", str(images), "--out", str(out), "--model", str(model_dir), "--quiet"])
+    if code != 0:
+        raise RuntimeError("index build failed")
+    return out
+
+
+def deploy_config(
+    model_dir: Path,
+    index_dir: Path,
+    port: int,
+    max_batch_size: int,
+    embedder_threads: int = 2,
+    omp_wait_policy: str | None = None,
+    batch_wait_s: float | None = None,
+) -> Any:
+    """serve_config.yaml with our model/index and the given Embedder batch size."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    config = copy.deepcopy(config)
+    config["http_options"] = {"host": "127.0.0.1", "port": port, "request_timeout_s": 60}
+    (app,) = config["applications"]
+    app["args"]["model"] = str(model_dir)
+    app["args"]["index"] = str(index_dir)
+    app["args"].setdefault("embedder", {})["num_threads"] = embedder_threads
+    for deployment in app["deployments"]:
+        if deployment["name"] == "Embedder":
+            deployment["user_config"] = {**deployment.get("user_config", {}), "max_batch_size": max_batch_size}
+            if batch_wait_s is not None:
+                deployment["user_config"]["batch_wait_timeout_s"] = batch_wait_s
+            if omp_wait_policy:
+                # OpenMP threads that spin at barriers collapse when the cores are shared (see README).
+                options = deployment.setdefault("ray_actor_options", {})
+                options.setdefault("runtime_env", {}).setdefault("env_vars", {})["OMP_WAIT_POLICY"] = omp_wait_policy
+    return ServeDeploySchema.model_validate(config)
+
+
+def apply(client: Any, config: Any, timeout_s: float = 600) -> None:
+    """Apply the config and wait until the app is RUNNING again (deploy_apps' own wait gives up after 60 s)."""
+    from ray import serve
+
+    client.deploy_apps(config, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    time.sleep(1.0)
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"{APP_NAME} is {app.status}: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{APP_NAME} not RUNNING after {timeout_s}s")
+
+
+async def wait_ready(base_url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{base_url}/healthz", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"{base_url} not ready after {timeout_s}s")
+
+
+async def drive(base_url: str, jpegs: list[bytes], clients: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+    """Closed loop: each client sends one request at a time until the deadline; stops by itself.
+
+    Requests in flight at the deadline are awaited (bounded by the client timeout) for their latency.
+    """
+    latencies: list[float] = []
+    errors = completed = 0
+    measuring_from = time.monotonic() + warmup_s
+    deadline = measuring_from + duration_s
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=clients)
+
+    async def client(session: aiohttp.ClientSession, offset: int) -> None:
+        nonlocal errors, completed
+        sent = offset
+        while time.monotonic() < deadline:
+            form = aiohttp.FormData()
+            form.add_field("files", jpegs[sent % len(jpegs)], filename=f"q{sent}.jpg", content_type="image/jpeg")
+            sent += clients
+            started = time.monotonic()
+            async with session.post(f"{base_url}/search", data=form) as response:
+                await response.read()
+                ok = response.status == 200
+            finished = time.monotonic()
+            if not ok:
+                errors += started >= measuring_from
+            elif measuring_from <= finished <= deadline:
+                completed += 1  # throughput: completions inside the window, whenever they started
+            if ok and started >= measuring_from:
+                latencies.append(finished - started)  # latency: requests sent inside the window
+
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await asyncio.gather(*(client(session, offset) for offset in range(clients)))
+    return {
+        "img_s": completed / duration_s,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p95_ms": 1000 * percentile(latencies, 95),
+        "count": len(latencies),
+        "errors": errors,
+    }
+
+
+def batch_counts(embedder: Any) -> dict[int, int]:
+    return dict(embedder.batch_size_counts.remote().result())
+
+
+def mean_batch(before: dict[int, int], after: dict[int, int]) -> float:
+    batches = sum(after.get(size, 0) - before.get(size, 0) for size in after)
+    images = sum(size * (after.get(size, 0) - before.get(size, 0)) for size in after)
+    return images / batches if batches else float("nan")
+
+
+def forward_seconds(encoder: ClipImageEncoder, batch: int, calls: int) -> float:
+    tensor = torch.from_numpy(
+        normalize_batch(
+            np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8), encoder.spec
+        )
+    )
+    samples = []
+    with torch.inference_mode():
+        encoder.model(pixel_values=tensor)
+        for _ in range(calls):
+            started = time.perf_counter()
+            encoder.model(pixel_values=tensor)
+            samples.append(time.perf_counter() - started)
+    return median(samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs, one round")
+    parser.add_argument("--duration", type=float, default=None, help="measured seconds per level (default 15, quick 8)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of (batched, unbatched) (default 2, quick 1)")
+    parser.add_argument(
+        "--worker-niceness", type=int, default=0, help="nice value of Ray workers (Ray's default is 15; see main)"
+    )
+    parser.add_argument(
+        "--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None, help="OMP_WAIT_POLICY of the Embedder"
+    )
+    parser.add_argument("--batch-wait", type=float, default=None, help="batch_wait_timeout_s (default: the config's)")
+    parser.add_argument("--embedder-threads", type=int, default=2, help="embedder.num_threads (default 2)")
+    parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched variant (16 or 32)")
+    args = parser.parse_args(argv)
+    duration = args.duration or (8.0 if args.quick else 15.0)
+    rounds = args.rounds or (1 if args.quick else 2)
+    warmup = 3.0
+    print(f"served: {machine_note()}, {rounds} rounds x {len(CONCURRENCY)} levels x 2 configs x {duration:.0f}s")
+
+    # Ray starts its workers (every Serve replica and the HTTP proxy) at nice 15 by default. On a
+    # machine shared with other work that starves the app against this non-niced process and its
+    # ceiling baseline, so the ratios would measure the scheduler, not Serve. Same priority for all:
+    os.environ.setdefault("RAY_worker_niceness", str(args.worker_niceness))
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    model_dir = vit_b32_checkpoint()
+    work = Path(tempfile.mkdtemp(prefix="served-", dir=model_dir.parent))
+    index_dir = build_index(model_dir, work)
+    jpegs = [photo_jpeg(seed) for seed in range(QUERY_IMAGES)]
+
+    torch.set_num_threads(2)
+    local = ClipImageEncoder(str(model_dir), device="cpu", precision="fp32")
+    ceiling_samples: list[float] = []
+    single_samples: list[float] = []
+
+    def measure_baselines() -> None:
+        ceiling_samples.append(32 / forward_seconds(local, 32, 2))
+        single_samples.append(forward_seconds(local, 1, 10))
+        print(f"baseline: ceiling {ceiling_samples[-1]:.2f} img/s, batch-1 forward {1000 * single_samples[-1]:.1f} ms")
+
+    measure_baselines()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    results: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        client = _get_global_client()
+        variants = {f"max_batch_size {args.batch}": args.batch, "max_batch_size 1": 1}
+        started = time.monotonic()
+        apply(
+            client,
+            deploy_config(
+                model_dir, index_dir, port, args.batch, args.embedder_threads, args.omp_wait_policy, args.batch_wait
+            ),
+        )
+        asyncio.run(wait_ready(base_url))
+        print(f"deployed in {time.monotonic() - started:.0f}s", flush=True)
+        embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+        for round_index in range(rounds):
+            names = list(variants) if round_index % 2 == 0 else list(variants)[::-1]
+            for name in names:
+                apply(
+                    client,
+                    deploy_config(
+                        model_dir,
+                        index_dir,
+                        port,
+                        variants[name],
+                        args.embedder_threads,
+                        args.omp_wait_policy,
+                        args.batch_wait,
+                    ),
+                )
+                asyncio.run(wait_ready(base_url))
+                for clients in CONCURRENCY:
+                    before = batch_counts(embedder)
+                    result = asyncio.run(drive(base_url, jpegs, clients, duration, warmup))
+                    result["mean_batch"] = mean_batch(before, batch_counts(embedder))
+                    results[(name, clients)].append(result)
+                    print(
+                        f"round {round_index + 1} {name:>18} clients {clients:>2}: {result['img_s']:.2f} img/s "
+                        f"p50 {result['p50_ms']:.0f} ms mean batch {result['mean_batch']:.1f} "
+                        f"errors {result['errors']}",
+                        flush=True,
+                    )
+                measure_baselines()  # while Serve is idle: the same background load as the levels just run
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    ceiling = median(ceiling_samples)
+    single_ms = 1000 * median(single_samples)
+    rows = []
+    for name in variants:
+        for clients in CONCURRENCY:
+            runs = results[(name, clients)]
+            img_s = median([run["img_s"] for run in runs])
+            rows.append(
+                [
+                    name,
+                    clients,
+                    img_s,
+                    img_s / ceiling,
+                    median([run["p50_ms"] for run in runs]),
+                    median([run["p95_ms"] for run in runs]),
+                    median([run["mean_batch"] for run in runs]),
+                    sum(run["errors"] for run in runs),
+                ]
+            )
+    print_table(
+        f"Served throughput (median of {rounds} rounds; fp32 batch-32 ceiling {ceiling:.2f} img/s, "
+        f"batch-1 forward {single_ms:.1f} ms, both measured in this run)",
+        ["Embedder batching", "clients", "img/s", "vs ceiling", "p50 ms", "p95 ms", "mean batch", "errors"],
+        rows,
+    )
+    batched = f"max_batch_size {args.batch}"
+
+    def img_s(name: str, clients: int) -> float:
+        return median([run["img_s"] for run in results[(name, clients)]])
+
+    def p50(name: str, clients: int) -> float:
+        return median([run["p50_ms"] for run in results[(name, clients)]])
+
+    verdict("served@16 / fp32 batch-32 ceiling", img_s(batched, 16) / ceiling, CEILING_RATIO_TARGET)
+    verdict(
+        "batched / unbatched at 16 clients", img_s(batched, 16) / img_s("max_batch_size 1", 16), BATCHING_GAIN_TARGET
+    )
+    for name in variants:
+        overhead = p50(name, 1) - single_ms
+        verdict(
+            f"latency, 1 client, {name}: p50 minus batch-1 forward", overhead, LATENCY_OVERHEAD_TARGET_MS, False, " ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
