@@ -13,7 +13,7 @@ from serve_app.artifact import build_faiss_index, publish, serialize_index, sha2
 from serve_app.decoding import IMAGE_EXTENSIONS
 from serve_app.index_spec import IndexSpec, choose_index_spec
 from serve_app.manifest import ImageRecord, Manifest
-from serve_app.storage import Store
+from serve_app.storage import Store, open_store
 
 
 class BuildError(Exception):
@@ -42,6 +42,24 @@ def discover_images(store: Store) -> list[str]:
         and not any(part.startswith(".") for part in PurePosixPath(key).parts)
     ]
     return sorted(keys)
+
+
+@dataclass(frozen=True)
+class Collection:
+    """Where a build reads from and writes to, and the images it found."""
+
+    source: Store
+    out: Store
+    keys: list[str]
+
+
+def open_collection(images: str, out: str) -> Collection:
+    """Both locations of a build (folders or s3:// prefixes) and the images found; none is an error."""
+    source = open_store(images)
+    keys = discover_images(source)
+    if not keys:
+        raise BuildError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {source.uri}")
+    return Collection(source=source, out=open_store(out), keys=keys)
 
 
 def make_manifest(

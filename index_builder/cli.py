@@ -7,9 +7,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from index_builder.build import BuildError, BuildReport, discover_images, finish_build
+from index_builder.build import BuildError, BuildReport, finish_build, open_collection
 from serve_app.config import DEFAULT_MODEL
-from serve_app.storage import StoreError, is_s3_uri, open_store
+from serve_app.storage import StoreError, is_s3_uri
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -38,11 +38,8 @@ def run_local(args: argparse.Namespace) -> BuildReport:
     from serve_app.encoder import ClipImageEncoder, ModelLoadError
 
     started = time.perf_counter()
-    source = open_store(args.images)
-    out = open_store(args.out)
-    keys = discover_images(source)
-    if not keys:
-        raise BuildError(f"no images (jpg, jpeg, png, webp, bmp, gif, tiff) found in {source.uri}")
+    collection = open_collection(args.images, args.out)
+    source, out, keys = collection.source, collection.out, collection.keys
     try:
         encoder = ClipImageEncoder(args.model, device=args.device, precision=args.precision)
     except (ModelLoadError, ValueError) as exc:

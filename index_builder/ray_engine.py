@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from index_builder.build import BuildError, BuildReport, discover_images, finish_build
+from index_builder.build import BuildError, BuildReport, finish_build, open_collection
 from serve_app.artifact import sha256_hex
 from serve_app.errors import ClientError
 from serve_app.manifest import ImageRecord
 from serve_app.preprocessing import PreprocessSpec, pixels_from_bytes
-from serve_app.storage import LocalStore, S3Store, Store, open_store
+from serve_app.storage import LocalStore, S3Store, Store
 
 Batch = dict[str, np.ndarray]
 
@@ -168,11 +168,8 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
     from ray.exceptions import RayError, UserCodeException
 
     started = time.perf_counter()
-    source = open_store(args.images)
-    out = open_store(args.out)
-    keys = discover_images(source)
-    if not keys:
-        raise BuildError(f"no images (jpg, jpeg, png, webp, bmp, gif, tiff) found in {source.uri}")
+    collection = open_collection(args.images, args.out)
+    source, out, keys = collection.source, collection.out, collection.keys
     spec = load_spec(args.model)
     root = read_root(source)
 
