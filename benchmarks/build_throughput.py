@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.common import (
     CACHE_DIR,
+    forward_seconds,
     machine_note,
     median,
     print_table,
@@ -32,23 +32,13 @@ from benchmarks.common import (
 )
 from index_builder.cli import main as build_main
 from serve_app.encoder import ClipImageEncoder
-from serve_app.preprocessing import normalize_batch
 
 RATIO_TARGET = 0.9
 BATCH = 32
 
 
 def ceiling_img_s(encoder: ClipImageEncoder, calls: int = 3) -> float:
-    pixels = np.random.default_rng(0).integers(0, 256, (BATCH, 224, 224, 3), dtype=np.uint8)
-    tensor = torch.from_numpy(normalize_batch(pixels, encoder.spec))
-    samples = []
-    with torch.inference_mode():
-        encoder.model(pixel_values=tensor)
-        for _ in range(calls):
-            started = time.perf_counter()
-            encoder.model(pixel_values=tensor)
-            samples.append(time.perf_counter() - started)
-    return BATCH / median(samples)
+    return BATCH / forward_seconds(encoder, BATCH, calls)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from serve_app.encoder import ClipImageEncoder
 
 from tests.support import VIT_B_32, make_clip_checkpoint, synthetic_image
 
@@ -71,6 +75,24 @@ def time_call(function: Callable[[], object], repeats: int, warmup: int = 1) -> 
         function()
         samples.append(time.perf_counter() - started)
     return samples
+
+
+def forward_seconds(encoder: ClipImageEncoder, batch: int, calls: int) -> float:
+    """Median seconds of the plain transformers forward pass on `batch` random crops (after one warm-up)."""
+    import torch
+
+    from serve_app.preprocessing import normalize_batch
+
+    pixels = np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(normalize_batch(pixels, encoder.spec))
+    samples = []
+    with torch.inference_mode():
+        encoder.model(pixel_values=tensor)
+        for _ in range(calls):
+            started = time.perf_counter()
+            encoder.model(pixel_values=tensor)
+            samples.append(time.perf_counter() - started)
+    return median(samples)
 
 
 def median(values: Sequence[float]) -> float:

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import torch
 import yaml
 
 from benchmarks.common import (
+    forward_seconds,
     machine_note,
     median,
     percentile,
@@ -50,7 +50,6 @@ from benchmarks.common import (
     write_photo_folder,
 )
 from serve_app.encoder import ClipImageEncoder
-from serve_app.preprocessing import normalize_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "image_search"
@@ -192,22 +191,6 @@ def mean_batch(before: dict[int, int], after: dict[int, int]) -> float:
     batches = sum(after.get(size, 0) - before.get(size, 0) for size in after)
     images = sum(size * (after.get(size, 0) - before.get(size, 0)) for size in after)
     return images / batches if batches else float("nan")
-
-
-def forward_seconds(encoder: ClipImageEncoder, batch: int, calls: int) -> float:
-    tensor = torch.from_numpy(
-        normalize_batch(
-            np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8), encoder.spec
-        )
-    )
-    samples = []
-    with torch.inference_mode():
-        encoder.model(pixel_values=tensor)
-        for _ in range(calls):
-            started = time.perf_counter()
-            encoder.model(pixel_values=tensor)
-            samples.append(time.perf_counter() - started)
-    return median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
