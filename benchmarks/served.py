@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import copy
 import os
-import socket
 import tempfile
 import time
 from collections import defaultdict
@@ -50,6 +49,7 @@ from benchmarks.common import (
     write_photo_folder,
 )
 from serve_app.encoder import ClipImageEncoder
+from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "image_search"
@@ -59,12 +59,6 @@ BATCHING_GAIN_TARGET = 1.5
 LATENCY_OVERHEAD_TARGET_MS = 30.0
 COLLECTION = 48
 QUERY_IMAGES = 64
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def build_index(model_dir: Path, work: Path) -> Path:

@@ -6,7 +6,6 @@ Starting Ray and Serve costs ~15 s, so every HTTP test shares the application st
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from tests.support import make_clip_checkpoint, write_image_folder
+from tests.support import free_port, make_clip_checkpoint, write_image_folder
 
 if TYPE_CHECKING:
     from serve_app.config import AppArgs
@@ -25,12 +24,6 @@ APP_NAME = "image_search"
 COLLECTION_SIZE = 24
 STARTUP_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_ok(url: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:

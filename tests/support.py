@@ -8,6 +8,7 @@ loaded back through the application's own loading code.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,10 @@ def write_image_folder(folder: Path, count: int, start_seed: int = 0) -> list[Pa
         image.save(path, quality=92) if path.suffix == ".jpg" else image.save(path)
         paths.append(path)
     return paths
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for Serve's HTTP proxy and Ray's node ports)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

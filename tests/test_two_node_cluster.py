@@ -35,7 +35,8 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO_ROOT, free_port, wait_until_ok
+from tests.conftest import REPO_ROOT, wait_until_ok
+from tests.support import free_port
 
 BIN = Path(sys.executable).parent
 APP = "image_search"
