@@ -34,10 +34,6 @@ class IndexSpec:
     def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
         return cls(factory=str(data["factory"]), params=dict(data.get("params", {})))
 
-    @property
-    def needs_training(self) -> bool:
-        return self.factory.startswith("IVF")
-
     def training_rows(self, count: int) -> int:
         """How many of `count` vectors k-means trains on: all of them for small collections."""
         match = re.match(r"IVF(\d+)", self.factory)

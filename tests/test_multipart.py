@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve_app.config import UploadLimits
-from serve_app.errors import ClientError, FileTooLarge, MalformedRequest, RequestTooLarge, TooManyFiles
+from serve_app.errors import (
+    ClientError,
+    FileTooLarge,
+    MalformedRequest,
+    NoFiles,
+    RequestTooLarge,
+    TooManyFields,
+    TooManyFiles,
+)
 from serve_app.multipart import Upload, read_uploads
 
 BOUNDARY = "b0undary7MA4YWxkTrZu0gW"
@@ -23,7 +31,7 @@ filenames = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_. ", min_siz
 file_bodies = st.binary(max_size=LIMITS.max_file_bytes)
 
 
-def encode(files: list[tuple[str, bytes]], fields: list[tuple[str, str]] = ()) -> bytes:  # type: ignore[assignment]
+def encode(files: Sequence[tuple[str, bytes]], fields: Sequence[tuple[str, str]] = ()) -> bytes:
     parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
         for name, value in fields
@@ -125,7 +133,7 @@ def test_one_file_over_the_count_limit_is_refused() -> None:
 def test_fields_beyond_the_limit_are_refused() -> None:
     fields = [(f"f{index}", "v") for index in range(LIMITS.max_fields)]
     assert len(read(encode([("a.jpg", b"x")], fields))) == 1
-    with pytest.raises(ClientError):
+    with pytest.raises(TooManyFields):
         read(encode([("a.jpg", b"x")], [*fields, ("one_more", "v")]))
 
 
@@ -136,5 +144,5 @@ def test_a_path_in_a_filename_keeps_only_its_last_part() -> None:
 
 def test_a_truncated_body_is_malformed_or_has_no_files() -> None:
     body = encode([("a.jpg", b"x" * 100)])
-    with pytest.raises((MalformedRequest, ClientError)):
+    with pytest.raises((MalformedRequest, NoFiles)):
         read(body[: len(body) // 2])

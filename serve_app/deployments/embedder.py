@@ -115,8 +115,8 @@ class Embedder:
         """One uint8 crop per request in, its unit vector out (None for a malformed item).
 
         An exception here would fail every request in the batch, so bad items are answered
-        individually. The forward pass runs in a worker thread (in the coalescer) so the replica
-        keeps accepting requests meanwhile, and they join the next forward pass.
+        individually. The forward pass runs on the coalescer's model thread, so the replica keeps
+        accepting requests meanwhile, and they join the next forward pass.
         """
         positions, arrays = split_valid(batch, self.input_shape)
         results: list[np.ndarray | None] = [None] * len(batch)
