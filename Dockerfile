@@ -43,6 +43,7 @@ RUN mkdir -p /home/ray/src \
 WORKDIR /home/ray/src
 
 COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 image_search ./image_search
 COPY --chown=1000:100 serve_app ./serve_app
 COPY --chown=1000:100 index_builder ./index_builder
 COPY --chown=1000:100 ui ./ui
@@ -50,7 +51,7 @@ COPY --chown=1000:100 ui ./ui
 # Builds the project's wheel (pure Python, no compiler) and installs it with its dependencies.
 # Anything the Ray image already has at a satisfying version (ray itself, numpy, ...) is reused.
 RUN pip install --no-cache-dir --user . \
-    && python -c "import serve_app, index_builder, torch, faiss; print('torch', torch.__version__)"
+    && python -c "import image_search, serve_app, index_builder, torch, faiss; print('torch', torch.__version__)"
 
 # ---------------------------------------------------------------------------------------------
 # final: the plain Ray image plus the installed packages. No sources, no pip cache, no build

@@ -30,8 +30,8 @@ from benchmarks.common import (
     vit_b32_checkpoint,
     write_photo_folder,
 )
+from image_search.encoder import ClipImageEncoder
 from index_builder.cli import main as build_main
-from serve_app.encoder import ClipImageEncoder
 
 RATIO_TARGET = 0.9
 BATCH = 32

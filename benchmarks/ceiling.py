@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_note, median, print_table, verdict, vit_b32_checkpoint
-from serve_app.config import Precision
-from serve_app.encoder import ClipImageEncoder
-from serve_app.preprocessing import normalize_batch
+from image_search.encoder import ClipImageEncoder
+from image_search.precision import Precision
+from image_search.preprocessing import normalize_batch
 
 BATCH_SIZES = (1, 8, 32)
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")

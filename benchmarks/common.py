@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from serve_app.encoder import ClipImageEncoder
+    from image_search.encoder import ClipImageEncoder
 
 from tests.support import VIT_B_32, make_clip_checkpoint, synthetic_image
 
@@ -81,7 +81,7 @@ def forward_seconds(encoder: ClipImageEncoder, batch: int, calls: int) -> float:
     """Median seconds of the plain transformers forward pass on `batch` random crops (after one warm-up)."""
     import torch
 
-    from serve_app.preprocessing import normalize_batch
+    from image_search.preprocessing import normalize_batch
 
     pixels = np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     tensor = torch.from_numpy(normalize_batch(pixels, encoder.spec))

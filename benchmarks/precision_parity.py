@@ -22,8 +22,8 @@ import faiss
 import numpy as np
 
 from benchmarks.common import machine_note, median, photo_jpeg, print_table, verdict, vit_b32_checkpoint
-from serve_app.encoder import ClipImageEncoder
-from serve_app.preprocessing import PreprocessSpec, pixels_from_bytes
+from image_search.encoder import ClipImageEncoder
+from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 
 K = 5
 OVERLAP_TARGET = 0.95

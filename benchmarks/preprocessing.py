@@ -24,7 +24,7 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from benchmarks.common import machine_note, median, photo_jpeg, print_table, verdict
-from serve_app.preprocessing import PreprocessSpec, normalize_batch, pixels_from_bytes
+from image_search.preprocessing import PreprocessSpec, normalize_batch, pixels_from_bytes
 from tests.support import PREPROCESSOR_CONFIG
 
 SPEEDUP_TARGET = 2.0

@@ -35,8 +35,8 @@ import faiss
 import numpy as np
 
 from benchmarks.common import machine_note, percentile, print_table, verdict
-from serve_app.artifact import apply_search_params
-from serve_app.index_spec import TRAINING_POINTS_PER_LIST, choose_index_spec
+from image_search.faiss_index import apply_search_params
+from image_search.index_spec import TRAINING_POINTS_PER_LIST, choose_index_spec
 
 DIM = 512
 K = 5

@@ -48,7 +48,7 @@ from benchmarks.common import (
     vit_b32_checkpoint,
     write_photo_folder,
 )
-from serve_app.encoder import ClipImageEncoder
+from image_search.encoder import ClipImageEncoder
 from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,1 +1,1 @@
-"""Offline index builds: a folder or S3 prefix of images -> an index artifact (see serve_app.artifact)."""
+"""Offline index builds: a folder or S3 prefix of images -> an index artifact (see image_search.artifact)."""

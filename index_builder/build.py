@@ -9,11 +9,12 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from serve_app.artifact import build_faiss_index, publish, serialize_index, sha256_hex
-from serve_app.decoding import IMAGE_EXTENSIONS
-from serve_app.index_spec import IndexSpec, choose_index_spec
-from serve_app.manifest import ImageRecord, Manifest
-from serve_app.storage import Store, open_store
+from image_search.artifact import publish, sha256_hex
+from image_search.decoding import IMAGE_EXTENSIONS
+from image_search.faiss_index import build_faiss_index, serialize_index
+from image_search.index_spec import IndexSpec, choose_index_spec
+from image_search.manifest import ImageRecord, Manifest
+from image_search.storage import Store, open_store
 
 
 class BuildError(Exception):

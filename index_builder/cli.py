@@ -7,9 +7,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from image_search.checkpoints import DEFAULT_MODEL
+from image_search.storage import StoreError, is_s3_uri
 from index_builder.build import BuildError, BuildReport, finish_build, open_collection
-from serve_app.config import DEFAULT_MODEL
-from serve_app.storage import StoreError, is_s3_uri
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -34,8 +34,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run_local(args: argparse.Namespace) -> BuildReport:
     from tqdm import tqdm
 
+    from image_search.encoder import ClipImageEncoder, ModelLoadError
     from index_builder.local_engine import embed_local
-    from serve_app.encoder import ClipImageEncoder, ModelLoadError
 
     started = time.perf_counter()
     collection = open_collection(args.images, args.out)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.artifact import sha256_hex
-from serve_app.errors import ClientError
-from serve_app.manifest import ImageRecord
-from serve_app.preprocessing import PreprocessSpec, pixels_from_bytes
-from serve_app.storage import Store, StoreError
+from image_search.artifact import sha256_hex
+from image_search.errors import ClientError
+from image_search.manifest import ImageRecord
+from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
+from image_search.storage import Store, StoreError
 
 
 @dataclass(frozen=True)

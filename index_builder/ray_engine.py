@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from image_search.artifact import sha256_hex
+from image_search.errors import ClientError
+from image_search.manifest import ImageRecord
+from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
+from image_search.storage import LocalStore, S3Store, Store
 from index_builder.build import BuildError, BuildReport, finish_build, open_collection
-from serve_app.artifact import sha256_hex
-from serve_app.errors import ClientError
-from serve_app.manifest import ImageRecord
-from serve_app.preprocessing import PreprocessSpec, pixels_from_bytes
-from serve_app.storage import LocalStore, S3Store, Store
 
 Batch = dict[str, np.ndarray]
 
@@ -91,7 +91,7 @@ class EncoderActor:
     """One CLIP image tower per actor; the rows marked bad by `decode_batch` pass through unencoded."""
 
     def __init__(self, model: str, device: str, precision: str, spec: PreprocessSpec) -> None:
-        from serve_app.encoder import ClipImageEncoder
+        from image_search.encoder import ClipImageEncoder
 
         self.encoder = ClipImageEncoder(model, device=device, precision=precision)  # type: ignore[arg-type]
         if self.encoder.spec != spec:
@@ -129,7 +129,7 @@ def load_spec(model: str) -> PreprocessSpec:
     """The model's preprocessing, read on the driver (config files only, no weights)."""
     from transformers import AutoConfig
 
-    from serve_app.encoder import load_preprocess_spec
+    from image_search.encoder import load_preprocess_spec
 
     try:
         AutoConfig.from_pretrained(model)

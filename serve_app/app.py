@@ -4,16 +4,17 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
-from serve_app.artifact import load_manifest, read_checked_index_bytes, resolve_version
+from image_search.artifact import load_manifest, read_checked_index_bytes, resolve_version
+from image_search.compatibility import check_compatible
+from image_search.manifest import Manifest
+from image_search.storage import open_store
 from serve_app.config import AppArgs
 from serve_app.deployments.embedder import Embedder
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.searcher import Searcher
-from serve_app.errors import ArtifactError
-from serve_app.storage import open_store
 
 
-def check_model_dim(model: str, embedding_dim: int) -> None:
+def check_model_dim(model: str, manifest: Manifest) -> None:
     """Fail the deploy at once (not after 20 replica retries) when the index's dim cannot fit the model."""
     from transformers import AutoConfig
 
@@ -22,11 +23,8 @@ def check_model_dim(model: str, embedding_dim: int) -> None:
     except OSError:
         return  # the Embedder reports an unloadable model with its own message
     dim = getattr(config, "projection_dim", None)
-    if dim is not None and dim != embedding_dim:
-        raise ArtifactError(
-            f"the index holds {embedding_dim}-d vectors but model {model!r} makes {dim}-d vectors; "
-            "serve with the model the index was built with, or rebuild the index with this model"
-        )
+    if dim is not None:
+        check_compatible(manifest, model_name=model, embedding_dim=int(dim))
 
 
 # No `from __future__ import annotations` here: Ray validates the config's `args` into the
@@ -48,7 +46,7 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
     # Checked here, before any replica starts, so a broken artifact fails the deploy at once with
     # its reason instead of after a round of replica restarts.
     read_checked_index_bytes(store, version_folder, manifest)
-    check_model_dim(args.model, manifest.embedding_dim)
+    check_model_dim(args.model, manifest)
 
     def deployment(cls: object, name: str) -> Deployment:
         # @serve.deployment turns the classes into Deployments; type checkers still see the classes.

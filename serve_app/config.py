@@ -10,9 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-
-Precision = Literal["fp32", "bf16", "fp16"]
+from image_search.checkpoints import DEFAULT_MODEL
+from image_search.precision import Precision
 
 
 class UploadLimits(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serve_app.errors import ServiceError
+from image_search.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from serve_app.config import UploadLimits
-from serve_app.errors import (
+from image_search.errors import (
     FileTooLarge,
     MalformedRequest,
     NoFiles,
@@ -23,6 +22,7 @@ from serve_app.errors import (
     TooManyFields,
     TooManyFiles,
 )
+from serve_app.config import UploadLimits
 
 FILES_FIELD = "files"
 MAX_FIELD_BYTES = 4096  # a non-file field never needs more

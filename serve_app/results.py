@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from image_search.errors import ClientError, InvalidK
+from image_search.manifest import Manifest
 from serve_app.config import UploadLimits
-from serve_app.errors import ClientError, InvalidK
-from serve_app.manifest import Manifest
 
 THUMBNAIL_SIZE_FOR_RESULTS = 256
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from serve_app.decoding import decode_image
+from image_search.decoding import decode_image
 
 THUMBNAIL_QUALITY = 85
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from image_search.artifact import load_artifact
+from image_search.storage import LocalStore
 from index_builder.cli import main
-from serve_app.artifact import load_artifact
-from serve_app.storage import LocalStore
 from tests.support import write_image_folder
 
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serve_app.decoding import decode_image
-from serve_app.errors import ClientError, CorruptImage, NotAnImage, TooManyPixels
+from image_search.decoding import decode_image
+from image_search.errors import ClientError, CorruptImage, NotAnImage, TooManyPixels
 from tests import images
 from tests.support import synthetic_image
 

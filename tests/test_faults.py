@@ -171,8 +171,8 @@ def test_overload_gets_fast_503_with_retry_after(serve_port: int, index_dir: Pat
 
 
 def test_sigkilled_build_leaves_previous_index_serveable(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from serve_app.artifact import load_artifact
-    from serve_app.storage import LocalStore
+    from image_search.artifact import load_artifact
+    from image_search.storage import LocalStore
 
     images_dir = tmp_path / "images"
     write_image_folder(images_dir, 300)
@@ -218,8 +218,8 @@ def test_damaged_artifact_is_refused_before_start(
 ) -> None:
     import shutil
 
+    from image_search.errors import ArtifactError
     from serve_app.app import build_app
-    from serve_app.errors import ArtifactError
 
     copy = tmp_path / "index"
     shutil.copytree(index_dir, copy)
@@ -250,12 +250,12 @@ def test_damaged_artifact_is_refused_before_start(
 
 
 def test_index_of_another_dimension_is_refused(tmp_path: Path, index_dir: Path) -> None:
+    from image_search.errors import ArtifactError
     from serve_app.app import build_app
-    from serve_app.errors import ArtifactError
     from tests.support import TINY, make_clip_checkpoint
 
     other = make_clip_checkpoint(tmp_path / "wide", {**TINY, "projection_dim": 48})
-    with pytest.raises(ArtifactError, match=r"32-d vectors but model .* makes 48-d"):
+    with pytest.raises(ArtifactError, match=r"32-d vectors from model .* makes 48-d vectors"):
         build_app({"model": str(other), "index": str(index_dir)})  # type: ignore[arg-type]
 
 

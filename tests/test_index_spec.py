@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from serve_app.artifact import build_faiss_index
-from serve_app.index_spec import EXACT_SEARCH_LIMIT, IndexSpec, choose_index_spec, ivf_list_count
+from image_search.faiss_index import build_faiss_index
+from image_search.index_spec import EXACT_SEARCH_LIMIT, IndexSpec, choose_index_spec, ivf_list_count
 
 
 @pytest.mark.parametrize(

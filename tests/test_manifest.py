@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from serve_app.errors import ArtifactError
-from serve_app.manifest import FORMAT_VERSION, ImageRecord, Manifest, check_compatible
+from image_search.compatibility import check_compatible
+from image_search.errors import ArtifactError
+from image_search.manifest import FORMAT_VERSION, ImageRecord, Manifest
 
 
 def sample() -> Manifest:
@@ -52,7 +53,7 @@ def test_not_json_is_refused() -> None:
 
 def test_other_dim_or_model_is_refused_with_a_message_naming_both() -> None:
     with pytest.raises(ArtifactError, match=r"32-d vectors .* 512-d"):
-        check_compatible(sample(), "abc", 512, "openai/clip")
+        check_compatible(sample(), fingerprint="abc", embedding_dim=512, model_name="openai/clip")
     with pytest.raises(ArtifactError, match=r"fingerprint abc.*fingerprint zzz"):
-        check_compatible(sample(), "zzz", 32, "other-model")
-    check_compatible(sample(), "abc", 32, "any name, same weights")
+        check_compatible(sample(), fingerprint="zzz", embedding_dim=32, model_name="other-model")
+    check_compatible(sample(), fingerprint="abc", embedding_dim=32, model_name="any name, same weights")

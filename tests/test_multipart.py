@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_app.config import UploadLimits
-from serve_app.errors import (
+from image_search.errors import (
     ClientError,
     FileTooLarge,
     MalformedRequest,
@@ -21,6 +20,7 @@ from serve_app.errors import (
     TooManyFields,
     TooManyFiles,
 )
+from serve_app.config import UploadLimits
 from serve_app.multipart import Upload, read_uploads
 
 BOUNDARY = "b0undary7MA4YWxkTrZu0gW"

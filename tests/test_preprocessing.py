@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from serve_app.encoder import ClipImageEncoder
-from serve_app.preprocessing import PreprocessSpec, crop_box, pixels_from_bytes, prepare_pixels, resized_size
+from image_search.encoder import ClipImageEncoder
+from image_search.preprocessing import PreprocessSpec, crop_box, pixels_from_bytes, prepare_pixels, resized_size
 from tests.support import synthetic_image
 
 # (size, mode, format): varied sizes, aspects (incl. extreme), modes and encodings.

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from image_search.artifact import load_artifact
+from image_search.storage import open_store
 from index_builder.cli import main
-from serve_app.artifact import load_artifact
-from serve_app.storage import open_store
 from tests.support import write_image_folder
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import requests
 
-from serve_app.artifact import INDEX_FILE, MANIFEST_FILE, POINTER, load_artifact, publish
-from serve_app.manifest import Manifest
-from serve_app.storage import S3Store, Store, StoreError, open_store
+from image_search.artifact import INDEX_FILE, MANIFEST_FILE, POINTER, load_artifact, publish
+from image_search.manifest import Manifest
+from image_search.storage import S3Store, Store, StoreError, open_store
 from tests.conftest import wait_until_ok
 from tests.s3_server import S3Server, moto_s3, upload_folder
 
@@ -193,7 +193,7 @@ class FailingStore:
 
 def _artifact_parts(location: str) -> tuple[bytes, Manifest]:
     artifact = load_artifact(open_store(location))
-    from serve_app.artifact import serialize_index
+    from image_search.faiss_index import serialize_index
 
     return serialize_index(artifact.index), artifact.manifest
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from ray import serve
 
+from image_search.encoder import ClipImageEncoder
 from serve_app.coalescing import ForwardCoalescer
 from serve_app.config import BatchingConfig, EmbedderOptions
-from serve_app.encoder import ClipImageEncoder
 from serve_app.metrics import EmbedderMetrics
 
 logger = logging.getLogger("ray.serve")

@@ -27,12 +27,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from serve_app import http_errors
-from serve_app.artifact import load_manifest
-from serve_app.config import AppArgs
-from serve_app.deadline import DeadlineMiddleware
-from serve_app.errors import (
-    ArtifactError,
+from image_search.artifact import load_manifest
+from image_search.compatibility import check_compatible
+from image_search.errors import (
     ClientError,
     ImageNotFound,
     InvalidSize,
@@ -40,12 +37,15 @@ from serve_app.errors import (
     ServiceError,
     Unavailable,
 )
-from serve_app.manifest import Manifest, check_compatible
+from image_search.manifest import Manifest
+from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
+from image_search.storage import StoreError, open_store
+from serve_app import http_errors
+from serve_app.config import AppArgs
+from serve_app.deadline import DeadlineMiddleware
 from serve_app.metrics import IngressMetrics, RequestCountMiddleware
 from serve_app.multipart import Upload, read_uploads
-from serve_app.preprocessing import PreprocessSpec, pixels_from_bytes
 from serve_app.results import error_entry, matches_for_row, parse_k
-from serve_app.storage import StoreError, open_store
 from serve_app.thumbnails import make_thumbnail
 
 logger = logging.getLogger("ray.serve")
@@ -124,10 +124,15 @@ class Ingress:
         self.index_version = version_folder.rsplit("/", 1)[-1] or "unversioned"
         self.images = open_store(self.manifest.source)
         identity = await embedder.identity.remote()
-        check_compatible(self.manifest, identity["fingerprint"], identity["embedding_dim"], identity["model"])
-        self.spec = PreprocessSpec.from_dict(await embedder.input_spec.remote())
-        if self.spec.to_dict() != PreprocessSpec.from_dict(self.manifest.preprocessing).to_dict():
-            raise ArtifactError("the index was built with other preprocessing settings than the model's; rebuild it")
+        input_spec = await embedder.input_spec.remote()
+        check_compatible(
+            self.manifest,
+            model_name=identity["model"],
+            embedding_dim=identity["embedding_dim"],
+            fingerprint=identity["fingerprint"],
+            preprocessing=input_spec,
+        )
+        self.spec = PreprocessSpec.from_dict(input_spec)
         self.thumbnails = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
         self.metrics = IngressMetrics()
 

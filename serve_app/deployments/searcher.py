@@ -9,10 +9,11 @@ import faiss
 import numpy as np
 from ray import serve
 
-from serve_app.artifact import apply_search_params, load_artifact
+from image_search.artifact import load_artifact
+from image_search.faiss_index import apply_search_params
+from image_search.storage import open_store
 from serve_app.config import SearcherOptions
 from serve_app.metrics import SearcherMetrics
-from serve_app.storage import open_store
 
 logger = logging.getLogger("ray.serve")
 

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve_app.errors import CorruptImage, EmptyFile, NotAnImage, TooManyPixels, UnsupportedFormat
+from image_search.errors import CorruptImage, EmptyFile, NotAnImage, TooManyPixels, UnsupportedFormat
 
 # Pillow format names we decode. Everything else (SVG, PDF, HEIC, PSD, EPS, ...) is refused.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from serve_app.decoding import DEFAULT_MAX_PIXELS, decode_image
+from image_search.decoding import DEFAULT_MAX_PIXELS, decode_image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -17,8 +17,8 @@ import torch
 import transformers
 from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
 
-from serve_app.config import Precision
-from serve_app.preprocessing import PREPROCESSOR_CONFIG, PreprocessSpec, normalize_batch
+from image_search.precision import Precision
+from image_search.preprocessing import PREPROCESSOR_CONFIG, PreprocessSpec, normalize_batch
 
 logger = logging.getLogger(__name__)
 

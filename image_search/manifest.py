@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from serve_app.errors import ArtifactError
+from image_search.errors import ArtifactError
 
 FORMAT_VERSION = 1
 METRIC = "inner_product"  # on unit vectors, i.e. cosine similarity
@@ -81,18 +81,3 @@ class Manifest:
         if data.get("count", manifest.count) != manifest.count:
             raise ArtifactError(f"manifest.json says count {data['count']} but lists {manifest.count} records")
         return manifest
-
-
-def check_compatible(manifest: Manifest, model_fingerprint: str, embedding_dim: int, model_name: str) -> None:
-    """Refuse an artifact built with another model: its vectors would be meaningless to ours."""
-    if manifest.embedding_dim != embedding_dim:
-        raise ArtifactError(
-            f"the index holds {manifest.embedding_dim}-d vectors from model {manifest.model!r}, but model "
-            f"{model_name!r} makes {embedding_dim}-d vectors; serve with the model the index was built with "
-            "or rebuild the index"
-        )
-    if manifest.model_fingerprint != model_fingerprint:
-        raise ArtifactError(
-            f"the index was built with model {manifest.model!r} (fingerprint {manifest.model_fingerprint}), "
-            f"not with {model_name!r} (fingerprint {model_fingerprint}); serve with the same model or rebuild"
-        )
