@@ -2,12 +2,17 @@
 
 Loaded with transformers from a hub id or a local folder (a full CLIP checkpoint; only the vision
 tower and its projection are kept). Used by the Embedder deployment and the index builder.
+
+One path on every device: the uint8 crops go to the model's device as uint8 (through a reused
+page-locked buffer on a GPU), are normalised and cast there (image_search.device_input), and the
+unit vectors come back in one copy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +22,9 @@ import torch
 import transformers
 from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
 
-from image_search.precision import Precision
-from image_search.preprocessing import PREPROCESSOR_CONFIG, PreprocessSpec, normalize_batch
+from image_search.device_input import DeviceNormalizer, HostStaging, check_crops
+from image_search.precision import Precision, host_cpu_flags, resolve_precision
+from image_search.preprocessing import PREPROCESSOR_CONFIG, PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +82,11 @@ def _load_vision_tower(model: str) -> CLIPVisionModelWithProjection:
 
 
 class ClipImageEncoder:
-    def __init__(self, model: str, device: str = "auto", precision: Precision = "fp32") -> None:
+    def __init__(self, model: str, device: str = "auto", precision: Precision = "auto") -> None:
         self.device = pick_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-        self.precision = precision
+        # The precision that runs, as a plain string ("fp16", "bf16", "fp32"): /info, the
+        # builder's output and the manifest report this, never "auto".
+        self.precision = resolve_precision(precision, self.device.type, host_cpu_flags())
         try:
             self.model = _load_vision_tower(model)
             self.spec = load_preprocess_spec(model)
@@ -91,8 +97,16 @@ class ClipImageEncoder:
                 "or a local folder holding config.json and the weights."
             ) from exc
         self.model.eval().to(self.device)
-        if precision == "fp16":
+        if self.precision == "fp16":
             self.model.half()
+        on_gpu = self.device.type == "cuda"
+        self.normalize = DeviceNormalizer(
+            self.spec, self.device, torch.float16 if self.precision == "fp16" else torch.float32
+        )
+        # Only a GPU needs the uint8 crops staged in page-locked memory; a CPU reads them in place.
+        self.staging = HostStaging(pin=True) if on_gpu else None
+        # The staging buffer is reused, so one call at a time (each call ends synchronised).
+        self.lock = threading.Lock()
         self.identity = ModelIdentity(
             name=model,
             embedding_dim=int(self.model.config.projection_dim),
@@ -110,14 +124,21 @@ class ClipImageEncoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """(N, H, W, 3) uint8 crops -> (N, dim) float32 unit vectors."""
-        batch = np.stack(pixels) if not isinstance(pixels, np.ndarray) else pixels
-        tensor = torch.from_numpy(normalize_batch(batch, self.spec)).to(self.device)
-        if self.precision == "fp16":
-            tensor = tensor.half()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        with autocast:
-            embeddings = self.model(pixel_values=tensor).image_embeds
-        embeddings = embeddings.float()
-        embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return embeddings.cpu().numpy().astype(np.float32, copy=False)
+        """(N, H, W, 3) uint8 crops (an array or a list of (H, W, 3)) -> (N, dim) float32 unit vectors."""
+        with self.lock:
+            inputs = self.normalize(self._to_device(pixels))
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+            with autocast:
+                embeddings = self.model(pixel_values=inputs).image_embeds
+            embeddings = embeddings.float()
+            embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            # The one copy back; on a GPU it also waits for everything queued above.
+            return embeddings.cpu().numpy()
+
+    def _to_device(self, pixels: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """The uint8 crops as a tensor on the model's device: asynchronous from pinned memory on a GPU."""
+        if self.staging is None:
+            check_crops(pixels)
+            batch = pixels if isinstance(pixels, np.ndarray) else np.stack(pixels)
+            return torch.from_numpy(np.ascontiguousarray(batch))
+        return self.staging.stage(pixels).to(self.device, non_blocking=True)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from image_search.checkpoints import DEFAULT_MODEL
+from image_search.precision import PRECISIONS
 from image_search.storage import StoreError, is_s3_uri
 from index_builder.build import BuildError, BuildReport, finish_build, open_collection
 
@@ -20,14 +21,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local threads or Ray Data")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads (local engine)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto (default): fp16 on a GPU, bf16 on a CPU with native bf16, fp32 otherwise",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes (local engine; default: all cores but one; 0: decode in the main process)",
+    )
     parser.add_argument("--ray-address", default=None, help="Ray cluster address (ray engine); default: local")
     parser.add_argument("--actors", type=int, default=1, help="encoder actors (ray engine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be >= 0")
     return args
 
 
@@ -35,7 +48,7 @@ def run_local(args: argparse.Namespace) -> BuildReport:
     from tqdm import tqdm
 
     from image_search.encoder import ClipImageEncoder, ModelLoadError
-    from index_builder.local_engine import embed_local
+    from index_builder.local_engine import default_workers, embed_local
 
     started = time.perf_counter()
     collection = open_collection(args.images, args.out)
@@ -44,9 +57,11 @@ def run_local(args: argparse.Namespace) -> BuildReport:
         encoder = ClipImageEncoder(args.model, device=args.device, precision=args.precision)
     except (ModelLoadError, ValueError) as exc:
         raise BuildError(str(exc)) from exc
+    workers = default_workers() if args.workers is None else args.workers
+    print(f"encoding on {encoder.device.type} in {encoder.precision}, {workers} decoding processes")
     with tqdm(total=len(keys), unit="img", disable=args.quiet, file=sys.stderr) as progress:
         records, vectors, skipped = embed_local(
-            source, keys, encoder.spec, encoder.encode_pixels, args.batch_size, args.workers, progress.update
+            source, keys, encoder.spec, encoder.encode_pixels, args.batch_size, workers, progress.update
         )
     return finish_build(
         out=out,
