@@ -1,9 +1,10 @@
 """The cluster build: a Ray Data pipeline, `--engine ray`.
 
     read_binary_files(paths, include_paths=True)        read tasks (local folder or s3://)
-      -> map_batches(decode_batch)                       CPU tasks: decode + resize/crop; bad files marked
+      -> map_batches(decode_batch)                       CPU tasks of DECODE_BATCH files, spread over the
+                                                         cluster's cores: decode + resize/crop; bad files marked
       -> map_batches(EncoderActor, ActorPoolStrategy)    CLIP image tower, on a GPU per actor when the
-                                                         cluster has GPUs
+                                                         cluster has GPUs; receives uint8 crops only
       -> collected on the driver, sorted like `discover_images`, published by `finish_build`
 
 The artifact is the one the local engine writes (same records, same order, same vectors up to float
@@ -26,11 +27,17 @@ import numpy as np
 from image_search.artifact import sha256_hex
 from image_search.errors import ClientError
 from image_search.manifest import ImageRecord
+from image_search.precision import ResolvedPrecision, host_cpu_flags, resolve_precision
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import LocalStore, S3Store, Store
 from index_builder.build import BuildError, BuildReport, finish_build, open_collection
 
 Batch = dict[str, np.ndarray]
+
+# Files per decode task: small, so decoding spreads over every CPU of the cluster (one core does
+# ~300 photos/s, a GPU actor embeds thousands) instead of a few large tasks; Ray Data re-batches
+# the crops to --batch-size for the encoder actors.
+DECODE_BATCH = 16
 
 
 def read_root(store: Store) -> str:
@@ -102,8 +109,10 @@ class EncoderActor:
         count = len(batch["key"])
         good = np.array([not error for error in batch["error"]], dtype=bool)
         vectors = np.zeros((count, self.encoder.embedding_dim), dtype=np.float32)
-        if good.any():
-            vectors[good] = self.encoder.encode_pixels(np.ascontiguousarray(batch["pixels"][good]))
+        if good.all():  # the usual case: the crops go to the encoder as they arrived, uncopied
+            vectors[:] = self.encoder.encode_pixels(batch["pixels"])
+        elif good.any():
+            vectors[good] = self.encoder.encode_pixels(batch["pixels"][good])
         return {
             "key": batch["key"],
             "size": batch["size"],
@@ -114,15 +123,22 @@ class EncoderActor:
         }
 
 
-def plan_device(device: str, precision: str, cluster_gpus: float) -> tuple[str, int]:
-    """(the encoder's device, GPUs per actor). `auto` uses GPUs when the cluster has any now."""
+def plan_device(
+    device: str, precision: str, cluster_gpus: float, cpu_flags: frozenset[str]
+) -> tuple[str, int, ResolvedPrecision]:
+    """(the encoder's device, GPUs per actor, the precision that runs). `auto` uses GPUs when the cluster has any now.
+
+    The precision is resolved here, once, so every actor runs the same one and the driver can
+    report it; on CPU actors `auto` follows the driver's CPU flags (a cluster of one node type).
+    """
     use_gpu = device == "cuda" or (device == "auto" and cluster_gpus >= 1)
     if device == "cuda" and cluster_gpus < 1:
         # An autoscaling cluster adds GPU nodes for the actors' requests; a fixed one waits for them.
         print("index_builder: --device cuda: no GPU in the Ray cluster yet; waiting for one", file=sys.stderr)
     if precision == "fp16" and not use_gpu:
-        raise BuildError("--precision fp16 needs a GPU and the Ray cluster has none; use fp32 or bf16")
-    return ("cuda", 1) if use_gpu else ("cpu", 0)
+        raise BuildError("--precision fp16 needs a GPU and the Ray cluster has none; use auto, fp32 or bf16")
+    device_type, gpus = ("cuda", 1) if use_gpu else ("cpu", 0)
+    return device_type, gpus, resolve_precision(precision, device_type, cpu_flags)
 
 
 def load_spec(model: str) -> PreprocessSpec:
@@ -178,22 +194,26 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         ray.init(address=args.ray_address)  # None: a local Ray; "auto": the running cluster
         started_ray = True
     try:
-        device, gpus = plan_device(args.device, args.precision, ray.cluster_resources().get("GPU", 0))
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        device, gpus, precision = plan_device(args.device, args.precision, cluster_gpus, host_cpu_flags())
+        print(f"encoding on {device} in {precision}, {args.actors} encoder actors")
         ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
         dataset = (
             ray.data.read_binary_files([read_path(source, key) for key in keys], include_paths=True)
-            .map_batches(partial(decode_batch, root=root, spec=spec), batch_size=args.batch_size)
+            .map_batches(partial(decode_batch, root=root, spec=spec), batch_size=DECODE_BATCH, num_cpus=1)
             .map_batches(
                 EncoderActor,
                 fn_constructor_kwargs={
                     "model": args.model,
                     "device": device,
-                    "precision": args.precision,
+                    "precision": precision,
                     "spec": spec,
                 },
                 compute=ray.data.ActorPoolStrategy(size=args.actors),
                 batch_size=args.batch_size,
                 num_gpus=gpus,
+                # The actor only reads the crops: no defensive copy of each batch.
+                zero_copy_batch=True,
             )
             .select_columns(["key", "size", "sha256", "error", "vector", "fingerprint"])
         )

@@ -39,7 +39,8 @@ class EmbedderOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    precision: Precision = "fp32"
+    # auto: fp16 on a GPU, bf16 on a CPU with native bf16, fp32 otherwise (image_search/precision.py).
+    precision: Precision = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # None: torch keeps the thread count Ray gave the replica (OMP_NUM_THREADS = its CPU share).
     num_threads: int | None = Field(default=None, ge=1)

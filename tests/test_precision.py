@@ -72,3 +72,29 @@ def test_fp16_on_cpu_is_refused_with_the_fix() -> None:
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         resolve_precision("fp8", "cuda", frozenset())
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "gpus", "flags", "expected"),
+    [
+        ("auto", "auto", 2.0, NO_BF16, ("cuda", 1, "fp16")),
+        ("auto", "auto", 0.0, AMX, ("cpu", 0, "bf16")),
+        ("auto", "auto", 0.0, NO_BF16, ("cpu", 0, "fp32")),
+        ("cpu", "auto", 4.0, NO_BF16, ("cpu", 0, "fp32")),
+        ("cuda", "bf16", 1.0, NO_BF16, ("cuda", 1, "bf16")),
+    ],
+)
+def test_ray_engine_resolves_device_and_precision_once_on_the_driver(
+    device: str, precision: str, gpus: float, flags: frozenset[str], expected: tuple[str, int, str]
+) -> None:
+    from index_builder.ray_engine import plan_device
+
+    assert plan_device(device, precision, gpus, flags) == expected
+
+
+def test_ray_engine_refuses_fp16_without_a_gpu() -> None:
+    from index_builder.build import BuildError
+    from index_builder.ray_engine import plan_device
+
+    with pytest.raises(BuildError, match="fp16 needs a GPU"):
+        plan_device("auto", "fp16", 0.0, AMX)

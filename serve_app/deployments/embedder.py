@@ -76,9 +76,10 @@ class Embedder:
         )
         logger.addFilter(DropBatchCapacityWarning())
         logger.info(
-            "Embedder ready: %s on %s, %s, %d threads",
+            "Embedder ready: %s on %s, precision %s (asked: %s), %d threads",
             model,
             self.encoder.device,
+            self.encoder.precision,
             options.precision,
             self.threads,
         )
@@ -93,7 +94,13 @@ class Embedder:
 
     def identity(self) -> dict[str, Any]:
         identity = self.encoder.identity
-        return {"model": identity.name, "embedding_dim": identity.embedding_dim, "fingerprint": identity.fingerprint}
+        return {
+            "model": identity.name,
+            "embedding_dim": identity.embedding_dim,
+            "fingerprint": identity.fingerprint,
+            # What runs ("auto" resolved on this replica's hardware), for /info.
+            "precision": self.encoder.precision,
+        }
 
     def batch_size_counts(self) -> dict[int, int]:
         """How many forward passes of each batch size this replica ran (tests and operators observe batching here)."""

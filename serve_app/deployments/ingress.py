@@ -133,6 +133,7 @@ class Ingress:
             preprocessing=input_spec,
         )
         self.spec = PreprocessSpec.from_dict(input_spec)
+        self.precision = identity["precision"]  # what the Embedder runs, "auto" resolved
         self.thumbnails = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
         self.metrics = IngressMetrics()
 
@@ -178,6 +179,7 @@ class Ingress:
             {
                 "model": self.manifest.model,
                 "embedding_dim": self.manifest.embedding_dim,
+                "precision": self.precision,
                 "index_size": self.manifest.count,
                 "index_version": self.index_version,
                 "index_type": self.manifest.index.get("factory"),
