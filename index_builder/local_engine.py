@@ -11,6 +11,7 @@ is 150 KB: 4 batches of 256 are 600 MB only at --batch-size 256 on 16 cores, 40 
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections import deque
@@ -22,7 +23,6 @@ from itertools import islice
 
 import numpy as np
 
-from image_search.artifact import sha256_hex
 from image_search.errors import ClientError
 from image_search.manifest import ImageRecord
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
@@ -56,10 +56,13 @@ def prepare_one(store: Store, key: str, spec: PreprocessSpec) -> Prepared:
         pixels = pixels_from_bytes(data, spec, filename=key)
     except (ClientError, StoreError) as exc:
         return Prepared(key, None, None, str(exc))
-    record = ImageRecord(path=key, size=len(data), sha256=sha256_hex(data))
+    record = ImageRecord(path=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     return Prepared(key, record, pixels, None)
 
 
+# This module is what a worker process imports (with the main module, see benchmarks/gpu.py): it
+# stays free of torch and faiss, so a pool starts in a fraction of a second.
+#
 # Each worker process opens the store once (an S3 client does not pickle, and making one per
 # task would cost more than the task).
 _worker_store: Store | None = None
