@@ -1,13 +1,15 @@
 """Index builder end to end (`index_builder.cli.main`, local engine) vs the forward-pass ceiling.
 
-Writes ~200 photo-like 640x480 JPEGs once, then alternates, in this process: the fp32 batch-32
-forward pass of the same ViT-B/32-sized checkpoint (the ceiling at the builder's batch size) and a
-full build with `--batch-size 32` (discover, read, decode + crop in 2 threads, embed, train/add, publish).
+Writes ~200 photo-like 640x480 JPEGs once, then alternates, in this process: the batch-32 forward
+pass of the same ViT-B/32-sized checkpoint in the build's precision (`--precision`, default auto:
+bf16 on a CPU with native bf16, else fp32), the ceiling at the builder's batch size, and a full
+build with `--batch-size 32` (discover, read, decode + crop in the worker processes, embed,
+train/add, publish).
 
 The build's wall time includes loading the model (~1-3 s), which the ceiling does not; the table
 shows the ratio with and without it (model load timed separately in the same round).
 
-    .venv/bin/python -m benchmarks.build_throughput [--quick] [--images N] [--rounds N]
+    .venv/bin/python -m benchmarks.build_throughput [--quick] [--images N] [--rounds N] [--precision P]
 """
 
 from __future__ import annotations
@@ -17,27 +19,21 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from image_search.encoder import ClipImageEncoder
 
-from benchmarks.common import (
-    CACHE_DIR,
-    forward_seconds,
-    machine_note,
-    median,
-    print_table,
-    verdict,
-    vit_b32_checkpoint,
-    write_photo_folder,
-)
-from image_search.encoder import ClipImageEncoder
-from index_builder.cli import main as build_main
+# torch, transformers and the benchmark helpers are imported inside main(): the builder's decoding
+# processes import this (main) module when they start, and must not pay for torch.
 
 RATIO_TARGET = 0.9
 BATCH = 32
 
 
 def ceiling_img_s(encoder: ClipImageEncoder, calls: int = 3) -> float:
+    from benchmarks.common import forward_seconds
+
     return BATCH / forward_seconds(encoder, BATCH, calls)
 
 
@@ -46,7 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="96 images, one round")
     parser.add_argument("--images", type=int, default=None, help="collection size (default 200)")
     parser.add_argument("--rounds", type=int, default=None, help="(ceiling, build) pairs (default 2)")
+    parser.add_argument("--precision", default="auto", help="the build's --precision, and the ceiling's")
+    parser.add_argument("--workers", default=None, help="the build's --workers (default: its own default)")
     args = parser.parse_args(argv)
+    import torch
+
+    from benchmarks.common import (
+        CACHE_DIR,
+        machine_note,
+        median,
+        print_table,
+        verdict,
+        vit_b32_checkpoint,
+        write_photo_folder,
+    )
+    from image_search.encoder import ClipImageEncoder
+    from index_builder.cli import main as build_main
+    from index_builder.local_engine import default_workers
+
     count = args.images or (96 if args.quick else 200)
     rounds = args.rounds or (1 if args.quick else 2)
     print(
@@ -56,20 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = vit_b32_checkpoint()
     images = CACHE_DIR / f"photos-{count}"
     write_photo_folder(images, count)
-    encoder = ClipImageEncoder(str(model_dir), device="cpu", precision="fp32")
+    encoder = ClipImageEncoder(str(model_dir), device="cpu", precision=args.precision)
+    workers = default_workers() if args.workers is None else int(args.workers)
+    print(f"precision {encoder.precision}, {workers} decoding processes", flush=True)
 
     rows = []
     ratios, ratios_steady = [], []
     for round_index in range(rounds):
         ceiling = ceiling_img_s(encoder)
         started = time.perf_counter()
-        ClipImageEncoder(str(model_dir), device="cpu", precision="fp32")
+        ClipImageEncoder(str(model_dir), device="cpu", precision=args.precision)
         load_s = time.perf_counter() - started
         out = Path(tempfile.mkdtemp(prefix="build-", dir=CACHE_DIR))
         try:
             started = time.perf_counter()
             argv_build = ["--images", str(images), "--out", str(out), "--model", str(model_dir)]
-            code = build_main([*argv_build, "--batch-size", str(BATCH), "--quiet"])
+            options = ["--batch-size", str(BATCH), "--precision", args.precision, "--workers", str(workers)]
+            code = build_main([*argv_build, *options, "--quiet"])
             build_s = time.perf_counter() - started
         finally:
             shutil.rmtree(out, ignore_errors=True)
@@ -83,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             [round_index + 1, ceiling, build_s, load_s, build_img_s, steady_img_s, ratios[-1], ratios_steady[-1]]
         )
     print_table(
-        f"Index build, {count} x 640x480 JPEG, --batch-size {BATCH}, local engine, 2 decode workers",
+        f"Index build, {count} x 640x480 JPEG, --batch-size {BATCH}, {encoder.precision}, local engine, "
+        f"{workers} decoding processes",
         [
             "round",
-            "ceiling img/s (fp32 b32)",
+            f"ceiling img/s ({encoder.precision} b32)",
             "build s",
             "model load s",
             "build img/s",

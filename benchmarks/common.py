@@ -78,15 +78,17 @@ def time_call(function: Callable[[], object], repeats: int, warmup: int = 1) -> 
 
 
 def forward_seconds(encoder: ClipImageEncoder, batch: int, calls: int) -> float:
-    """Median seconds of the plain transformers forward pass on `batch` random crops (after one warm-up)."""
+    """Median seconds of the plain transformers forward pass on `batch` random crops (after one warm-up), on CPU."""
     import torch
 
     from image_search.preprocessing import normalize_batch
 
     pixels = np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     tensor = torch.from_numpy(normalize_batch(pixels, encoder.spec))
+    # In the encoder's precision (bf16: autocast, as encode_pixels runs it).
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=encoder.precision == "bf16")
     samples = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         encoder.model(pixel_values=tensor)
         for _ in range(calls):
             started = time.perf_counter()

@@ -18,7 +18,13 @@ real config path (import_path + args + deployment overrides), so it is the most 
 Baselines measured in the same run, in this process while Serve is idle, between rounds:
 the fp32 batch-32 forward pass (the throughput ceiling) and the fp32 batch-1 forward pass (latency).
 
-    .venv/bin/python -m benchmarks.served [--quick] [--duration S] [--rounds N]
+Also printed: `top`-style %CPU per process role at 16 clients (Ingress, Embedder, Searchers, proxy,
+controller, raylet, GCS, dashboard, this client), sampled from /proc over this run's own process
+tree (benchmarks/proc_cpu.py), and the Ingress's CPU milliseconds per request. `--profile-ingress`
+adds where the Ingress's CPU goes, by function (py-spy on the replica during the first 16-client
+level). `--precision` sets embedder.precision (default: the config's, auto); the ceiling stays fp32.
+
+    .venv/bin/python -m benchmarks.served [--quick] [--duration S] [--rounds N] [--precision P] [--profile-ingress]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import asyncio
 import copy
 import os
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -37,6 +44,7 @@ import aiohttp
 import torch
 import yaml
 
+from benchmarks import proc_cpu, stacks
 from benchmarks.common import (
     forward_seconds,
     machine_note,
@@ -81,6 +89,7 @@ def deploy_config(
     embedder_threads: int = 2,
     omp_wait_policy: str | None = None,
     batch_wait_s: float | None = None,
+    precision: str | None = None,
 ) -> Any:
     """serve_config.yaml with our model/index and the given Embedder batch size."""
     from ray.serve.schema import ServeDeploySchema
@@ -92,6 +101,8 @@ def deploy_config(
     app["args"]["model"] = str(model_dir)
     app["args"]["index"] = str(index_dir)
     app["args"].setdefault("embedder", {})["num_threads"] = embedder_threads
+    if precision is not None:
+        app["args"]["embedder"]["precision"] = precision
     for deployment in app["deployments"]:
         if deployment["name"] == "Embedder":
             deployment["user_config"] = {**deployment.get("user_config", {}), "max_batch_size": max_batch_size}
@@ -141,14 +152,14 @@ async def drive(base_url: str, jpegs: list[bytes], clients: int, duration_s: flo
     Requests in flight at the deadline are awaited (bounded by the client timeout) for their latency.
     """
     latencies: list[float] = []
-    errors = completed = 0
+    errors = completed = answered = 0
     measuring_from = time.monotonic() + warmup_s
     deadline = measuring_from + duration_s
     timeout = aiohttp.ClientTimeout(total=120)
     connector = aiohttp.TCPConnector(limit=clients)
 
     async def client(session: aiohttp.ClientSession, offset: int) -> None:
-        nonlocal errors, completed
+        nonlocal errors, completed, answered
         sent = offset
         while time.monotonic() < deadline:
             form = aiohttp.FormData()
@@ -159,6 +170,7 @@ async def drive(base_url: str, jpegs: list[bytes], clients: int, duration_s: flo
                 await response.read()
                 ok = response.status == 200
             finished = time.monotonic()
+            answered += ok
             if not ok:
                 errors += started >= measuring_from
             elif measuring_from <= finished <= deadline:
@@ -174,6 +186,7 @@ async def drive(base_url: str, jpegs: list[bytes], clients: int, duration_s: flo
         "p95_ms": 1000 * percentile(latencies, 95),
         "count": len(latencies),
         "errors": errors,
+        "answered": answered,  # every 200, warm-up and tail included (what the CPU samples cover)
     }
 
 
@@ -185,6 +198,57 @@ def mean_batch(before: dict[int, int], after: dict[int, int]) -> float:
     batches = sum(after.get(size, 0) - before.get(size, 0) for size in after)
     images = sum(size * (after.get(size, 0) - before.get(size, 0)) for size in after)
     return images / batches if batches else float("nan")
+
+
+def start_ingress_profile(now: proc_cpu.Sample, seconds: float, work: Path) -> tuple[Any, Path] | None:
+    """py-spy recording the (first) Ingress replica of this run for `seconds`, or None."""
+    pids = sorted(pid for pid, role in now.roles.items() if role == "Ingress")
+    out = work / "ingress.stacks"
+    process = stacks.record(pids[0], seconds, out) if pids else None
+    if process is None:
+        print("profile: no Ingress process or no py-spy; skipped", flush=True)
+        return None
+    return process, out
+
+
+def print_profile(process: Any, out: Path, top: int = 40) -> None:
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        print("profile: py-spy did not finish", flush=True)
+        return
+    if not out.is_file():
+        print(f"profile: py-spy wrote nothing (exit {process.returncode})", flush=True)
+        return
+    total, shares = stacks.inclusive_shares(stacks.parse_collapsed(out.read_text()))
+    print_table(
+        f"Ingress CPU at 16 clients by function (py-spy, {total} samples of busy threads; inclusive share)",
+        ["function (file:line)", "share"],
+        [[frame[:110], share] for frame, share in shares[:top]],
+    )
+
+
+def print_cpu_table(results: dict[tuple[str, int], list[dict[str, Any]]], variants: list[str], clients: int) -> None:
+    """`top`-style %CPU per process role at one client level (median over rounds), and the Ingress's CPU per request."""
+    roles = sorted({role for name in variants for run in results[(name, clients)] for role in run["cpu"]})
+    rows = []
+    for role in roles:
+        shares = [median([run["cpu"].get(role, 0.0) for run in results[(name, clients)]]) for name in variants]
+        rows.append([role, *shares])
+    per_request = []
+    for name in variants:
+        runs = results[(name, clients)]
+        # Ingress CPU seconds over every answered request of the level (warm-up and tail included).
+        per_request.append(
+            median([10 * run["cpu"].get("Ingress", 0.0) * run["cpu_s"] / max(run["answered"], 1) for run in runs])
+        )
+    rows.append(["Ingress CPU ms per request", *per_request])
+    print_table(
+        f"CPU per process role at {clients} clients (% of one core, from /proc, this run's process tree only)",
+        ["role", *variants],
+        rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait", type=float, default=None, help="batch_wait_timeout_s (default: the config's)")
     parser.add_argument("--embedder-threads", type=int, default=2, help="embedder.num_threads (default 2)")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched variant (16 or 32)")
+    parser.add_argument(
+        "--profile-ingress",
+        action="store_true",
+        help="py-spy the Ingress during the first 16-client level and print where its CPU goes",
+    )
+    parser.add_argument(
+        "--precision", default=None, help="embedder.precision (default: serve_config.yaml's, auto); the ceiling is fp32"
+    )
     args = parser.parse_args(argv)
     duration = args.duration or (8.0 if args.quick else 15.0)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -243,12 +315,20 @@ def main(argv: list[str] | None = None) -> int:
         apply(
             client,
             deploy_config(
-                model_dir, index_dir, port, args.batch, args.embedder_threads, args.omp_wait_policy, args.batch_wait
+                model_dir,
+                index_dir,
+                port,
+                args.batch,
+                args.embedder_threads,
+                args.omp_wait_policy,
+                args.batch_wait,
+                args.precision,
             ),
         )
         asyncio.run(wait_ready(base_url))
         print(f"deployed in {time.monotonic() - started:.0f}s", flush=True)
         embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+        profiled = False
         for round_index in range(rounds):
             names = list(variants) if round_index % 2 == 0 else list(variants)[::-1]
             for name in names:
@@ -262,12 +342,24 @@ def main(argv: list[str] | None = None) -> int:
                         args.embedder_threads,
                         args.omp_wait_policy,
                         args.batch_wait,
+                        args.precision,
                     ),
                 )
                 asyncio.run(wait_ready(base_url))
                 for clients in CONCURRENCY:
                     before = batch_counts(embedder)
+                    cpu_before, cpu_started = proc_cpu.sample(), time.monotonic()
+                    profile = None
+                    if args.profile_ingress and clients == 16 and not profiled:
+                        profile = start_ingress_profile(cpu_before, warmup + duration, work)
+                        profiled = True
                     result = asyncio.run(drive(base_url, jpegs, clients, duration, warmup))
+                    if profile is not None:
+                        print_profile(*profile)
+                    result["cpu"] = proc_cpu.cpu_percent_by_role(
+                        cpu_before, proc_cpu.sample(), time.monotonic() - cpu_started, proc_cpu.ticks_per_second()
+                    )
+                    result["cpu_s"] = time.monotonic() - cpu_started
                     result["mean_batch"] = mean_batch(before, batch_counts(embedder))
                     results[(name, clients)].append(result)
                     print(
@@ -306,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         ["Embedder batching", "clients", "img/s", "vs ceiling", "p50 ms", "p95 ms", "mean batch", "errors"],
         rows,
     )
+    print_cpu_table(results, list(variants), 16)
     batched = f"max_batch_size {args.batch}"
 
     def img_s(name: str, clients: int) -> float:
