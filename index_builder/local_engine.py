@@ -136,14 +136,14 @@ def embed_local(
     store: Store,
     keys: Sequence[str],
     spec: PreprocessSpec,
-    encode: Callable[[np.ndarray], np.ndarray],
+    encode: Callable[[list[np.ndarray]], np.ndarray],
     batch_size: int,
     workers: int = 2,
     on_progress: Callable[[int], None] = lambda n: None,
 ) -> tuple[list[ImageRecord], np.ndarray, list[tuple[str, str]]]:
     """Embed `keys` in order; returns the records and vectors of the good ones and the skipped ones.
 
-    `workers` decoding processes (0: decode in this process); `encode` takes (N, H, W, 3) uint8.
+    `workers` decoding processes (0: decode in this process); `encode` takes a list of (H, W, 3) uint8 crops.
     """
     records: list[ImageRecord] = []
     vectors: list[np.ndarray] = []
@@ -154,7 +154,8 @@ def embed_local(
             good = [item for item in current if item.pixels is not None]
             skipped.extend((item.key, item.error or "unreadable") for item in current if item.pixels is None)
             if good:
-                vectors.append(encode(np.stack([item.pixels for item in good if item.pixels is not None])))
+                # The crops as a list: the encoder stacks them once, straight into its (pinned) input buffer.
+                vectors.append(encode([item.pixels for item in good if item.pixels is not None]))
                 records.extend(item.record for item in good if item.record is not None)
             on_progress(len(current))
     dim_vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
