@@ -48,16 +48,18 @@ def run_local(args: argparse.Namespace) -> BuildReport:
     from tqdm import tqdm
 
     from image_search.encoder import ClipImageEncoder, ModelLoadError
-    from index_builder.local_engine import default_workers, embed_local
+    from index_builder.local_engine import default_workers, embed_local, start_workers_early
 
     started = time.perf_counter()
     collection = open_collection(args.images, args.out)
     source, out, keys = collection.source, collection.out, collection.keys
+    workers = default_workers() if args.workers is None else args.workers
+    if workers:
+        start_workers_early()  # the decoding pool's server starts while the model loads
     try:
         encoder = ClipImageEncoder(args.model, device=args.device, precision=args.precision)
     except (ModelLoadError, ValueError) as exc:
         raise BuildError(str(exc)) from exc
-    workers = default_workers() if args.workers is None else args.workers
     print(f"encoding on {encoder.device.type} in {encoder.precision}, {workers} decoding processes")
     with tqdm(total=len(keys), unit="img", disable=args.quiet, file=sys.stderr) as progress:
         records, vectors, skipped = embed_local(
