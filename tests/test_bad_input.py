@@ -13,16 +13,14 @@ import requests
 from PIL import Image
 
 from tests import images
-from tests.support import synthetic_image
+from tests.support import post_search, synthetic_image
 
 MAX_FILE_BYTES = 2_000_000
 MAX_REQUEST_BYTES = 6_000_000
 MAX_FILES = 8
 
 
-def post(base_url: str, files: list[tuple[str, bytes]], params: dict | None = None) -> requests.Response:
-    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
-    return requests.post(f"{base_url}/search", files=parts, params=params, timeout=60)
+post = post_search
 
 
 def assert_error(response: requests.Response, status: int, code: str, filename: str | None = None) -> None:
@@ -139,9 +137,30 @@ def test_one_bad_file_among_good_ones(serve_base_url: str, indexed_images: list[
     assert bad["error"] == {"code": "not_an_image", "message": bad["error"]["message"], "filename": "broken.jpg"}
 
 
-def test_every_file_bad_gives_first_failure(serve_base_url: str) -> None:
-    response = post(serve_base_url, [("a.txt", b""), ("b.jpg", b"junk")])
+def test_every_file_bad_gives_first_failure_and_each_files_error(serve_base_url: str) -> None:
+    response = post(
+        serve_base_url, [("a.txt", b""), ("b.jpg", b"junk"), ("c.png", images.padded_png(MAX_FILE_BYTES + 1))]
+    )
     assert_error(response, 400, "empty_file", filename="a.txt")
+    results = response.json()["results"]
+    assert [(r["filename"], r["error"]["code"]) for r in results] == [
+        ("a.txt", "empty_file"),
+        ("b.jpg", "not_an_image"),
+        ("c.png", "file_too_large"),
+    ]
+
+
+def test_a_file_over_the_size_limit_beside_a_good_one_is_a_per_file_error(
+    serve_base_url: str, indexed_images: list[Path]
+) -> None:
+    good = indexed_images[3]
+    response = post(
+        serve_base_url, [("big.png", images.padded_png(MAX_FILE_BYTES + 1)), (good.name, good.read_bytes())]
+    )
+    assert response.status_code == 200, response.text
+    big, answered = response.json()["results"]
+    assert big["error"]["code"] == "file_too_large" and "1.91 MB" in big["error"]["message"]
+    assert answered["matches"][0]["id"] == 3
 
 
 def test_too_many_files(serve_base_url: str) -> None:
