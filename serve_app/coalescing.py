@@ -83,6 +83,10 @@ class ForwardCoalescer:
             size += len(item.arrays)
         return [item for item in group if not item.future.done()]  # callers that gave up
 
+    def queued(self) -> int:
+        """Submissions waiting for a forward pass."""
+        return len(self.pending)
+
     def _pending_size(self) -> int:
         return sum(len(item.arrays) for item in self.pending)
 

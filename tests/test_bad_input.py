@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests import images
@@ -235,3 +238,18 @@ def test_unknown_route_and_wrong_method_are_json(serve_base_url: str) -> None:
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     response = requests.get(f"{serve_base_url}/search", timeout=30)
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.text(max_size=24))
+def test_any_text_as_k_image_id_or_size_is_a_4xx_or_an_answer(serve_base_url: str, raw: str) -> None:
+    small = images.jpeg(1, (32, 32))
+    responses = [
+        post(serve_base_url, [("a.jpg", small)], params={"k": raw}),
+        requests.get(f"{serve_base_url}/images/{quote(raw, safe='')}", timeout=30),
+        requests.get(f"{serve_base_url}/images/0", params={"size": raw}, timeout=30),
+    ]
+    for response in responses:
+        assert response.status_code < 500, (raw, response.status_code, response.text[:200])
+        if response.status_code >= 400:
+            assert response.json()["error"]["code"], response.text

@@ -156,3 +156,23 @@ def test_thumbnail_sizes_outside_the_list_are_422(serve_base_url: str, size: str
     response = requests.get(f"{serve_base_url}/images/0", params={"size": size}, timeout=30)
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_size"
+
+
+def test_an_indexed_image_that_no_longer_reads_is_a_server_fault(
+    serve_base_url: str, indexed_images: list[Path]
+) -> None:
+    """Our own data's problem: 500 `indexed_image_unreadable`, never a 4xx as if the client had sent it."""
+    image_id = len(indexed_images) - 1  # size 512 of the last image: no other test has it in the cache
+    path = indexed_images[image_id]
+    original = path.read_bytes()
+    try:
+        path.write_bytes(b"no longer an image")
+        thumbnail = requests.get(f"{serve_base_url}/images/{image_id}", params={"size": 512}, timeout=30)
+        path.unlink()
+        full = requests.get(f"{serve_base_url}/images/{image_id}", timeout=30)
+    finally:
+        path.write_bytes(original)
+    for response in (thumbnail, full):
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["code"] == "indexed_image_unreadable"
+        assert str(path.parent) not in response.text

@@ -109,6 +109,10 @@ class Embedder:
         """
         return dict(self.batch_sizes)
 
+    async def queued_requests(self) -> int:
+        """Requests waiting for a forward pass (not counting the one running): how far behind the model is."""
+        return self.coalescer.queued()
+
     def replica_pid(self) -> int:
         """The replica's process id, for operators (and fault tests) that need to find it."""
         return os.getpid()
