@@ -90,6 +90,7 @@ def deploy_config(
     omp_wait_policy: str | None = None,
     batch_wait_s: float | None = None,
     precision: str | None = None,
+    env_vars: dict[str, str] | None = None,
 ) -> Any:
     """serve_config.yaml with our model/index and the given Embedder batch size."""
     from ray.serve.schema import ServeDeploySchema
@@ -103,6 +104,8 @@ def deploy_config(
     app["args"].setdefault("embedder", {})["num_threads"] = embedder_threads
     if precision is not None:
         app["args"]["embedder"]["precision"] = precision
+    if env_vars:
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
     for deployment in app["deployments"]:
         if deployment["name"] == "Embedder":
             deployment["user_config"] = {**deployment.get("user_config", {}), "max_batch_size": max_batch_size}
@@ -266,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedder-threads", type=int, default=2, help="embedder.num_threads (default 2)")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched variant (16 or 32)")
     parser.add_argument(
+        "--serve-same-loop",
+        action="store_true",
+        help="replicas run user code and the handle router on their main event loop (two Ray 2.60 switches)",
+    )
+    parser.add_argument(
         "--profile-ingress",
         action="store_true",
         help="py-spy the Ingress during the first 16-client level and print where its CPU goes",
@@ -283,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     # machine shared with other work that starves the app against this non-niced process and its
     # ceiling baseline, so the ratios would measure the scheduler, not Serve. Same priority for all:
     os.environ.setdefault("RAY_worker_niceness", str(args.worker_niceness))
+    # Ray 2.60 runs each replica's user code, and its handles' router, on event loops in threads
+    # of their own; the profile of the Ingress shows the hops between them (see README).
+    env_vars = (
+        {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+        if args.serve_same_loop
+        else {}
+    )
+    os.environ.update(env_vars)
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -323,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.omp_wait_policy,
                 args.batch_wait,
                 args.precision,
+                env_vars,
             ),
         )
         asyncio.run(wait_ready(base_url))
@@ -343,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.omp_wait_policy,
                         args.batch_wait,
                         args.precision,
+                        env_vars,
                     ),
                 )
                 asyncio.run(wait_ready(base_url))
