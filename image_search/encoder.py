@@ -139,6 +139,7 @@ class ClipImageEncoder:
         """The uint8 crops as a tensor on the model's device: asynchronous from pinned memory on a GPU."""
         if self.staging is None:
             check_crops(pixels)
-            batch = pixels if isinstance(pixels, np.ndarray) else np.stack(pixels)
-            return torch.from_numpy(np.ascontiguousarray(batch))
+            batch = np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else np.stack(pixels)
+            # torch cannot wrap a read-only array (Ray Data's zero-copy batches) without a warning.
+            return torch.from_numpy(batch if batch.flags.writeable else batch.copy())
         return self.staging.stage(pixels).to(self.device, non_blocking=True)

@@ -85,3 +85,15 @@ def test_encoder_reports_the_precision_that_runs(tiny_model_dir: Path) -> None:
     assert encoder.precision == resolve_precision("auto", "cpu", host_cpu_flags())
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         ClipImageEncoder(str(tiny_model_dir), device="cpu", precision="fp16")
+
+
+def test_encoder_takes_read_only_batches_without_a_warning(tiny_model_dir: Path) -> None:
+    import warnings
+
+    encoder = ClipImageEncoder(str(tiny_model_dir), device="cpu", precision="fp32")
+    pixels = crops(2, seed=9)
+    expected = encoder.encode_pixels(pixels)
+    pixels.flags.writeable = False  # as Ray Data hands zero-copy batches to the encoder actors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(encoder.encode_pixels(pixels), expected)
