@@ -292,13 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     # ceiling baseline, so the ratios would measure the scheduler, not Serve. Same priority for all:
     os.environ.setdefault("RAY_worker_niceness", str(args.worker_niceness))
     # Ray 2.60 runs each replica's user code, and its handles' router, on event loops in threads
-    # of their own; the profile of the Ingress shows the hops between them (see README).
+    # of their own; the profile of the Ingress shows the hops between them (see README). Set for
+    # the app's replicas only: this driver's own handle calls (.result(), no event loop) need the
+    # separate router loop.
     env_vars = (
         {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
         if args.serve_same_loop
         else {}
     )
-    os.environ.update(env_vars)
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client

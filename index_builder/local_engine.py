@@ -5,8 +5,9 @@ few cores (the GIL around Pillow's Python-level work: 16 threads reached 1,830 i
 processes reached 4,500, issue 10), far below what a GPU embeds. So the crops are made by a pool of
 processes (default: all cores but one, which is left to the model's thread), in chunks of a few
 images (one round trip per chunk, not per image), and handed to the model in collection order.
-At most `batches_ahead` batches are in flight at any time, which bounds the memory (a 224x224 crop
-is 150 KB: 4 batches of 256 are 600 MB only at --batch-size 256 on 16 cores, 40 MB at the defaults).
+At most BATCHES_AHEAD batches beyond the one being embedded are submitted or waiting, which bounds
+the memory whatever the collection's size (a 224x224 crop is 150 KB: about 4 batches, 150 MB at
+--batch-size 256, 20 MB at the default 32).
 """
 
 from __future__ import annotations
