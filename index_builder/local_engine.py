@@ -69,8 +69,13 @@ def prepare_one(store: Store, key: str, spec: PreprocessSpec) -> Prepared:
 _worker_store: Store | None = None
 
 
-def _open_worker_store(uri: str) -> None:
+def _open_worker_store(uri: str, environment: dict[str, str] | None = None) -> None:
     global _worker_store
+    if environment is not None:
+        # A worker forks from the fork server, which kept the environment of when it started
+        # (maybe an earlier build's); the store must see this build's (AWS_*, endpoint, proxy).
+        os.environ.clear()
+        os.environ.update(environment)
     _worker_store = open_store(uri)
 
 
@@ -109,7 +114,10 @@ def start_workers_early() -> None:
 def _process_pool(store: Store, workers: int) -> Executor:
     context = _pool_context()
     return ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_open_worker_store, initargs=(store.uri,)
+        max_workers=workers,
+        mp_context=context,
+        initializer=_open_worker_store,
+        initargs=(store.uri, dict(os.environ)),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -94,3 +95,15 @@ def test_decoding_runs_at_most_a_window_ahead_and_yields_in_order(
         seen.append(item.key)
         assert store.reads <= consumed + window
     assert seen == keys
+
+
+def test_workers_see_this_builds_environment_not_the_fork_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fork server keeps the environment it started with; S3 settings (AWS_*) set later must still
+    # reach the workers that open the store.
+    local_engine.start_workers_early()
+    monkeypatch.setenv("IMAGE_SEARCH_TEST_MARK", "set after the fork server started")
+    with local_engine._process_pool(LocalStore(tmp_path), 1) as pool:
+        seen = pool.submit(os.getenv, "IMAGE_SEARCH_TEST_MARK").result(timeout=120)
+    assert seen == "set after the fork server started"
