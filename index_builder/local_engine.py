@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -34,6 +36,8 @@ from image_search.storage import Store, StoreError, open_store
 CHUNK_IMAGES = 8
 # Batches prepared or being prepared beyond the one the model is embedding (memory bound).
 BATCHES_AHEAD = 2
+# How often a worker checks that the builder still runs (how long it may outlive a killed one).
+WATCHDOG_PERIOD_S = 1.0
 
 
 def default_workers(cpu_count: int | None = None) -> int:
@@ -69,8 +73,23 @@ def prepare_one(store: Store, key: str, spec: PreprocessSpec) -> Prepared:
 _worker_store: Store | None = None
 
 
-def _open_worker_store(uri: str, environment: dict[str, str] | None = None) -> None:
+def _exit_with(builder_pid: int) -> None:
+    """Ends this worker when the builder is gone (killed, say): a pool worker blocked on its task
+    queue would otherwise wait forever, since it holds that queue's write end itself."""
+    while True:
+        time.sleep(WATCHDOG_PERIOD_S)
+        try:
+            os.kill(builder_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid was reused by someone else's process: ours is gone
+            os._exit(1)
+
+
+def _open_worker_store(uri: str, environment: dict[str, str] | None = None, builder_pid: int | None = None) -> None:
     global _worker_store
+    if builder_pid is not None:
+        threading.Thread(target=_exit_with, args=(builder_pid,), daemon=True, name="builder-watchdog").start()
     if environment is not None:
         # A worker forks from the fork server, which kept the environment of when it started
         # (maybe an earlier build's); the store must see this build's (AWS_*, endpoint, proxy).
@@ -117,7 +136,7 @@ def _process_pool(store: Store, workers: int) -> Executor:
         max_workers=workers,
         mp_context=context,
         initializer=_open_worker_store,
-        initargs=(store.uri, dict(os.environ)),
+        initargs=(store.uri, dict(os.environ), os.getpid()),
     )
 
 

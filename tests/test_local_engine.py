@@ -107,3 +107,42 @@ def test_workers_see_this_builds_environment_not_the_fork_servers(
     with local_engine._process_pool(LocalStore(tmp_path), 1) as pool:
         seen = pool.submit(os.getenv, "IMAGE_SEARCH_TEST_MARK").result(timeout=120)
     assert seen == "set after the fork server started"
+
+
+def test_a_killed_builder_leaves_no_decoding_process_behind(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.proc_cpu import sample
+    from tests.support import write_image_folder
+
+    images = tmp_path / "images"
+    write_image_folder(images, 120)
+    command = [sys.executable, "-m", "index_builder", "--images", str(images), "--out", str(tmp_path / "out")]
+    builder = subprocess.Popen(
+        [*command, "--model", str(tiny_model_dir), "--batch-size", "4", "--workers", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert builder.stderr is not None
+    # Wait (bounded by the builder's own run) until its progress bar shows embedded images: the
+    # pool's workers are up and decoding.
+    text = ""
+    while not re.search(r"\b([1-9]\d*)/120 ", text):
+        char = builder.stderr.read(1)
+        assert char, "the builder ended before embedding anything"
+        text = "" if char in "\r\n" else text + char
+    helpers = set(sample(builder.pid).ticks) - {builder.pid}
+    assert helpers, "the builder started no decoding processes"
+    builder.send_signal(signal.SIGKILL)
+    builder.wait(timeout=60)
+    deadline = time.monotonic() + 30  # the workers' watchdog checks every WATCHDOG_PERIOD_S
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in helpers):
+        time.sleep(0.2)
+    alive = [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
+    for pid in alive:  # do not leak them into the rest of the session if the assertion fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"decoding processes outlived the killed builder: {alive}"
