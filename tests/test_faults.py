@@ -193,6 +193,8 @@ def test_sigkilled_build_leaves_previous_index_serveable(tmp_path: Path, tiny_mo
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     before = (out / "CURRENT").read_text()
 
+    # --full: an unchanged collection would otherwise have nothing to embed (and publish nothing).
+    command.append("--full")
     builder = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert builder.stderr is not None
     # Kill it once its progress bar shows images being embedded (well before it can publish).
