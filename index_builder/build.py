@@ -34,6 +34,7 @@ from image_search.artifact import (
     open_index,
     publish,
     read_current,
+    store_sha256,
     version_folder,
 )
 from image_search.decoding import IMAGE_EXTENSIONS
@@ -152,8 +153,6 @@ def full_rebuild_reason(previous: Manifest, model: ModelInfo) -> str | None:
 
 def hash_keys(store: Store, keys: list[str]) -> dict[str, str]:
     """sha256 of each key's bytes (streamed); a file that cannot be read counts as changed (hash "")."""
-    from image_search.artifact import store_sha256
-
     hashes = {}
     for key in keys:
         try:

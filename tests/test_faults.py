@@ -195,12 +195,16 @@ def test_sigkilled_build_leaves_previous_index_serveable(tmp_path: Path, tiny_mo
 
     # --full: an unchanged collection would otherwise have nothing to embed (and publish nothing).
     command.append("--full")
-    builder = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    builder = subprocess.Popen(command, stderr=subprocess.PIPE)
     assert builder.stderr is not None
-    # Kill it once its progress bar shows images being embedded (well before it can publish).
-    for line in iter(lambda: builder.stderr.readline(), ""):  # type: ignore[union-attr]
-        if "img/s" in line or "img]" in line:
-            break
+    # Kill it once its progress bar shows images being embedded (well before it can publish). Raw
+    # reads: tqdm redraws with \r and ends its line only when done, so readline() would wait for the end.
+    seen = b""
+    while b"img/s" not in seen:
+        chunk = os.read(builder.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    assert b"300/300" not in seen
     builder.send_signal(signal.SIGKILL)
     builder.wait(timeout=60)
     assert builder.returncode == -signal.SIGKILL
