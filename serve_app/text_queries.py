@@ -75,17 +75,20 @@ def decode_utf8(raw: bytes) -> str:
 def text_query(raw: bytes | str, limits: UploadLimits) -> TextQuery:
     """One text field's value (bytes from a form, or a decoded string) as a TextQuery, never raising."""
     if isinstance(raw, bytes):
+        readable = raw[: MAX_ECHO_CHARS * MAX_UTF8_BYTES_PER_CHAR].decode("utf-8", errors="replace")
         if len(raw) > max_text_field_bytes(limits):
             error: ClientError = TextTooLong(f"A text query may have at most {limits.max_text_chars} characters.")
-            return TextQuery(echo(raw[:MAX_ECHO_CHARS].decode("utf-8", errors="replace")), error)
+            return TextQuery(echo(readable), error)
         try:
-            raw = decode_utf8(raw)
+            text = decode_utf8(raw)
         except InvalidText as exc:
-            return TextQuery(echo(raw.decode("utf-8", errors="replace")), exc)
+            return TextQuery(echo(readable), exc)
+    else:
+        text = raw
     try:
-        return TextQuery(clean_text(raw, limits))
+        return TextQuery(clean_text(text, limits))
     except ClientError as exc:
-        return TextQuery(echo(raw), exc)
+        return TextQuery(echo(text), exc)
 
 
 def check_counts(files: int, texts: int, limits: UploadLimits) -> None:
