@@ -88,6 +88,29 @@ def _load_tokenizer(model: str) -> Any:
         raise TextTowerUnavailable(f"checkpoint {model!r} has no usable tokenizer: {exc}") from exc
 
 
+# CLIP text configs written before transformers PR #24773 say eos_token_id 2 whatever the
+# tokenizer uses; the model then takes a text's end to be its highest token id.
+LEGACY_EOS_TOKEN_ID = 2
+
+
+def _check_end_token(model: str, config: Any, tokenizer: Any) -> None:
+    """The text model pools at the end-of-text token; a tokenizer that ends texts with another id
+    would give every query a wrong embedding without any error, so refuse it here."""
+    config_eos = config.eos_token_id
+    if config_eos == LEGACY_EOS_TOKEN_ID:
+        if tokenizer.eos_token_id != len(tokenizer) - 1:
+            raise TextTowerUnavailable(
+                f"checkpoint {model!r}: the text config uses the legacy end-of-text id 2 (pool at the highest "
+                f"id), but the tokenizer's end-of-text id {tokenizer.eos_token_id} is not its highest; "
+                "set text_config.eos_token_id to the tokenizer's eos_token_id"
+            )
+    elif tokenizer.eos_token_id != config_eos:
+        raise TextTowerUnavailable(
+            f"checkpoint {model!r}: the tokenizer ends texts with id {tokenizer.eos_token_id} but the text "
+            f"config's eos_token_id is {config_eos}; save the checkpoint's own tokenizer with it"
+        )
+
+
 class ClipTextEncoder:
     def __init__(self, model: str, device: str = "auto", precision: Precision = "fp32") -> None:
         self.device = pick_device(device)
@@ -101,6 +124,7 @@ class ClipTextEncoder:
                 self.model = CLIPTextModelWithProjection.from_pretrained(model, config=config)
         except (OSError, ValueError) as exc:
             raise TextTowerUnavailable(f"checkpoint {model!r} has no loadable text tower: {exc}") from exc
+        _check_end_token(model, config, self.tokenizer)
         self.model.eval().to(self.device)
         if precision == "fp16":
             self.model.half()

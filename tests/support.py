@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 # The real openai/clip-vit-base-patch32 preprocessor_config.json.
 PREPROCESSOR_CONFIG = {
@@ -67,15 +67,21 @@ def make_clip_checkpoint(folder: Path, sizes: dict = TINY, seed: int = 0, tokeni
     """Save a randomly initialised CLIP checkpoint (weights + preprocessor config + tokenizer) into `folder`.
 
     `tokenizer=False` leaves the tokenizer out: the same weights (same seed), but no text search.
+    Unless `sizes` names them, the text config's start/end ids are the tokenizer's (the model finds
+    a text's end by that id).
     """
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=sizes["text"], vision_config=sizes["vision"], projection_dim=sizes["projection_dim"]
+    text_sizes = dict(sizes["text"])
+    clip_tokenizer = make_clip_tokenizer(
+        text_sizes.get("vocab_size", 49408), max_length=text_sizes.get("max_position_embeddings", 77)
     )
+    text_sizes.setdefault("bos_token_id", clip_tokenizer.bos_token_id)
+    text_sizes.setdefault("eos_token_id", clip_tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=text_sizes, vision_config=sizes["vision"], projection_dim=sizes["projection_dim"])
     CLIPModel(config).save_pretrained(folder)
     (Path(folder) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
     if tokenizer:
-        write_clip_tokenizer(folder, vocab_size=config.text_config.vocab_size)
+        clip_tokenizer.save_pretrained(folder)
     return Path(folder)
 
 
@@ -135,20 +141,17 @@ def learn_merges(words: list[str], count: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_clip_tokenizer(folder: Path, vocab_size: int, max_length: int = 77) -> None:
+def make_clip_tokenizer(vocab_size: int, max_length: int = 77) -> CLIPTokenizer:
     """A byte-level BPE CLIP tokenizer laid out like the real one: 256 bytes, 256 word-final bytes,
-    the merges, then <|startoftext|> and <|endoftext|> as the two highest ids (the real checkpoint's
-    text model finds the end of a text as the highest id)."""
-    from transformers import CLIPTokenizer
-
+    the merges, then <|startoftext|> and <|endoftext|> as the two highest ids (checkpoints whose text
+    config says eos_token_id 2, like openai's, find the end of a text as the highest id)."""
     alphabet = list(bytes_to_unicode().values())
     merges = learn_merges(sorted(set(TOKENIZER_CORPUS.split())), vocab_size - 2 * len(alphabet) - 2)
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}
     assert len(vocab) == len(tokens) <= vocab_size, "merges must yield new, distinct tokens"
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-    tokenizer.save_pretrained(folder)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def synthetic_image(seed: int, size: tuple[int, int] = (320, 240), mode: str = "RGB") -> Image.Image:

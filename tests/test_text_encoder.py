@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,13 @@ def test_the_text_tower_embeds_into_the_image_space(tmp_path: Path) -> None:
     vectors, truncated = text.encode(["a dog", "a cat"])
     assert vectors.shape == (2, TINY["projection_dim"]) and vectors.dtype == np.float32
     assert truncated == [False, False]
+
+
+def test_a_tokenizer_whose_end_token_the_text_model_does_not_pool_at_is_refused(tmp_path: Path) -> None:
+    folder = make_clip_checkpoint(tmp_path)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["text_config"]["eos_token_id"] = 5  # neither the legacy 2 nor the tokenizer's end id
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(TextTowerUnavailable, match="eos_token_id is 5"):
+        ClipTextEncoder(str(folder), device="cpu")

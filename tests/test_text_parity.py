@@ -19,7 +19,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from image_search.errors import EmptyText
 from image_search.text_encoder import ClipTextEncoder
-from tests.support import make_clip_checkpoint
+from tests.support import TINY, make_clip_checkpoint
 
 MIN_COSINE = 0.9999
 LONG_ENGLISH = " ".join(["a red bicycle by the canal at night with people walking"] * 12)
@@ -50,21 +50,21 @@ STRINGS = [
 ]
 
 
-def _with_real_eos(folder: Path) -> Path:
-    """Name the tokenizer's end-of-text id in the text config (the model then pools at its first occurrence)."""
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["text_config"]["eos_token_id"] = tokenizer.eos_token_id
-    config["text_config"]["bos_token_id"] = tokenizer.bos_token_id
-    config_path.write_text(json.dumps(config))
-    return folder
+# The text config names the tokenizer's own end-of-text id (make_clip_checkpoint's default when
+# `sizes` names none): the model then pools at its first occurrence.
+REAL_EOS_SIZES = {
+    **TINY,
+    "text": {key: value for key, value in TINY["text"].items() if key not in ("bos_token_id", "eos_token_id")},
+}
 
 
 @pytest.fixture(scope="module", params=["legacy_eos_id", "real_eos_id"])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = make_clip_checkpoint(tmp_path_factory.mktemp(f"clip-{request.param}"), seed=3)
-    return _with_real_eos(folder) if request.param == "real_eos_id" else folder
+    sizes = TINY if request.param == "legacy_eos_id" else REAL_EOS_SIZES
+    folder = make_clip_checkpoint(tmp_path_factory.mktemp(f"clip-{request.param}"), sizes=sizes, seed=3)
+    eos_id = json.loads((folder / "config.json").read_text())["text_config"]["eos_token_id"]
+    assert (eos_id == 2) == (request.param == "legacy_eos_id")
+    return folder
 
 
 def reference_embedding(model: CLIPModel, tokenizer: CLIPTokenizer, text: str) -> np.ndarray:
@@ -132,6 +132,4 @@ def test_text_that_is_empty_after_stripping_is_a_client_error_not_an_embedding(t
 
 
 def _tiny_with_positions(positions: int) -> dict:
-    from tests.support import TINY
-
     return {**TINY, "text": {**TINY["text"], "max_position_embeddings": positions}}
