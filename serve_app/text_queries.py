@@ -16,6 +16,7 @@ from image_search.errors import (
     EmptyText,
     InvalidText,
     MalformedRequest,
+    NoFiles,
     NoQuery,
     TextTooLong,
     TooManyQueries,
@@ -72,11 +73,14 @@ def decode_utf8(raw: bytes) -> str:
         raise InvalidText("A text query is not valid UTF-8.") from None
 
 
-def text_query(raw: bytes | str, limits: UploadLimits) -> TextQuery:
-    """One text field's value (bytes from a form, or a decoded string) as a TextQuery, never raising."""
+def text_query(raw: bytes | str, limits: UploadLimits, cut: bool = False) -> TextQuery:
+    """One text field's value (bytes from a form, or a decoded string) as a TextQuery, never raising.
+
+    `cut`: the reader kept only the start of a value longer than max_text_field_bytes.
+    """
     if isinstance(raw, bytes):
         readable = raw[: MAX_ECHO_CHARS * MAX_UTF8_BYTES_PER_CHAR].decode("utf-8", errors="replace")
-        if len(raw) > max_text_field_bytes(limits):
+        if cut or len(raw) > max_text_field_bytes(limits):
             error: ClientError = TextTooLong(f"A text query may have at most {limits.max_text_chars} characters.")
             return TextQuery(echo(readable), error)
         try:
@@ -100,7 +104,8 @@ def check_counts(files: int, texts: int, limits: UploadLimits) -> None:
             f"Send at most {limits.max_queries} photos and texts together per request; got {files + texts}."
         )
     if files + texts == 0:
-        raise NoQuery("Send at least one photo (form field 'files') or text (form field 'text').")
+        # The code clients already know for an empty search (from before texts were taken).
+        raise NoFiles("Send at least one photo (form field 'files') or text (form field 'text').")
 
 
 def query_values(query_string: bytes, name: str) -> list[bytes]:

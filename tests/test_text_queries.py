@@ -16,6 +16,7 @@ from image_search.errors import (
     InvalidText,
     InvalidWeights,
     MalformedRequest,
+    NoFiles,
     NoQuery,
     TextTooLong,
     TooManyQueries,
@@ -111,7 +112,7 @@ def test_counts_are_checked_per_kind_and_together() -> None:
         check_counts(files=0, texts=4, limits=LIMITS)
     with pytest.raises(TooManyQueries):
         check_counts(files=2, texts=3, limits=LIMITS)
-    with pytest.raises(NoQuery):
+    with pytest.raises(NoFiles):
         check_counts(files=0, texts=0, limits=LIMITS)
 
 

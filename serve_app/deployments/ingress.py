@@ -35,17 +35,21 @@ from image_search.errors import (
     InvalidSize,
     Overloaded,
     ServiceError,
+    TextSearchUnavailable,
     Unavailable,
 )
 from image_search.manifest import Manifest
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import StoreError, open_store
 from serve_app import http_errors
+from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_part, parse_weights, weighted_sum
 from serve_app.config import AppArgs
 from serve_app.deadline import DeadlineMiddleware
+from serve_app.forms import SearchForm, read_search_form
 from serve_app.metrics import IngressMetrics, RequestCountMiddleware
-from serve_app.multipart import Upload, read_uploads
+from serve_app.multipart import Upload
 from serve_app.results import error_entry, matches_for_row, parse_k
+from serve_app.text_queries import TextQuery, check_counts, single_query_param, text_entry, text_error_entry
 from serve_app.thumbnails import make_thumbnail
 
 logger = logging.getLogger("ray.serve")
@@ -133,6 +137,7 @@ class Ingress:
             preprocessing=input_spec,
         )
         self.spec = PreprocessSpec.from_dict(input_spec)
+        self.text_search = bool((await embedder.text_search.remote())["available"])
         self.thumbnails = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
         self.metrics = IngressMetrics()
 
@@ -140,6 +145,8 @@ class Ingress:
         routes: list[BaseRoute] = [
             Route("/", self.page, methods=["GET"]),
             Route("/search", self.search, methods=["POST"]),
+            Route("/search", self.search_text, methods=["GET"]),
+            Route("/search/combined", self.search_combined, methods=["POST"]),
             Route("/images/{image_id}", self.image, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/info", self.info, methods=["GET"]),
@@ -185,45 +192,127 @@ class Ingress:
                 "default_k": self.limits.default_k,
                 "max_files": self.limits.max_files,
                 "max_file_bytes": self.limits.max_file_bytes,
+                "text_search": self.text_search,
+                "max_text_chars": self.limits.max_text_chars,
+                "max_texts": self.limits.max_texts,
+                "max_queries": self.limits.max_queries,
                 "thumbnail_sizes": list(self.args.thumbnail_sizes),
             }
         )
 
     async def search(self, request: Request) -> Response:
+        """Photos and texts: one entry per file, then per text, in request order."""
         k = parse_k(request.query_params.get("k"), self.limits)
-        uploads = await read_uploads(
+        form = await self._read_form(request)
+        prepared = await self._prepare_all(form.uploads)
+        texts = [self._checked_text(query) for query in form.texts]
+        text_answers = await self._embed_texts([query.text for query in texts if query.error is None])
+        errors = [item for item in prepared if isinstance(item, ClientError)] + [
+            query.error for query in texts if query.error is not None
+        ]
+        if len(errors) == len(prepared) + len(texts):
+            raise errors[0]
+        pixels = [item for item in prepared if isinstance(item, np.ndarray)]
+        vectors = [*(await self._embed(pixels)), *(answer["vector"] for answer in text_answers)]
+        scores, ids = await self._search(np.stack(vectors), k)
+        results: list[dict[str, Any]] = []
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        rows = iter(range(len(vectors)))
+        for upload, item in zip(form.uploads, prepared, strict=True):
+            if isinstance(item, ClientError):
+                results.append(error_entry(upload.filename, item))
+            else:
+                row = next(rows)
+                matches = matches_for_row(scores[row], ids[row], self.manifest, root_path)
+                results.append({"filename": upload.filename, "matches": matches})
+        answers = iter(text_answers)
+        for query in texts:
+            if query.error is not None:
+                results.append(text_error_entry(query.text, query.error))
+            else:
+                row = next(rows)
+                matches = matches_for_row(scores[row], ids[row], self.manifest, root_path)
+                results.append(text_entry(query.text, matches, bool(next(answers)["truncated"])))
+        return JSONResponse({"results": results})
+
+    async def search_text(self, request: Request) -> Response:
+        """GET /search?q=...&k=...: one text query, for links and scripts."""
+        k = parse_k(request.query_params.get("k"), self.limits)
+        query = self._checked_text(TextQuery(single_query_param(request.scope.get("query_string", b""), self.limits)))
+        if query.error is not None:
+            raise query.error
+        (answer,) = await self._embed_texts([query.text])
+        scores, ids = await self._search(answer["vector"][None, :], k)
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        matches = matches_for_row(scores[0], ids[0], self.manifest, root_path)
+        return JSONResponse({"results": [text_entry(query.text, matches, bool(answer["truncated"]))]})
+
+    async def search_combined(self, request: Request) -> Response:
+        """Photos and texts with weights -> one result list for the normalised weighted sum."""
+        k = parse_k(request.query_params.get("k"), self.limits)
+        form = await self._read_form(request)
+        file_weights = parse_weights(form.file_weights, len(form.uploads), FILE_WEIGHT_FIELD, "file")
+        text_weights = parse_weights(form.text_weights, len(form.texts), TEXT_WEIGHT_FIELD, "text")
+        # One answer for all queries: any query that cannot be used fails the request.
+        texts = [self._checked_text(query) for query in form.texts]
+        for query in texts:
+            if query.error is not None:
+                raise query.error
+        prepared = await self._prepare_all(form.uploads)
+        for item in prepared:
+            if isinstance(item, ClientError):
+                raise item
+        pixels = [item for item in prepared if isinstance(item, np.ndarray)]
+        text_answers = await self._embed_texts([query.text for query in texts])
+        vectors = np.stack([*(await self._embed(pixels)), *(answer["vector"] for answer in text_answers)])
+        combined = weighted_sum(vectors, [*file_weights, *text_weights])
+        scores, ids = await self._search(combined[None, :], k)
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        parts = [
+            *(
+                combined_part("filename", upload.filename, w)
+                for upload, w in zip(form.uploads, file_weights, strict=True)
+            ),
+            *(
+                combined_part("text", query.text, w, bool(answer["truncated"]))
+                for query, w, answer in zip(texts, text_weights, text_answers, strict=True)
+            ),
+        ]
+        matches = matches_for_row(scores[0], ids[0], self.manifest, root_path)
+        return JSONResponse({"results": [{"combined": parts, "matches": matches}]})
+
+    async def _read_form(self, request: Request) -> SearchForm:
+        form = await read_search_form(
             request.headers.get("content-type"),
             request.headers.get("content-length"),
             request.stream(),
             self.limits,
         )
+        check_counts(len(form.uploads), len(form.texts), self.limits)
+        return form
+
+    async def _prepare_all(self, uploads: list[Upload]) -> list[np.ndarray | ClientError]:
         prepared = await asyncio.gather(*(asyncio.to_thread(self._prepare, upload) for upload in uploads))
-        errors = [item for item in prepared if isinstance(item, ClientError)]
         for item in prepared:
             self.metrics.count_file(item.code if isinstance(item, ClientError) else "ok")
-        if len(errors) == len(prepared):
-            raise errors[0]
-        pixels = [item for item in prepared if isinstance(item, np.ndarray)]
-        # One Embedder call per image: batching then works across requests as well as within one.
+        return list(prepared)
+
+    async def _embed(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """One Embedder call per image: batching then works across requests as well as within one."""
         vectors = await downstream(asyncio.gather(*(self.embedder.embed.remote(item) for item in pixels)))
         if any(vector is None for vector in vectors):
             raise RuntimeError("the Embedder rejected a crop the Ingress made")
-        scores, ids = await self._search(np.stack(vectors), k)
-        results: list[dict[str, Any]] = []
-        root_path = str(request.scope.get("root_path", "")).rstrip("/")
-        row = 0
-        for upload, item in zip(uploads, prepared, strict=True):
-            if isinstance(item, ClientError):
-                results.append(error_entry(upload.filename, item))
-            else:
-                results.append(
-                    {
-                        "filename": upload.filename,
-                        "matches": matches_for_row(scores[row], ids[row], self.manifest, root_path),
-                    }
-                )
-                row += 1
-        return JSONResponse({"results": results})
+        return list(vectors)
+
+    def _checked_text(self, query: TextQuery) -> TextQuery:
+        """A usable text stays as it is; with a model that has no text tower, none is usable."""
+        if query.error is None and not self.text_search:
+            return TextQuery(query.text, TextSearchUnavailable("Search by text is not available with this model."))
+        return query
+
+    async def _embed_texts(self, texts: list[str]) -> list[dict[str, Any]]:
+        """One Embedder call per text (batched there with other requests' texts, apart from images)."""
+        return list(await downstream(asyncio.gather(*(self.embedder.embed_text.remote(text) for text in texts))))
 
     async def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Searches are read-only, so a call lost with a dying replica is simply sent again."""
