@@ -75,6 +75,9 @@ class AppArgs(BaseModel):
     # request_timeout_s can be lifted by a client (`x-request-timeout-seconds: 0` disables it);
     # this one cannot, so a slow upload or a stuck call never holds a slot longer than this.
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # How long an Ingress replica waits at start for the Embedder to load its model and answer.
+    # Past it the replica fails (and Serve retries it) with a log line naming what it waited for.
+    startup_timeout_s: float = Field(default=600.0, gt=0, le=3600)
 
 
 class BatchingConfig(BaseModel):
@@ -90,3 +93,13 @@ class BatchingConfig(BaseModel):
     # Text queries have their own queue and forward passes (a text forward pass costs a fraction of
     # an image one, so its batches may be larger).
     max_text_batch_size: int = Field(default=64, ge=1, le=1024)
+
+
+def check_batch_fits_concurrency(max_batch_size: int, max_ongoing_requests: int | None) -> None:
+    """A batch only holds requests in flight: a max_batch_size above max_ongoing_requests is never reached."""
+    if max_ongoing_requests is not None and max_batch_size > max_ongoing_requests:
+        raise ValueError(
+            f"Embedder user_config max_batch_size ({max_batch_size}) is larger than its max_ongoing_requests "
+            f"({max_ongoing_requests}), so no batch could ever be that large; raise max_ongoing_requests "
+            "or lower max_batch_size in serve_config.yaml"
+        )

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from python_multipart.multipart import parse_options_header
 
 from image_search.errors import InvalidWeights, MalformedRequest, NotMultipart, RequestTooLarge, TooManyFields
+from serve_app.client_values import parse_decimal
 from serve_app.combined import FILE_WEIGHT_FIELD, MAX_WEIGHT_CHARS, TEXT_WEIGHT_FIELD
 from serve_app.config import UploadLimits
-from serve_app.multipart import FILES_FIELD, FormField, Upload, read_form
+from serve_app.multipart import FILES_FIELD, FormField, Upload, human_bytes, read_form
 from serve_app.text_queries import TEXT_FIELD, TextQuery, max_text_field_bytes, query_values, text_query
 
 MULTIPART = b"multipart/form-data"
@@ -65,8 +66,9 @@ async def read_urlencoded(
     content_length: str | None, body: AsyncIterator[bytes], limits: UploadLimits
 ) -> list[FormField]:
     """The wanted fields of an urlencoded body (texts and their weights; photos need multipart)."""
-    too_large = RequestTooLarge(f"A request may carry at most {limits.max_request_bytes} bytes.")
-    if content_length is not None and content_length.isdigit() and int(content_length) > limits.max_request_bytes:
+    too_large = RequestTooLarge(f"A request may carry at most {human_bytes(limits.max_request_bytes)}.")
+    declared = parse_decimal(content_length) if content_length is not None else None
+    if declared is not None and declared > limits.max_request_bytes:
         raise too_large
     data = bytearray()
     async for chunk in body:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from image_search.errors import (
@@ -133,15 +132,3 @@ def single_query_param(query_string: bytes, limits: UploadLimits) -> str:
     if query.error is not None:
         raise query.error
     return query.text
-
-
-def text_entry(text: str, matches: list[dict[str, Any]], truncated: bool) -> dict[str, Any]:
-    """A text's result entry: shaped like a file's, naming the query with "text"."""
-    entry: dict[str, Any] = {"text": text, "matches": matches}
-    if truncated:
-        entry["truncated"] = True
-    return entry
-
-
-def text_error_entry(text: str, error: ClientError) -> dict[str, Any]:
-    return {"text": text, "error": error.to_dict()}

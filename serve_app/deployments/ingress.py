@@ -1,7 +1,9 @@
 """Ingress deployment: HTTP routes, upload validation, and the calls to Embedder and Searcher.
 
 Every upload is decoded and cropped here, at the edge, so bad input never reaches a model and
-only 150 KB of pixels per image cross to the Embedder.
+only 150 KB of pixels per image cross to the Embedder. The request-handling pieces live in their
+own modules (client_values, multipart, results, thumbnails, http_app, http_errors, downstream);
+this class wires them to the two collaborators it receives through `.bind()`.
 """
 
 from __future__ import annotations
@@ -9,48 +11,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
-from collections import OrderedDict
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.routing import Route
 
 from image_search.artifact import load_manifest
 from image_search.compatibility import check_compatible
-from image_search.errors import (
-    ClientError,
-    ImageNotFound,
-    InvalidSize,
-    Overloaded,
-    ServiceError,
-    TextSearchUnavailable,
-    Unavailable,
-)
-from image_search.manifest import Manifest
+from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable, TextSearchUnavailable
+from image_search.manifest import ImageRecord, Manifest
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import StoreError, open_store
-from serve_app import http_errors
+from serve_app.client_values import parse_image_id, parse_k, parse_thumbnail_size
 from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_part, parse_weights, weighted_sum
 from serve_app.config import AppArgs
-from serve_app.deadline import DeadlineMiddleware
+from serve_app.downstream import await_with_progress, downstream, retried
 from serve_app.forms import SearchForm, read_search_form
-from serve_app.metrics import IngressMetrics, RequestCountMiddleware
+from serve_app.http_app import build_http_app
+from serve_app.http_errors import service_error_response
+from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload
-from serve_app.results import error_entry, matches_for_row, parse_k
-from serve_app.text_queries import TextQuery, check_counts, single_query_param, text_entry, text_error_entry
-from serve_app.thumbnails import make_thumbnail
+from serve_app.results import Query, error_entries, matches_for_row, result_entries
+from serve_app.text_queries import TextQuery, check_counts, single_query_param
+from serve_app.thumbnails import LRUBytes, make_thumbnail
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,43 +53,14 @@ def find_ui_dir() -> Path:
 UI_DIR = find_ui_dir()
 THUMBNAIL_CACHE_ENTRIES = 1024
 SEARCH_ATTEMPTS = 3
-
-T = TypeVar("T")
-IMAGE_CACHE_CONTROL = "public, max-age=3600"
-
-
-async def downstream(call: Awaitable[T]) -> T:
-    """Await a call into another deployment, turning Serve's failures into our 503 errors.
-
-    (Serve installs its own plain-text handlers for these on the ASGI app, so they are mapped
-    here, where they are found.)
-    """
-    try:
-        return await call
-    except BackPressureError:
-        raise Overloaded("The service is busy; try again in a moment.") from None
-    except (DeploymentUnavailableError, RayActorError):
-        raise Unavailable("A part of the service is restarting; try again in a moment.") from None
+# Revalidate every time: the ETag (the content hash) makes that a cheap 304, and a cached copy can
+# never outlive what the id means in the index being served.
+IMAGE_CACHE_CONTROL = "no-cache"
 
 
-class LRUBytes:
-    """A small bounded cache of thumbnails (dict order is recency; single event loop, no lock needed)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-
-    def get(self, key: tuple[int, int]) -> bytes | None:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[int, int], value: bytes) -> None:
-        self.items[key] = value
-        self.items.move_to_end(key)
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+def text_result(query: TextQuery, answer: dict[str, Any]) -> Query:
+    """A text's entry: named by "text", with "truncated": true when the model read only its start."""
+    return Query("text", query.text, None, {"truncated": True} if answer["truncated"] else {})
 
 
 @serve.deployment(
@@ -127,22 +87,23 @@ class Ingress:
         self.manifest: Manifest = load_manifest(open_store(index_root), version_folder)
         self.index_version = version_folder.rsplit("/", 1)[-1] or "unversioned"
         self.images = open_store(self.manifest.source)
-        identity = await embedder.identity.remote()
-        input_spec = await embedder.input_spec.remote()
+        self.model = await await_with_progress(
+            embedder.identity.remote(), args.startup_timeout_s, "the Embedder to load its model and answer"
+        )
         check_compatible(
             self.manifest,
-            model_name=identity["model"],
-            embedding_dim=identity["embedding_dim"],
-            fingerprint=identity["fingerprint"],
-            preprocessing=input_spec,
+            model_name=self.model["model"],
+            embedding_dim=self.model["embedding_dim"],
+            fingerprint=self.model["fingerprint"],
+            preprocessing=self.model["preprocessing"],
         )
-        self.spec = PreprocessSpec.from_dict(input_spec)
+        self.spec = PreprocessSpec.from_dict(self.model["preprocessing"])
         self.text_search = bool((await embedder.text_search.remote())["available"])
-        self.thumbnails = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
+        self.thumbnails: LRUBytes[tuple[int, int]] = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
         self.metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        routes: list[BaseRoute] = [
+        routes = [
             Route("/", self.page, methods=["GET"]),
             Route("/search", self.search, methods=["POST"]),
             Route("/search", self.search_text, methods=["GET"]),
@@ -151,26 +112,7 @@ class Ingress:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/info", self.info, methods=["GET"]),
         ]
-        if UI_DIR.is_dir():
-            routes.append(Mount("/ui", app=StaticFiles(directory=UI_DIR), name="ui"))
-        return Starlette(
-            routes=routes,
-            middleware=[
-                Middleware(RequestCountMiddleware, metrics=self.metrics),
-                Middleware(DeadlineMiddleware, timeout_s=self.args.request_timeout_s),
-            ],
-            exception_handlers={
-                ServiceError: http_errors.service_error_response,
-                HTTPException: self._http_exception,
-                Exception: http_errors.internal_error_response,
-            },
-        )
-
-    @staticmethod
-    async def _http_exception(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-        return JSONResponse(http_errors.error_body(code, str(getattr(exc, "detail", ""))), status_code=status)
+        return build_http_app(routes, self.metrics, self.args.request_timeout_s, UI_DIR)
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -183,11 +125,13 @@ class Ingress:
     async def info(self, request: Request) -> Response:
         return JSONResponse(
             {
-                "model": self.manifest.model,
+                # A name, never a server path (the Embedder names its checkpoint; see checkpoints.py).
+                "model": self.model["name"],
                 "embedding_dim": self.manifest.embedding_dim,
                 "index_size": self.manifest.count,
                 "index_version": self.index_version,
                 "index_type": self.manifest.index.get("factory"),
+                "demo_data": bool(self.model.get("demo", False)),
                 "max_k": self.limits.max_k,
                 "default_k": self.limits.default_k,
                 "max_files": self.limits.max_files,
@@ -202,54 +146,49 @@ class Ingress:
 
     async def search(self, request: Request) -> Response:
         """Photos and texts: one entry per file, then per text, in request order."""
-        k = parse_k(request.query_params.get("k"), self.limits)
+        k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
         form = await self._read_form(request)
         prepared = await self._prepare_all(form.uploads)
         texts = [self._checked_text(query) for query in form.texts]
-        text_answers = await self._embed_texts([query.text for query in texts if query.error is None])
-        errors = [item for item in prepared if isinstance(item, ClientError)] + [
-            query.error for query in texts if query.error is not None
+        file_queries = [
+            Query("filename", upload.filename, item if isinstance(item, ClientError) else None)
+            for upload, item in zip(form.uploads, prepared, strict=True)
         ]
-        if len(errors) == len(prepared) + len(texts):
-            raise errors[0]
         pixels = [item for item in prepared if isinstance(item, np.ndarray)]
-        vectors = [*(await self._embed(pixels)), *(answer["vector"] for answer in text_answers)]
-        scores, ids = await self._search(np.stack(vectors), k)
-        results: list[dict[str, Any]] = []
-        root_path = str(request.scope.get("root_path", "")).rstrip("/")
-        rows = iter(range(len(vectors)))
-        for upload, item in zip(form.uploads, prepared, strict=True):
-            if isinstance(item, ClientError):
-                results.append(error_entry(upload.filename, item))
-            else:
-                row = next(rows)
-                matches = matches_for_row(scores[row], ids[row], self.manifest, root_path)
-                results.append({"filename": upload.filename, "matches": matches})
+        usable = [query.text for query in texts if query.error is None]
+        if not pixels and not usable:
+            queries = [*file_queries, *(Query("text", query.text, query.error) for query in texts)]
+            first = next(query.error for query in queries if query.error is not None)
+            return service_error_response(first, {"results": error_entries(queries)})
+        image_vectors, text_answers = await asyncio.gather(self._embed(pixels), self._embed_texts(usable))
         answers = iter(text_answers)
-        for query in texts:
-            if query.error is not None:
-                results.append(text_error_entry(query.text, query.error))
-            else:
-                row = next(rows)
-                matches = matches_for_row(scores[row], ids[row], self.manifest, root_path)
-                results.append(text_entry(query.text, matches, bool(next(answers)["truncated"])))
-        return JSONResponse({"results": results})
+        text_queries = [
+            Query("text", query.text, query.error) if query.error is not None else text_result(query, next(answers))
+            for query in texts
+        ]
+        vectors = np.concatenate([image_vectors, self._stack([answer["vector"] for answer in text_answers])])
+        scores, ids = await retried(lambda: self.searcher.search.remote(vectors, k), SEARCH_ATTEMPTS, "Searcher")
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        entries = result_entries([*file_queries, *text_queries], scores, ids, self.manifest, root_path)
+        return JSONResponse({"results": entries})
 
     async def search_text(self, request: Request) -> Response:
         """GET /search?q=...&k=...: one text query, for links and scripts."""
-        k = parse_k(request.query_params.get("k"), self.limits)
+        k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
         query = self._checked_text(TextQuery(single_query_param(request.scope.get("query_string", b""), self.limits)))
         if query.error is not None:
             raise query.error
         (answer,) = await self._embed_texts([query.text])
-        scores, ids = await self._search(answer["vector"][None, :], k)
+        vectors = answer["vector"][None, :]
+        scores, ids = await retried(lambda: self.searcher.search.remote(vectors, k), SEARCH_ATTEMPTS, "Searcher")
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
-        matches = matches_for_row(scores[0], ids[0], self.manifest, root_path)
-        return JSONResponse({"results": [text_entry(query.text, matches, bool(answer["truncated"]))]})
+        return JSONResponse(
+            {"results": result_entries([text_result(query, answer)], scores, ids, self.manifest, root_path)}
+        )
 
     async def search_combined(self, request: Request) -> Response:
         """Photos and texts with weights -> one result list for the normalised weighted sum."""
-        k = parse_k(request.query_params.get("k"), self.limits)
+        k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
         form = await self._read_form(request)
         file_weights = parse_weights(form.file_weights, len(form.uploads), FILE_WEIGHT_FIELD, "file")
         text_weights = parse_weights(form.text_weights, len(form.texts), TEXT_WEIGHT_FIELD, "text")
@@ -263,10 +202,12 @@ class Ingress:
             if isinstance(item, ClientError):
                 raise item
         pixels = [item for item in prepared if isinstance(item, np.ndarray)]
-        text_answers = await self._embed_texts([query.text for query in texts])
-        vectors = np.stack([*(await self._embed(pixels)), *(answer["vector"] for answer in text_answers)])
-        combined = weighted_sum(vectors, [*file_weights, *text_weights])
-        scores, ids = await self._search(combined[None, :], k)
+        image_vectors, text_answers = await asyncio.gather(
+            self._embed(pixels), self._embed_texts([query.text for query in texts])
+        )
+        vectors = np.concatenate([image_vectors, self._stack([answer["vector"] for answer in text_answers])])
+        combined = weighted_sum(vectors, [*file_weights, *text_weights])[None, :]
+        scores, ids = await retried(lambda: self.searcher.search.remote(combined, k), SEARCH_ATTEMPTS, "Searcher")
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         parts = [
             *(
@@ -297,12 +238,18 @@ class Ingress:
             self.metrics.count_file(item.code if isinstance(item, ClientError) else "ok")
         return list(prepared)
 
-    async def _embed(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+    def _stack(self, vectors: list[np.ndarray]) -> np.ndarray:
+        """(n, dim) float32, also for n = 0 (a request with photos only, or texts only)."""
+        if not vectors:
+            return np.empty((0, self.manifest.embedding_dim), dtype=np.float32)
+        return np.stack(vectors).astype(np.float32, copy=False)
+
+    async def _embed(self, pixels: list[np.ndarray]) -> np.ndarray:
         """One Embedder call per image: batching then works across requests as well as within one."""
         vectors = await downstream(asyncio.gather(*(self.embedder.embed.remote(item) for item in pixels)))
         if any(vector is None for vector in vectors):
             raise RuntimeError("the Embedder rejected a crop the Ingress made")
-        return list(vectors)
+        return self._stack(list(vectors))
 
     def _checked_text(self, query: TextQuery) -> TextQuery:
         """A usable text stays as it is; with a model that has no text tower, none is usable."""
@@ -314,61 +261,51 @@ class Ingress:
         """One Embedder call per text (batched there with other requests' texts, apart from images)."""
         return list(await downstream(asyncio.gather(*(self.embedder.embed_text.remote(text) for text in texts))))
 
-    async def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Searches are read-only, so a call lost with a dying replica is simply sent again."""
-        for attempt in range(SEARCH_ATTEMPTS):
-            try:
-                result: tuple[np.ndarray, np.ndarray] = await downstream(self.searcher.search.remote(vectors, k))
-                return result
-            except Unavailable:
-                if attempt == SEARCH_ATTEMPTS - 1:
-                    raise
-                logger.warning("a Searcher replica died during a search; retrying on another")
-        raise AssertionError("unreachable")
-
     def _prepare(self, upload: Upload) -> np.ndarray | ClientError:
+        if upload.error is not None:
+            return upload.error
         try:
             return pixels_from_bytes(bytes(upload.data), self.spec, upload.filename, self.limits.max_pixels)
         except ClientError as exc:
             return exc
 
     async def image(self, request: Request) -> Response:
-        record_id = self._record_id(request.path_params["image_id"])
-        record = self.manifest.records[record_id]
-        etag = f'"{record.sha256[:32]}"'
+        image_id = parse_image_id(request.path_params["image_id"])
+        record = self._record(image_id)
         size_param = request.query_params.get("size")
-        size = self._thumbnail_size(size_param) if size_param is not None else None
-        if size is not None:
-            etag = f'"{record.sha256[:32]}-{size}"'
+        size = parse_thumbnail_size(size_param, self.args.thumbnail_sizes) if size_param is not None else None
+        etag = f'"{record.sha256[:32]}"' if size is None else f'"{record.sha256[:32]}-{size}"'
         headers = {"ETag": etag, "Cache-Control": IMAGE_CACHE_CONTROL}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         if size is None:
-            data = await asyncio.to_thread(self._read_image, record.path)
+            data = await asyncio.to_thread(self._read_image, record)
             media_type = mimetypes.guess_type(record.path)[0] or "application/octet-stream"
             return Response(data, media_type=media_type, headers=headers)
-        thumbnail = self.thumbnails.get((record_id, size))
+        thumbnail = self.thumbnails.get((image_id, size))
         if thumbnail is None:
-            data = await asyncio.to_thread(self._read_image, record.path)
-            thumbnail = await asyncio.to_thread(make_thumbnail, data, size, self.limits.max_pixels)
-            self.thumbnails.put((record_id, size), thumbnail)
+            thumbnail = await asyncio.to_thread(self._make_thumbnail, record, size)
+            self.thumbnails.put((image_id, size), thumbnail)
         return Response(thumbnail, media_type="image/jpeg", headers=headers)
 
-    def _record_id(self, raw: str) -> int:
-        if not raw.isdigit() or len(raw) > 12 or int(raw) >= self.manifest.count:
-            raise ImageNotFound(f"There is no indexed image with id {raw[:40]!r}.")
-        return int(raw)
+    def _record(self, image_id: int) -> ImageRecord:
+        if not 0 <= image_id < self.manifest.count:
+            raise ImageNotFound(f"There is no indexed image with id {image_id}.")
+        return self.manifest.records[image_id]
 
-    def _thumbnail_size(self, raw: str) -> int:
-        sizes = self.args.thumbnail_sizes
-        if not raw.isdigit() or int(raw) not in sizes:
-            raise InvalidSize(f"size must be one of {', '.join(map(str, sizes))}.")
-        return int(raw)
-
-    def _read_image(self, path: str) -> bytes:
+    def _read_image(self, record: ImageRecord) -> bytes:
         try:
-            return self.images.read_bytes(path)
+            return self.images.read_bytes(record.path)
         except StoreError as exc:
             # The index lists it but the collection lost it: the server's problem, not the client's.
-            logger.error("indexed image missing: %s", exc)
-            raise
+            logger.error("indexed image %s cannot be read: %s", record.path, exc)
+            raise IndexedImageUnreadable("This indexed image cannot be read right now.") from None
+
+    def _make_thumbnail(self, record: ImageRecord, size: int) -> bytes:
+        data = self._read_image(record)
+        try:
+            return make_thumbnail(data, size, self.limits.max_pixels)
+        except ClientError as exc:
+            # Our own collection holds a file that no longer decodes (or grew past max_pixels).
+            logger.error("indexed image %s does not make a thumbnail: %s: %s", record.path, exc.code, exc.message)
+            raise IndexedImageUnreadable("This indexed image cannot be shown right now.") from None
