@@ -177,10 +177,10 @@ def test_overload_gets_fast_503_with_retry_after(serve_port: int, index_dir: Pat
     serve.run(build_graph(args, tight), name="overload", route_prefix="/overload", blocking=False)
     base = f"http://127.0.0.1:{serve_port}/overload"
     wait_until_ok(f"{base}/healthz")
-    payload = [("files", ("q.jpg", images.jpeg(1, (200, 150)), "image/jpeg"))]
+    payload = [("q.jpg", images.jpeg(1, (200, 150)))]
     try:
         with ThreadPoolExecutor(max_workers=24) as pool:
-            responses = list(pool.map(lambda _: requests.post(f"{base}/search", files=payload, timeout=60), range(48)))
+            responses = list(pool.map(lambda _: post_search(base, payload), range(48)))
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, statuses
         assert 503 in statuses and 200 in statuses, statuses

@@ -647,3 +647,72 @@ def test_phone_width_with_words_and_combine(
     ui.page.evaluate("window.scrollTo(0, 0)")
     screenshot(ui, screenshots, "phone-combined")
     assert_same_origin(ui)
+
+
+def test_demo_data_is_announced_in_a_banner(browser: Browser, serve_base_url: str, api_info: dict, screenshots: Path):
+    """A service on the offline demo checkpoint says so on /info; the page must make it impossible to miss."""
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        demo_info = json.dumps({**api_info, "demo_data": True})
+        page.route("**/info", lambda route: route.fulfill(status=200, content_type="application/json", body=demo_info))
+        page.goto(serve_base_url + "/")
+        banner = page.locator("#demo-banner")
+        expect(banner).to_be_visible()
+        expect(banner).to_contain_text("random model, scores mean nothing")
+        page.screenshot(path=str(screenshots / "ui-demo-banner.png"))
+    finally:
+        context.close()
+    # The real (non-demo) service shows no banner.
+    real_context, real = open_page(browser, serve_base_url, DESKTOP)
+    try:
+        expect(real.page.locator("#demo-banner")).to_be_hidden()
+    finally:
+        real_context.close()
+
+
+def test_a_k_above_the_maximum_is_capped_and_the_page_says_so(ui: Ui, api_info: dict, indexed_images: list[Path]):
+    ui.page.locator("#k-input").fill(str(api_info["max_k"] + 50))
+    ui.upload(indexed_images[0])
+    expect(ui.rows()).to_have_count(1)
+    expect(ui.page.locator("#k-note")).to_contain_text(f"Capped at {api_info['max_k']}")
+    expect(ui.page.locator("#k-input")).to_have_value(str(api_info["max_k"]))
+    (search,) = ui.search_requests()
+    assert parse_qs(urlsplit(search.url).query)["k"] == [str(api_info["max_k"])]
+
+
+def test_matches_that_share_a_file_name_show_their_folders(ui: Ui, indexed_images: list[Path]):
+    photo = indexed_images[0]
+    twins = [
+        {"id": 1, "path": "holiday/IMG_0001.jpg", "score": 0.9},
+        {"id": 2, "path": "work/IMG_0001.jpg", "score": 0.8},
+        {"id": 3, "path": "work/other.jpg", "score": 0.7},
+    ]
+    for match in twins:
+        match.update(url=f"/images/{match['id']}", thumbnail_url=f"/images/{match['id']}?size=256")
+    body = json.dumps({"results": [{"filename": photo.name, "matches": twins}]})
+    ui.page.route("**/search?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
+    ui.upload(photo)
+    names = ui.rows().nth(0).locator(".match-name")
+    expect(names).to_have_text(["holiday/IMG_0001.jpg", "work/IMG_0001.jpg", "other.jpg"])
+
+
+def test_the_search_box_says_when_the_model_has_no_text_search(
+    browser: Browser, serve_base_url: str, api_info: dict, screenshots: Path
+):
+    """A checkpoint without a text tower reports text_search false on /info; photos still work."""
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        no_text_info = json.dumps({**api_info, "text_search": False})
+        page.route(
+            "**/info", lambda route: route.fulfill(status=200, content_type="application/json", body=no_text_info)
+        )
+        page.goto(serve_base_url + "/")
+        expect(page.locator("#text-hint")).to_contain_text("off")
+        expect(page.locator("#text-input")).to_be_disabled()
+        expect(page.locator("#text-button")).to_be_disabled()
+        expect(page.locator("#drop-zone")).to_be_visible()
+        page.screenshot(path=str(screenshots / "ui-no-text-search.png"), full_page=True)
+    finally:
+        context.close()

@@ -48,8 +48,8 @@
       "drop-zone", "file-input", "k-input", "search-button", "clear-button", "search-status",
       "search-status-text", "results", "empty-state", "empty-index-info", "index-info", "limits-hint",
       "lightbox", "lightbox-image", "lightbox-caption", "lightbox-open", "lightbox-close",
-      "result-row-template", "combined-row-template", "chip-template", "text-form", "text-input",
-      "text-button", "text-hint", "combine-input",
+      "result-row-template", "demo-banner", "k-note", "combined-row-template", "chip-template", "text-form",
+      "text-input", "text-button", "text-hint", "combine-input",
     ]) {
       el[camel(id)] = document.getElementById(id);
     }
@@ -83,6 +83,8 @@
 
   function renderInfo() {
     const { index_size: size, model } = state.info;
+    // Offline demo data (random CLIP): say so plainly, or its 0.98 scores would look meaningful.
+    el.demoBanner.hidden = !state.info.demo_data;
     const count = formatCount(size, "image", "images");
     el.indexInfo.replaceChildren(
       strong(count), document.createTextNode(" indexed · model "), strong(model || "unknown"),
@@ -122,6 +124,10 @@
     const raw = parseInt(el.kInput.value, 10);
     const k = clamp(Number.isFinite(raw) ? raw : state.info.default_k, 1, state.info.max_k);
     el.kInput.value = String(k); // show the value actually used
+    // Say why the number changed, rather than silently searching with another one.
+    el.kNote.textContent = Number.isFinite(raw) && raw > state.info.max_k
+      ? `Capped at ${state.info.max_k}, the most this index answers.`
+      : "";
     return k;
   }
 
@@ -442,7 +448,8 @@
     // The model reads a limited number of words; say when the end of a phrase was left out.
     row.dataset.truncated = String(Boolean(truncated));
     if (truncated) status.textContent += " · only the beginning of this long text was used";
-    row.querySelector(".matches").replaceChildren(...matches.map(renderMatch));
+    const labels = matchLabels(matches);
+    row.querySelector(".matches").replaceChildren(...matches.map((match, i) => renderMatch(match, i, labels[i])));
   }
 
   function setRowError(row, error) {
@@ -468,9 +475,21 @@
     row.querySelector(".row-body").append(box);
   }
 
-  function renderMatch(match, index) {
+  // A match is named by its file name; where two matches of a row share one, by enough of their
+  // folders to tell them apart (holiday/IMG_0001.jpg vs work/IMG_0001.jpg).
+  function matchLabels(matches) {
+    const parts = matches.map((match) => String(match.path || "").split(/[\\/]/).filter(Boolean));
+    return parts.map((mine, i) => {
+      let depth = 1;
+      const clashes = (d) => parts.some((other, j) => j !== i && other.slice(-d).join("/") === mine.slice(-d).join("/"));
+      while (depth < mine.length && clashes(depth)) depth += 1;
+      return mine.slice(-depth).join("/") || `Image ${matches[i].id}`;
+    });
+  }
+
+  function renderMatch(match, index, label) {
     const item = document.createElement("li");
-    const name = basename(match.path) || `Image ${match.id}`;
+    const name = label || basename(match.path) || `Image ${match.id}`;
     const score = Number(match.score);
 
     // A real link: works without JS, middle-click/ctrl-click opens a new tab; a plain
