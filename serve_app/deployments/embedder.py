@@ -142,11 +142,10 @@ class Embedder:
         self.text_encoder: ClipTextEncoder | None = None
         self.text_coalescer: ForwardCoalescer | None = None
         self.text_batch_sizes: Counter[int] = Counter()
-        self.text_unavailable_reason = ""
         try:
             self.text_encoder = ClipTextEncoder(model, device=options.device, precision=options.precision)
         except TextTowerUnavailable as exc:
-            self.text_unavailable_reason = str(exc)
+            # The reason names the checkpoint's location: logged for operators, never sent to clients.
             logger.warning("text search is off: %s", exc)
             return
         # A separate coalescer, so a burst of texts never waits behind a full image batch (and the
