@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (8.0 if args.quick else 15.0)
     rounds = args.rounds or (1 if args.quick else 2)
     warmup = 3.0
-    print(f"served: {machine_note()}, {rounds} rounds x {len(CONCURRENCY)} levels x 2 configs x {duration:.0f}s")
+    levels = f"{len(TEXT_CONCURRENCY)} text levels" if args.text_only else f"{len(CONCURRENCY)} levels x 2 configs"
+    print(f"served: {machine_note()}, {rounds} rounds x {levels} x {duration:.0f}s")
 
     # Ray starts its workers (every Serve replica and the HTTP proxy) at nice 15 by default. On a
     # machine shared with other work that starves the app against this non-niced process and its
