@@ -68,12 +68,20 @@ class IngressMetrics:
             description="Query files received, by outcome (ok or an error code).",
             tag_keys=("outcome",),
         )
+        self.texts = Counter(
+            "image_search_query_texts",
+            description="Query texts received, by outcome (ok or an error code).",
+            tag_keys=("outcome",),
+        )
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
 
     def count_file(self, outcome: str) -> None:
         self.files.inc(tags={"outcome": outcome})
+
+    def count_text(self, outcome: str) -> None:
+        self.texts.inc(tags={"outcome": outcome})
 
 
 KNOWN_ROUTES = frozenset({"search", "images", "info", "healthz", "ui"})

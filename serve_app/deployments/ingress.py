@@ -252,9 +252,10 @@ class Ingress:
         return self._stack(list(vectors))
 
     def _checked_text(self, query: TextQuery) -> TextQuery:
-        """A usable text stays as it is; with a model that has no text tower, none is usable."""
+        """A usable text stays as it is; with a model that has no text tower, none is usable. Counted."""
         if query.error is None and not self.text_search:
-            return TextQuery(query.text, TextSearchUnavailable("Search by text is not available with this model."))
+            query = TextQuery(query.text, TextSearchUnavailable("Search by text is not available with this model."))
+        self.metrics.count_text(query.error.code if query.error is not None else "ok")
         return query
 
     async def _embed_texts(self, texts: list[str]) -> list[dict[str, Any]]:
