@@ -138,7 +138,7 @@ def encoder_rows(
 def preprocessing_img_s(folder: Path, workers: int) -> float:
     """Read + decode + crop + hash of every image, through the builder's own pipeline (pool start included)."""
     store = LocalStore(folder)
-    keys = discover_images(store)
+    keys = [entry.key for entry in discover_images(store)]
     started = time.perf_counter()
     count = sum(1 for item in prepared_in_order(store, keys, PreprocessSpec(), workers, window=64 * max(1, workers)))
     return count / (time.perf_counter() - started)
@@ -211,7 +211,7 @@ def run(argv: list[str]) -> int:
         pixels = np.random.default_rng(1).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
         bound_forward = batch_size / seconds_per_call(raw_forward(encoder, pixels), 2, device, rounds)
     store = LocalStore(folder)
-    keys = discover_images(store)
+    keys = [entry.key for entry in discover_images(store)]
     started = time.perf_counter()
     records, _, _ = embed_local(store, keys, encoder.spec, encoder.encode_pixels, batch_size, workers)
     loop_img_s = len(records) / (time.perf_counter() - started)

@@ -10,7 +10,6 @@ unit vectors come back in one copy.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import transformers
 from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
 
 from image_search.device_input import DeviceNormalizer, HostStaging, check_crops
+from image_search.fingerprint import TEXT_PROJECTION, projections_fingerprint, read_checkpoint_tensor
 from image_search.precision import Precision, host_cpu_flags, resolve_precision
 from image_search.preprocessing import PREPROCESSOR_CONFIG, PreprocessSpec
 
@@ -96,6 +96,13 @@ class ClipImageEncoder:
                 "Pass a hub id such as openai/clip-vit-base-patch32 (needs internet once) "
                 "or a local folder holding config.json and the weights."
             ) from exc
+        # The identity first, from the checkpoint's own float32 weights: an index built in one
+        # precision (a laptop's bf16/fp32) must match an Embedder running another (a GPU's fp16).
+        self.identity = ModelIdentity(
+            name=model,
+            embedding_dim=int(self.model.config.projection_dim),
+            fingerprint=self._fingerprint(model),
+        )
         self.model.eval().to(self.device)
         if self.precision == "fp16":
             self.model.half()
@@ -107,20 +114,15 @@ class ClipImageEncoder:
         self.staging = HostStaging(pin=True) if on_gpu else None
         # The staging buffer is reused, so one call at a time (each call ends synchronised).
         self.lock = threading.Lock()
-        self.identity = ModelIdentity(
-            name=model,
-            embedding_dim=int(self.model.config.projection_dim),
-            fingerprint=self._fingerprint(),
-        )
 
     @property
     def embedding_dim(self) -> int:
         return self.identity.embedding_dim
 
-    def _fingerprint(self) -> str:
-        """A hash of the projection weights: the same checkpoint under any name or path matches."""
-        weight = self.model.visual_projection.weight.detach().to("cpu", torch.float32).numpy()
-        return hashlib.sha256(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
+    def _fingerprint(self, model: str) -> str:
+        """A hash of both projections (image and text): the same checkpoint under any name or path matches."""
+        visual = self.model.visual_projection.weight.detach().to("cpu", torch.float32).numpy()
+        return projections_fingerprint(visual, read_checkpoint_tensor(model, TEXT_PROJECTION))
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

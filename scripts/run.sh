@@ -5,7 +5,7 @@
 #   - data/images + data/model: COCO 128 and openai/clip-vit-base-patch32 when the internet is reachable,
 #     otherwise generated demo pictures and a random CLIP (labelled as such on the page and /info); a later
 #     run that finds the internet replaces the demo data with the real one
-#   - builds data/index if it is missing, starts `serve run serve_config.yaml`, and says when it is ready
+#   - brings data/index up to date (incremental), starts `serve run serve_config.yaml`, says when it is ready
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev} bash scripts/setup.sh
@@ -41,9 +41,9 @@ if [ -f data/model/DEMO_RANDOM_WEIGHTS ]; then
 elif [ ! -f data/model/config.json ] || [ -z "$(ls -A data/images 2>/dev/null)" ]; then
   fetch_real_data || $PY scripts/make_demo_data.py
 fi
-if [ ! -f data/index/CURRENT ]; then
-  $PY -m index_builder --images data/images --out data/index --model data/model
-fi
+# Incremental: embeds only what changed in data/images since the last run (nothing: no new version),
+# and rebuilds in full, saying why, when the model or preprocessing changed.
+$PY -m index_builder --images data/images --out data/index --model data/model
 
 # serve run stays in the foreground (this shell becomes it), so Ctrl-C stops it the usual way; the
 # watcher beside it prints the Ready line once /healthz answers, then exits.

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from image_search.artifact import load_artifact
+from image_search.manifest import ImageRecord
+from image_search.precision import host_cpu_flags, resolve_precision
 from image_search.storage import LocalStore
 from index_builder.cli import main
 from tests.support import write_image_folder
@@ -18,6 +20,10 @@ from tests.support import write_image_folder
 def read_manifest(out: Path) -> dict:
     version = (out / "CURRENT").read_text().strip()
     return json.loads((out / "versions" / version / "manifest.json").read_text())
+
+
+def content(records: tuple[ImageRecord, ...]) -> list[tuple[int, str, int, str]]:
+    return [(r.id, r.key, r.size, r.sha256) for r in records]
 
 
 def build(images: Path, out: Path, model: Path, *extra: str) -> int:
@@ -40,7 +46,8 @@ def test_batch_size_changes_no_record_and_vectors_only_by_rounding(
 
     assert build(image_folder, tmp_path / "b7", tiny_model_dir, "--batch-size", "7") == 0
     default, small = load_artifact(LocalStore(index_dir)), load_artifact(LocalStore(tmp_path / "b7"))
-    assert default.manifest.records == small.manifest.records
+    # mtime_ns aside: other tests may rewrite a session image with the same bytes.
+    assert content(default.manifest.records) == content(small.manifest.records)
     vectors = [artifact.index.reconstruct_n(0, artifact.index.ntotal) for artifact in (default, small)]
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
 
@@ -48,14 +55,19 @@ def test_batch_size_changes_no_record_and_vectors_only_by_rounding(
 def test_manifest_records_every_image_with_hash(index_dir: Path, image_folder: Path, manifest: dict) -> None:
     import hashlib
 
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["embedding_dim"] == 32
     assert manifest["index"]["factory"] == "Flat"
-    assert [r["path"] for r in manifest["records"]] == sorted(r["path"] for r in manifest["records"])
+    # The fixture builds with the default precision, auto, resolved on this CPU (bf16 or fp32).
+    assert manifest["precision"] == resolve_precision("auto", "cpu", host_cpu_flags())
+    assert [r["key"] for r in manifest["records"]] == sorted(r["key"] for r in manifest["records"])
+    # A first build numbers the images in key order; next_id is one past the last.
+    assert [r["id"] for r in manifest["records"]] == list(range(24)) and manifest["next_id"] == 24
     for record in manifest["records"]:
-        data = (image_folder / record["path"]).read_bytes()
+        data = (image_folder / record["key"]).read_bytes()
         assert record["size"] == len(data)
         assert record["sha256"] == hashlib.sha256(data).hexdigest()
+        assert isinstance(record["mtime_ns"], int)  # the cheap check of the next build
     artifact = load_artifact(LocalStore(index_dir))
     assert artifact.index.ntotal == 24
 
@@ -69,7 +81,7 @@ def test_non_image_is_skipped_and_reported(
     assert "1 skipped" in captured.out
     manifest = read_manifest(tmp_path / "out")
     assert [s["path"] for s in manifest["skipped"]] == ["notes.jpg"]
-    assert "notes.jpg" not in {r["path"] for r in manifest["records"]}
+    assert "notes.jpg" not in {r["key"] for r in manifest["records"]}
 
 
 @pytest.mark.parametrize(
@@ -118,10 +130,30 @@ def test_fails_with_one_line_reason(tmp_path: Path, tiny_model_dir: Path, setup:
 def test_rebuild_publishes_new_version_and_keeps_old_readable(
     tmp_path: Path, image_folder: Path, tiny_model_dir: Path
 ) -> None:
+    import shutil
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(image_folder, images)
+    assert build(images, out, tiny_model_dir) == 0
+    first = (out / "CURRENT").read_text().strip()
+    write_image_folder(images / "more", 1, start_seed=500)
+    assert build(images, out, tiny_model_dir) == 0
+    second = (out / "CURRENT").read_text().strip()
+    assert first != second
+    assert load_artifact(LocalStore(out), f"versions/{first}").manifest.count == 24
+    assert load_artifact(LocalStore(out), f"versions/{second}").manifest.count == 25
+
+
+def test_rebuild_of_an_unchanged_collection_publishes_nothing(
+    tmp_path: Path, image_folder: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     assert build(image_folder, out, tiny_model_dir) == 0
     first = (out / "CURRENT").read_text().strip()
+    capsys.readouterr()
     assert build(image_folder, out, tiny_model_dir) == 0
-    second = (out / "CURRENT").read_text().strip()
-    assert first != second
-    assert (out / "versions" / first / "manifest.json").is_file()
+    printed = capsys.readouterr().out
+    assert "added 0, changed 0, removed 0, reused 24" in printed
+    assert f"nothing changed: 24 images, {out} still serves version {first}" in printed
+    assert (out / "CURRENT").read_text().strip() == first
+    assert [p.name for p in (out / "versions").iterdir()] == [first]

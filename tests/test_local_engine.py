@@ -28,7 +28,7 @@ def test_default_workers_leave_one_core_to_the_model() -> None:
 
 def test_process_pool_embeds_like_a_single_process(image_folder: Path, tiny_model_dir: Path) -> None:
     store = LocalStore(image_folder)
-    keys = discover_images(store)
+    keys = [entry.key for entry in discover_images(store)]
     encoder = ClipImageEncoder(str(tiny_model_dir), device="cpu", precision="fp32")
     single = embed_local(store, keys, encoder.spec, encoder.encode_pixels, batch_size=5, workers=0)
     pooled = embed_local(store, keys, encoder.spec, encoder.encode_pixels, batch_size=5, workers=2)
@@ -79,7 +79,7 @@ def test_decoding_runs_at_most_a_window_ahead_and_yields_in_order(
     image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = CountingStore(image_folder)
-    keys = discover_images(store)
+    keys = [entry.key for entry in discover_images(store)]
 
     def thread_pool(store_: Store, workers: int) -> Executor:
         # Threads instead of processes, so the reads are counted in this process.

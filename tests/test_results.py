@@ -11,10 +11,10 @@ from serve_app.results import Query, error_entries, result_entries
 
 
 def manifest(count: int) -> Manifest:
-    records = tuple(ImageRecord(path=f"dir/img{i}.jpg", size=1, sha256=f"{i:064x}") for i in range(count))
+    records = tuple(ImageRecord(id=i, key=f"dir/img{i}.jpg", size=1, sha256=f"{i:064x}") for i in range(count))
     return Manifest(
         model="m", model_fingerprint="f", embedding_dim=2, preprocessing={}, index={"factory": "Flat"},
-        source="/x", records=records, index_sha256="0" * 64, created_at="now",
+        source="/x", records=records, index_sha256="0" * 64, created_at="now", next_id=count,
     )  # fmt: skip
 
 

@@ -16,9 +16,18 @@ import numpy as np
 import pytest
 import requests
 
-from image_search.artifact import INDEX_FILE, MANIFEST_FILE, POINTER, load_artifact, publish
+from image_search.artifact import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    POINTER,
+    load_artifact,
+    load_manifest,
+    publish,
+    resolve_version,
+)
+from image_search.faiss_index import reconstruct_vectors
 from image_search.manifest import Manifest
-from image_search.storage import S3Store, Store, StoreError, open_store
+from image_search.storage import CHUNK_BYTES, Entry, S3Store, Store, StoreError, open_store
 from tests.conftest import wait_until_ok
 from tests.s3_server import S3Server, moto_s3, upload_folder
 from tests.support import post_search
@@ -129,14 +138,14 @@ def test_builder_reads_images_from_s3_and_publishes_the_index_to_s3(
     assert artifact.manifest.source == IMAGES
     assert artifact.location.startswith(f"{INDEX}/versions/")
     # Same collection, same model: the same records as the local build, in the same order.
-    assert [(r.path, r.size, r.sha256) for r in artifact.manifest.records] == [
-        (r["path"], r["size"], r["sha256"]) for r in manifest["records"]
+    assert [(r.id, r.key, r.size, r.sha256) for r in artifact.manifest.records] == [
+        (r["id"], r["key"], r["size"], r["sha256"]) for r in manifest["records"]
     ]
     assert [s["path"] for s in artifact.manifest.skipped] == ["notes.jpg"]
     local = load_artifact(open_store(str(index_dir)))
     np.testing.assert_allclose(
-        artifact.index.reconstruct_n(0, artifact.index.ntotal),
-        local.index.reconstruct_n(0, local.index.ntotal),
+        reconstruct_vectors(artifact.index, np.arange(24)),
+        reconstruct_vectors(local.index, np.arange(24)),
         atol=1e-5,
     )
     keys = {obj["Key"] for obj in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="index/")["Contents"]}
@@ -164,11 +173,19 @@ def test_builder_reports_an_empty_s3_prefix(s3: S3Server, tiny_model_dir: Path, 
 class FailingStore:
     """Delegates to a real store, records every write, and fails the writes `fail_on` picks."""
 
-    def __init__(self, inner: Store, fail_on: Callable[[str], bool] = lambda key: False) -> None:
+    def __init__(
+        self,
+        inner: Store,
+        fail_on: Callable[[str], bool] = lambda key: False,
+        fail_deletes: bool = False,
+    ) -> None:
         self.inner = inner
         self.uri = inner.uri
         self.fail_on = fail_on
+        self.fail_deletes = fail_deletes
         self.writes: list[str] = []
+        self.delete_attempts: list[str] = []
+        self.chunk_reads: list[str] = []
 
     def read_bytes(self, key: str) -> bytes:
         return self.inner.read_bytes(key)
@@ -179,37 +196,57 @@ class FailingStore:
         self.inner.write_bytes(key, data)
         self.writes.append(key)
 
+    def write_file(self, key: str, path: Path) -> None:
+        if self.fail_on(key):
+            raise StoreError(f"injected failure writing {key}")
+        self.inner.write_file(key, path)
+        self.writes.append(key)
+
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
 
     def iter_keys(self) -> Iterator[str]:
         return self.inner.iter_keys()
 
+    def iter_entries(self) -> Iterator[Entry]:
+        return self.inner.iter_entries()
+
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        self.chunk_reads.append(key)
+        return self.inner.iter_chunks(key, chunk_bytes)
+
     def delete_prefix(self, prefix: str) -> None:
+        self.delete_attempts.append(prefix)
+        if self.fail_deletes:
+            raise StoreError(f"injected failure deleting {prefix}")
         self.inner.delete_prefix(prefix)
 
     def local_path(self, key: str) -> Path | None:
         return self.inner.local_path(key)
 
 
-def _artifact_parts(location: str) -> tuple[bytes, Manifest]:
-    artifact = load_artifact(open_store(location))
-    from image_search.faiss_index import serialize_index
-
-    return serialize_index(artifact.index), artifact.manifest
+def _artifact_parts(location: str, folder: Path) -> tuple[Path, Manifest]:
+    """The published index file (copied to `folder`) and manifest at `location`."""
+    store = open_store(location)
+    version = resolve_version(store)
+    index_file = folder / INDEX_FILE
+    with index_file.open("wb") as handle:
+        for chunk in store.iter_chunks(f"{version}/{INDEX_FILE}"):
+            handle.write(chunk)
+    return index_file, load_manifest(store, version)
 
 
 @pytest.mark.parametrize("failing_file", [INDEX_FILE, MANIFEST_FILE, POINTER])
 def test_a_failed_publish_leaves_current_and_the_old_artifact_readable(
-    s3: S3Server, s3_index: str, failing_file: str
+    s3: S3Server, s3_index: str, failing_file: str, tmp_path: Path
 ) -> None:
-    index_bytes, manifest = _artifact_parts(s3_index)
+    index_file, manifest = _artifact_parts(s3_index, tmp_path)
     target = open_store(f"s3://{BUCKET}/publish-{failing_file.lower().replace('.', '-')}")
-    old_version = publish(target, index_bytes, manifest)
+    old_version = publish(target, index_file, manifest)
 
     failing = FailingStore(target, fail_on=lambda key: key.endswith(failing_file))
     with pytest.raises(StoreError, match="injected failure"):
-        publish(failing, index_bytes, manifest)
+        publish(failing, index_file, manifest)
 
     assert target.read_bytes(POINTER).decode().strip() == old_version
     reloaded = load_artifact(target)
@@ -217,11 +254,118 @@ def test_a_failed_publish_leaves_current_and_the_old_artifact_readable(
     assert reloaded.manifest == manifest
 
 
-def test_publish_writes_the_pointer_after_every_file_of_the_version(s3: S3Server, s3_index: str) -> None:
-    index_bytes, manifest = _artifact_parts(s3_index)
+def test_publish_writes_the_pointer_after_every_file_of_the_version(
+    s3: S3Server, s3_index: str, tmp_path: Path
+) -> None:
+    index_file, manifest = _artifact_parts(s3_index, tmp_path)
     recording = FailingStore(open_store(f"s3://{BUCKET}/publish-order"))
-    version = publish(recording, index_bytes, manifest)
+    version = publish(recording, index_file, manifest)
     assert recording.writes == [f"versions/{version}/{INDEX_FILE}", f"versions/{version}/{MANIFEST_FILE}", POINTER]
+
+
+# --- opening a version from S3: downloaded once per node, verified, mapped -------------------------------
+
+
+def test_open_index_downloads_once_and_refetches_a_corrupt_cached_copy(
+    s3: S3Server, s3_index: str, tmp_path: Path
+) -> None:
+    from image_search.artifact import cache_path, open_index
+
+    recording = FailingStore(open_store(s3_index))
+    folder = resolve_version(recording)
+    manifest = load_manifest(recording, folder)
+    cache = tmp_path / "cache"
+
+    first = open_index(recording, folder, manifest, cache)
+    cached = cache_path(cache, recording, folder)
+    assert cached.is_file() and recording.chunk_reads == [f"{folder}/{INDEX_FILE}"]
+    assert str(cached) in {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()}
+    assert not [p for p in cached.parent.iterdir() if p.name.endswith(".part")]  # no temporary file left
+
+    second = open_index(recording, folder, manifest, cache)  # a second replica on the node
+    assert len(recording.chunk_reads) == 1  # verified from the cache, not downloaded again
+    np.testing.assert_array_equal(second.reconstruct(3), first.reconstruct(3))
+
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.unlink()  # the mapped file keeps its inode; the damaged copy is a new file
+    cached.write_bytes(bytes(data))
+    third = open_index(recording, folder, manifest, cache)
+    assert len(recording.chunk_reads) == 2  # refused and fetched again
+    np.testing.assert_array_equal(third.reconstruct(3), first.reconstruct(3))
+    assert sha256_of(cached) == manifest.index_sha256
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_open_index_refuses_an_s3_object_that_does_not_match_its_manifest(
+    s3: S3Server, s3_index: str, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from image_search.artifact import cache_path, check_artifact, open_index
+    from image_search.errors import ArtifactError
+
+    store = open_store(s3_index)
+    folder = resolve_version(store)
+    wrong = replace(load_manifest(store, folder), index_sha256="0" * 64)
+    with pytest.raises(ArtifactError, match="checksum does not match"):
+        open_index(store, folder, wrong, tmp_path / "cache")
+    assert not cache_path(tmp_path / "cache", store, folder).exists()
+    assert check_artifact(store, folder).index_sha256 != wrong.index_sha256
+
+
+# --- incremental builds and retention on S3 ---------------------------------------------------------
+
+
+def test_incremental_build_on_s3_uses_size_and_last_modified(
+    s3: S3Server, s3_images: list[str], tiny_model_dir: Path, image_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from index_builder.cli import main
+
+    client = s3.client()
+    upload_folder(client, image_folder, BUCKET, "living")
+    images, out = f"s3://{BUCKET}/living", f"s3://{BUCKET}/living-index"
+    argv = ["--images", images, "--out", out, "--model", str(tiny_model_dir), "--quiet"]
+    assert main(argv) == 0
+    before = {r.key: r.id for r in load_artifact(open_store(out)).manifest.records}
+    client.delete_object(Bucket=BUCKET, Key="living/img_0002.jpg")
+    client.put_object(Bucket=BUCKET, Key="living/extra/new.png", Body=(image_folder / "img_0001.png").read_bytes())
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "added 1, changed 0, removed 1, reused 23" in capsys.readouterr().out
+    after = load_artifact(open_store(out)).manifest
+    assert after.record(before["img_0002.jpg"]) is None
+    assert {r.key: r.id for r in after.records if r.key != "extra/new.png"} == {
+        key: image_id for key, image_id in before.items() if key != "img_0002.jpg"
+    }
+    new = next(r for r in after.records if r.key == "extra/new.png")
+    assert new.id == 24 and new.mtime_ns is not None
+
+
+def test_a_failing_s3_delete_is_a_warning_after_current_is_written(
+    s3: S3Server, s3_index: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from image_search.artifact import RetentionPolicy, list_versions
+
+    index_file, manifest = _artifact_parts(s3_index, tmp_path)
+    target = open_store(f"s3://{BUCKET}/retention-failing")
+    policy = RetentionPolicy(retention_s=0, keep_versions=2)
+    old = [publish(target, index_file, manifest, policy, now=1_700_000_000.0 + i) for i in range(2)]
+    failing = FailingStore(target, fail_deletes=True)
+    with caplog.at_level(logging.WARNING, logger="image_search.artifact"):
+        newest = publish(failing, index_file, manifest, policy, now=1_700_000_100.0)
+    assert target.read_bytes(POINTER).decode().strip() == newest
+    assert f"could not delete old index version {old[0]}" in caplog.text
+    assert [v.name for v in list_versions(target)] == [*old, newest]
+    publish(target, index_file, manifest, policy, now=1_700_000_200.0)  # a working store prunes
+    assert len(list_versions(target)) == 2
 
 
 # --- serving from S3 ----------------------------------------------------------------------------------
@@ -271,12 +415,14 @@ def test_served_app_searches_an_index_held_on_s3(s3_app_url: str, s3_index: str,
     assert info["index_version"] in load_artifact(open_store(s3_index)).location
 
     for expected_id in (0, 5, 23):
-        path = image_folder / manifest.records[expected_id].path
+        record = manifest.record(expected_id)
+        assert record is not None
+        path = image_folder / record.key
         response = post_search(s3_app_url, [(path.name, path.read_bytes())], {"k": 3})
         assert response.status_code == 200, response.text
         top = response.json()["results"][0]["matches"][0]
         assert top["id"] == expected_id
-        assert top["path"] == manifest.records[expected_id].path
+        assert top["path"] == record.key
         assert top["score"] >= 0.99
         # The app is mounted at /s3: its match URLs carry the prefix, and they resolve.
         assert top["url"] == f"/s3/images/{expected_id}"
@@ -290,12 +436,13 @@ def test_served_app_streams_image_bytes_from_s3(s3: S3Server, s3_app_url: str, s
     assert manifest.source == IMAGES
     client = s3.client()
     for image_id in (0, 1, 12):
-        record = manifest.records[image_id]
+        record = manifest.record(image_id)
+        assert record is not None
         response = requests.get(f"{s3_app_url}/images/{image_id}", timeout=30)
         assert response.status_code == 200
-        s3_bytes = client.get_object(Bucket=BUCKET, Key=f"images/{record.path}")["Body"].read()
+        s3_bytes = client.get_object(Bucket=BUCKET, Key=f"images/{record.key}")["Body"].read()
         assert response.content == s3_bytes
-        expected_type = "image/png" if record.path.endswith(".png") else "image/jpeg"
+        expected_type = "image/png" if record.key.endswith(".png") else "image/jpeg"
         assert response.headers["content-type"] == expected_type
         # Served through the Ingress: never a redirect to (or a presigned URL of) the bucket.
         assert not response.history
@@ -335,7 +482,7 @@ def test_ray_engine_reads_images_from_s3(
     assert ray_built.manifest.records == local.manifest.records
     assert ray_built.manifest.skipped == local.manifest.skipped
     np.testing.assert_allclose(
-        ray_built.index.reconstruct_n(0, ray_built.index.ntotal),
-        local.index.reconstruct_n(0, local.index.ntotal),
+        reconstruct_vectors(ray_built.index, np.arange(24)),
+        reconstruct_vectors(local.index, np.arange(24)),
         atol=1e-5,
     )
