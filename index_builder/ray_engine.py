@@ -192,20 +192,21 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
     source = collection.source
     spec = load_spec(args.model)
     root = read_root(source)
-    model = driver_model_info(args.model, args.precision)
-    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
-    announce(plan.full_reason, len(collection.entries))
-    keys = list(plan.diff.to_embed)
-    if not keys:  # nothing to embed: no Ray at all
-        return finish_build(plan, [], np.zeros((0, model.embedding_dim), dtype=np.float32), [], started)
-
     started_ray = False
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a local Ray; "auto": the running cluster
         started_ray = True
     try:
+        # The precision that runs depends on the cluster's GPUs, and the plan on that precision
+        # (another one forces a full rebuild), so Ray is joined before planning.
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         device, gpus, precision = plan_device(args.device, args.precision, cluster_gpus, host_cpu_flags())
+        model = driver_model_info(args.model, precision)
+        plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
+        announce(plan.full_reason, len(collection.entries))
+        keys = list(plan.diff.to_embed)
+        if not keys:  # nothing to embed
+            return finish_build(plan, [], np.zeros((0, model.embedding_dim), dtype=np.float32), [], started)
         print(f"encoding on {device} in {precision}, {args.actors} encoder actors")
         ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
         dataset = (
@@ -237,7 +238,8 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
             ray.shutdown()
     if len(records) + len(skipped) != len(keys):
         raise BuildError(f"Ray Data returned {len(records) + len(skipped)} rows for {len(keys)} images")
-    if fingerprint and fingerprint != model.fingerprint and args.precision != "fp16":
+    # The fingerprint is taken from float32 weights in every precision (image_search/encoder.py).
+    if fingerprint and fingerprint != model.fingerprint:
         raise BuildError(
             f"the encoder actors loaded another model (fingerprint {fingerprint}) than the driver "
             f"({model.fingerprint}); check that every node has the same checkpoint"
