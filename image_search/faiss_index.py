@@ -1,8 +1,15 @@
-"""Building, tuning and (de)serialising FAISS indexes; no storage, no versions (see artifact.py)."""
+"""Building, tuning, writing and mapping FAISS indexes; no storage, no versions (see artifact.py).
+
+Every index is an `IndexIDMap2` around the factory's index: `search` returns the manifest's stable
+record ids, not positions, and `reconstruct(id)` gives back a record's vector (the incremental
+builder reuses vectors that way).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import re
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -13,17 +20,56 @@ from image_search.index_spec import IndexSpec
 TRAINING_SAMPLE_SEED = 0
 
 
-def build_faiss_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
+# Read-only memory map: replicas on one node share the page cache instead of each holding a copy.
+# faiss-cpu 1.15 maps Flat codes and IVF inverted lists under an IDMap2 with this flag (checked).
+MMAP_FLAGS = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+
+
+def build_faiss_index(vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | None = None) -> faiss.Index:
+    """An IDMap2 index of `vectors` under `ids` (default 0..n-1), rows added in the given order."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.index_factory(vectors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
+    ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    inner = faiss.index_factory(vectors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if not inner.is_trained:
         rows = spec.training_rows(len(vectors))
         # A fixed seed: the same collection gives the same index, build after build.
         chosen = np.sort(np.random.default_rng(TRAINING_SAMPLE_SEED).choice(len(vectors), rows, replace=False))
-        index.train(vectors[chosen])
-    index.add(vectors)
+        inner.train(vectors[chosen])
+    index = faiss.IndexIDMap2(inner)  # faiss's wrapper keeps a reference to `inner`
+    index.add_with_ids(vectors, ids)
     apply_search_params(index, spec.params)
     return index
+
+
+def stores_exact_vectors(spec: IndexSpec) -> bool:
+    """Whether `reconstruct` gives back the added vectors unchanged (Flat storage, no PQ/SQ coding)."""
+    return re.fullmatch(r"(IVF\d+,)?Flat|HNSW\d+(,Flat)?", spec.factory) is not None
+
+
+def reconstruct_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of these record ids, in that order (an IVF index gets a direct map first)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    with contextlib.suppress(RuntimeError):  # not an IVF index: reconstruct works as is
+        faiss.extract_index_ivf(index).make_direct_map()
+    if len(ids) == 0:
+        return np.zeros((0, index.d), dtype=np.float32)
+    return np.asarray(index.reconstruct_batch(ids), dtype=np.float32)
+
+
+def write_index_file(index: faiss.Index, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def map_index_file(path: Path) -> faiss.Index:
+    """Open an index file memory-mapped, read-only (see MMAP_FLAGS)."""
+    return faiss.read_index(str(path), MMAP_FLAGS)
+
+
+def read_index_file(path: Path) -> faiss.Index:
+    """Read an index file into memory (the builder, which reconstructs vectors from it)."""
+    return faiss.read_index(str(path))
 
 
 def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:

@@ -8,14 +8,28 @@ standard chain; `AWS_ENDPOINT_URL(_S3)` is honoured by boto3 itself (MinIO, moto
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
+
+# Reads and copies of large files (index artifacts) go in pieces of this size: never a whole file in memory.
+CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class StoreError(Exception):
     """A location cannot be read or written."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One object of a store as a listing shows it: enough for a cheap "unchanged?" check."""
+
+    key: str
+    size: int
+    mtime_ns: int | None  # a file's st_mtime_ns; an S3 object's LastModified in ns
 
 
 class Store(Protocol):
@@ -28,6 +42,12 @@ class Store(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def iter_keys(self) -> Iterator[str]: ...
+
+    def iter_entries(self) -> Iterator[Entry]: ...
+
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]: ...
+
+    def write_file(self, key: str, path: Path) -> None: ...
 
     def delete_prefix(self, prefix: str) -> None: ...
 
@@ -92,10 +112,49 @@ class LocalStore:
             for name in sorted(filenames):
                 yield (Path(dirpath) / name).relative_to(self.root).as_posix()
 
-    def delete_prefix(self, prefix: str) -> None:
-        import shutil
+    def iter_entries(self) -> Iterator[Entry]:
+        for key in self.iter_keys():
+            try:
+                stat = self._path(key).stat()
+            except OSError:
+                continue  # removed while listing: not part of the collection any more
+            yield Entry(key, stat.st_size, stat.st_mtime_ns)
 
-        shutil.rmtree(self._path(prefix), ignore_errors=True)
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        try:
+            with self._path(key).open("rb") as handle:
+                while chunk := handle.read(chunk_bytes):
+                    yield chunk
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._path(key)}: {exc.strerror or exc}") from exc
+
+    def write_file(self, key: str, path: Path) -> None:
+        """Atomic like `write_bytes`, copied in chunks by the OS."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle, Path(path).open("rb") as source:
+                shutil.copyfileobj(source, handle, CHUNK_BYTES)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Raises StoreError when something could not be deleted (the caller decides how much that matters)."""
+        path = self._path(prefix)
+        if not path.exists():
+            return
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            raise StoreError(f"cannot delete {path}: {exc.strerror or exc}") from exc
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
@@ -149,6 +208,10 @@ class S3Store:
             raise StoreError(f"cannot reach s3://{self.bucket}/{self._key(key)}: {exc}") from exc
 
     def iter_keys(self) -> Iterator[str]:
+        for entry in self.iter_entries():
+            yield entry.key
+
+    def iter_entries(self) -> Iterator[Entry]:
         paginator = self.client.get_paginator("list_objects_v2")
         base = f"{self.prefix}/" if self.prefix else ""
         try:
@@ -156,17 +219,47 @@ class S3Store:
                 for item in page.get("Contents", []):
                     key = item["Key"][len(base) :]
                     if key and not key.endswith("/"):
-                        yield key
+                        modified = item.get("LastModified")
+                        stamp = int(modified.timestamp()) * 1_000_000_000 if modified is not None else None
+                        yield Entry(key, int(item.get("Size", 0)), stamp)
         except Exception as exc:
             raise StoreError(f"cannot list {self.uri}: {exc}") from exc
 
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            while chunk := body.read(chunk_bytes):
+                yield bytes(chunk)
+        except Exception as exc:
+            raise StoreError(f"cannot read s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+
+    def write_file(self, key: str, path: Path) -> None:
+        # upload_file streams from disk (multipart above boto3's threshold); the object appears only when
+        # the upload completes, so readers never see a part of it.
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key))
+        except Exception as exc:
+            raise StoreError(f"cannot write s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+
     def delete_prefix(self, prefix: str) -> None:
+        """Raises StoreError when listing or deleting fails, or S3 reports keys it did not delete."""
         full = self._key(prefix).rstrip("/") + "/"
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-            if keys:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+                    if answer.get("Errors"):
+                        first = answer["Errors"][0]
+                        raise StoreError(
+                            f"cannot delete s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} "
+                            f"({len(answer['Errors'])} objects not deleted)"
+                        )
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot delete s3://{self.bucket}/{full}: {exc}") from exc
 
     def local_path(self, key: str) -> Path | None:
         return None

@@ -1,4 +1,8 @@
-"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--batch-size N] [--engine local|ray]`."""
+"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--full] [--engine local|ray] ...`.
+
+Incremental by default: only images that are new or whose bytes changed since the published
+version are embedded (see index_builder.build).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 
+from image_search.artifact import DEFAULT_KEEP_VERSIONS, DEFAULT_RETENTION_S, RetentionPolicy
 from image_search.checkpoints import DEFAULT_MODEL
 from image_search.storage import StoreError, is_s3_uri
-from index_builder.build import BuildError, BuildReport, finish_build, open_collection
+from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection, plan_build
+
+INTERRUPTED_EXIT_CODE = 130  # what shells report for a SIGINT
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -25,10 +32,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ray-address", default=None, help="Ray cluster address (ray engine); default: local")
     parser.add_argument("--actors", type=int, default=1, help="encoder actors (ray engine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--full", action="store_true", help="embed every image again (default: only what changed)")
+    parser.add_argument(
+        "--retention-hours",
+        type=float,
+        default=DEFAULT_RETENTION_S / 3600,
+        help="keep versions that stopped being current less than this long ago (default 24)",
+    )
+    parser.add_argument(
+        "--keep-versions",
+        type=int,
+        default=DEFAULT_KEEP_VERSIONS,
+        help=f"keep at least this many newest versions (default {DEFAULT_KEEP_VERSIONS}, minimum 2)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.retention_hours < 0:
+        parser.error("--retention-hours must be >= 0")
+    if args.keep_versions < 2:
+        parser.error("--keep-versions must be >= 2 (CURRENT and the version before it are always kept)")
     return args
+
+
+def retention_policy(args: argparse.Namespace) -> RetentionPolicy:
+    return RetentionPolicy(retention_s=args.retention_hours * 3600, keep_versions=args.keep_versions)
 
 
 def run_local(args: argparse.Namespace) -> BuildReport:
@@ -39,27 +67,30 @@ def run_local(args: argparse.Namespace) -> BuildReport:
 
     started = time.perf_counter()
     collection = open_collection(args.images, args.out)
-    source, out, keys = collection.source, collection.out, collection.keys
     try:
         encoder = ClipImageEncoder(args.model, device=args.device, precision=args.precision)
     except (ModelLoadError, ValueError) as exc:
         raise BuildError(str(exc)) from exc
-    with tqdm(total=len(keys), unit="img", disable=args.quiet, file=sys.stderr) as progress:
-        records, vectors, skipped = embed_local(
-            source, keys, encoder.spec, encoder.encode_pixels, args.batch_size, args.workers, progress.update
-        )
-    return finish_build(
-        out=out,
-        source=source,
-        records=records,
-        vectors=vectors,
-        skipped=skipped,
-        model=args.model,
-        model_fingerprint=encoder.identity.fingerprint,
+    model = ModelInfo(
+        name=args.model,
+        fingerprint=encoder.identity.fingerprint,
         embedding_dim=encoder.embedding_dim,
         preprocessing=encoder.spec.to_dict(),
-        started=started,
+        precision=args.precision,
     )
+    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
+    announce(plan.full_reason, len(collection.entries))
+    keys = list(plan.diff.to_embed)
+    with tqdm(total=len(keys), unit="img", disable=args.quiet, file=sys.stderr) as progress:
+        records, vectors, skipped = embed_local(
+            collection.source, keys, encoder.spec, encoder.encode_pixels, args.batch_size, args.workers, progress.update
+        )
+    return finish_build(plan, records, vectors, skipped, started)
+
+
+def announce(full_reason: str | None, count: int) -> None:
+    if full_reason is not None:
+        print(f"full rebuild of {count} images: {full_reason}")
 
 
 def check_source(location: str) -> None:
@@ -83,8 +114,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BuildError, StoreError) as exc:
         print(f"index_builder: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Before CURRENT is written nothing a reader sees has changed; publish() finishes on its own after.
+        print("index_builder: interrupted; the published index is unchanged", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(
+        f"added {report.added}, changed {report.changed}, removed {report.removed}, reused {report.reused} "
+        f"in {report.seconds:.1f}s"
+    )
+    if report.version is None:
+        print(
+            f"nothing changed: {report.count} images, {args.out} still serves version {report.previous_version} "
+            "(no new version published)"
+        )
+        return 0
     spec = report.index.factory if report.index else "?"
     print(
         f"indexed {report.count} images ({len(report.skipped)} skipped) into {args.out} "

@@ -34,7 +34,8 @@ def prepare_one(store: Store, key: str, spec: PreprocessSpec) -> Prepared:
         pixels = pixels_from_bytes(data, spec, filename=key)
     except (ClientError, StoreError) as exc:
         return Prepared(key, None, None, str(exc))
-    record = ImageRecord(path=key, size=len(data), sha256=sha256_hex(data))
+    # The id is given by the build (index_builder.diff.assign_ids), the mtime from its listing.
+    record = ImageRecord(id=-1, key=key, size=len(data), sha256=sha256_hex(data))
     return Prepared(key, record, pixels, None)
 
 

@@ -6,11 +6,13 @@
                                                          cluster has GPUs
       -> collected on the driver, sorted like `discover_images`, published by `finish_build`
 
-The artifact is the one the local engine writes (same records, same order, same vectors up to float
-rounding). Decoding happens in the UDF rather than in the read (`read_images`) so that one corrupt
-file is skipped and reported instead of failing the build. On S3, the read tasks use pyarrow's S3
-filesystem, which takes credentials from the standard AWS chain of the node it runs on (environment,
-~/.aws, the instance profile) like boto3 does.
+Only the keys the incremental plan names (`BuildPlan.diff.to_embed`) go through the pipeline; the
+driver loads the vision tower once on CPU to know the model's fingerprint before planning (the
+diff depends on it). The artifact is the one the local engine writes (same records, same order,
+same vectors up to float rounding). Decoding happens in the UDF rather than in the read
+(`read_images`) so that one corrupt file is skipped and reported instead of failing the build. On
+S3, the read tasks use pyarrow's S3 filesystem, which takes credentials from the standard AWS chain
+of the node it runs on (environment, ~/.aws, the instance profile) like boto3 does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from image_search.errors import ClientError
 from image_search.manifest import ImageRecord
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import LocalStore, S3Store, Store
-from index_builder.build import BuildError, BuildReport, finish_build, open_collection
+from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection, plan_build
 
 Batch = dict[str, np.ndarray]
 
@@ -152,7 +154,7 @@ def collect(batches: Any) -> tuple[list[ImageRecord], np.ndarray, list[tuple[str
         raise BuildError(f"encoder actors disagree on the model: fingerprints {sorted(fingerprints)}")
     rows.sort(key=lambda row: row[0])
     good = [row for row in rows if not row[3]]
-    records = [ImageRecord(path=key, size=size, sha256=sha) for key, size, sha, _, _ in good]
+    records = [ImageRecord(id=-1, key=key, size=size, sha256=sha) for key, size, sha, _, _ in good]
     vectors = (
         np.stack([row[4] for row in good]).astype(np.float32, copy=False)
         if good
@@ -167,11 +169,19 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
     import ray.data
     from ray.exceptions import RayError, UserCodeException
 
+    from index_builder.cli import announce, retention_policy
+
     started = time.perf_counter()
     collection = open_collection(args.images, args.out)
-    source, out, keys = collection.source, collection.out, collection.keys
+    source = collection.source
     spec = load_spec(args.model)
     root = read_root(source)
+    model = driver_model_info(args.model, args.precision)
+    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
+    announce(plan.full_reason, len(collection.entries))
+    keys = list(plan.diff.to_embed)
+    if not keys:  # nothing to embed: no Ray at all
+        return finish_build(plan, [], np.zeros((0, model.embedding_dim), dtype=np.float32), [], started)
 
     started_ray = False
     if not ray.is_initialized():
@@ -207,15 +217,30 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
             ray.shutdown()
     if len(records) + len(skipped) != len(keys):
         raise BuildError(f"Ray Data returned {len(records) + len(skipped)} rows for {len(keys)} images")
-    return finish_build(
-        out=out,
-        source=source,
-        records=records,
-        vectors=vectors,
-        skipped=skipped,
-        model=args.model,
-        model_fingerprint=fingerprint,
-        embedding_dim=int(vectors.shape[1]) if len(records) else 0,
-        preprocessing=spec.to_dict(),
-        started=started,
+    if fingerprint and fingerprint != model.fingerprint and args.precision != "fp16":
+        raise BuildError(
+            f"the encoder actors loaded another model (fingerprint {fingerprint}) than the driver "
+            f"({model.fingerprint}); check that every node has the same checkpoint"
+        )
+    if not records:
+        vectors = np.zeros((0, model.embedding_dim), dtype=np.float32)
+    return finish_build(plan, records, vectors, skipped, started)
+
+
+def driver_model_info(model: str, precision: str) -> ModelInfo:
+    """The model's identity, loaded once on the driver's CPU (fp16 runs only on GPUs; its fingerprint is fp32's)."""
+    from image_search.encoder import ClipImageEncoder, ModelLoadError
+
+    try:
+        encoder = ClipImageEncoder(model, device="cpu", precision="fp32" if precision == "fp16" else precision)  # type: ignore[arg-type]
+    except (ModelLoadError, ValueError) as exc:
+        raise BuildError(str(exc)) from exc
+    info = ModelInfo(
+        name=model,
+        fingerprint=encoder.identity.fingerprint,
+        embedding_dim=encoder.embedding_dim,
+        preprocessing=encoder.spec.to_dict(),
+        precision=precision,
     )
+    del encoder
+    return info

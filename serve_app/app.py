@@ -4,7 +4,7 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
-from image_search.artifact import load_manifest, read_checked_index_bytes, resolve_version
+from image_search.artifact import check_artifact, resolve_version
 from image_search.compatibility import check_compatible
 from image_search.manifest import Manifest
 from image_search.storage import open_store
@@ -42,10 +42,9 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
     # Pin one version for every replica, so all of them serve the same artifact even if a
     # rebuild publishes a new one while they start.
     version_folder = resolve_version(store)
-    manifest = load_manifest(store, version_folder)
-    # Checked here, before any replica starts, so a broken artifact fails the deploy at once with
-    # its reason instead of after a round of replica restarts.
-    read_checked_index_bytes(store, version_folder, manifest)
+    # Checked here (streamed), before any replica starts, so a broken artifact fails the deploy at once
+    # with its reason instead of after a round of replica restarts.
+    manifest = check_artifact(store, version_folder)
     check_model_dim(args.model, manifest)
 
     def deployment(cls: object, name: str) -> Deployment:

@@ -39,12 +39,13 @@ def matches_for_row(
     """
     matches = []
     for score, image_id in zip(scores.tolist(), ids.tolist(), strict=True):
-        if image_id < 0 or image_id >= manifest.count:
+        record = manifest.record(image_id)  # ids are stable record ids (FAISS IDMap2), not positions
+        if record is None:
             continue
         matches.append(
             {
                 "id": int(image_id),
-                "path": manifest.records[image_id].path,
+                "path": record.key,
                 "url": image_url(image_id, root_path),
                 "thumbnail_url": f"{image_url(image_id, root_path)}?size={THUMBNAIL_SIZE_FOR_RESULTS}",
                 "score": round(float(score), 6),

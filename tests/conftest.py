@@ -80,7 +80,7 @@ def manifest(index_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def indexed_images(image_folder: Path, manifest: dict) -> list[Path]:
-    return [image_folder / record["path"] for record in manifest["records"]]
+    return [image_folder / record["key"] for record in manifest["records"]]
 
 
 @pytest.fixture(scope="session")

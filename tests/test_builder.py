@@ -48,14 +48,18 @@ def test_batch_size_changes_no_record_and_vectors_only_by_rounding(
 def test_manifest_records_every_image_with_hash(index_dir: Path, image_folder: Path, manifest: dict) -> None:
     import hashlib
 
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["embedding_dim"] == 32
     assert manifest["index"]["factory"] == "Flat"
-    assert [r["path"] for r in manifest["records"]] == sorted(r["path"] for r in manifest["records"])
+    assert manifest["precision"] == "fp32"
+    assert [r["key"] for r in manifest["records"]] == sorted(r["key"] for r in manifest["records"])
+    # A first build numbers the images in key order; next_id is one past the last.
+    assert [r["id"] for r in manifest["records"]] == list(range(24)) and manifest["next_id"] == 24
     for record in manifest["records"]:
-        data = (image_folder / record["path"]).read_bytes()
+        data = (image_folder / record["key"]).read_bytes()
         assert record["size"] == len(data)
         assert record["sha256"] == hashlib.sha256(data).hexdigest()
+        assert record["mtime_ns"] == (image_folder / record["key"]).stat().st_mtime_ns
     artifact = load_artifact(LocalStore(index_dir))
     assert artifact.index.ntotal == 24
 
@@ -69,7 +73,7 @@ def test_non_image_is_skipped_and_reported(
     assert "1 skipped" in captured.out
     manifest = read_manifest(tmp_path / "out")
     assert [s["path"] for s in manifest["skipped"]] == ["notes.jpg"]
-    assert "notes.jpg" not in {r["path"] for r in manifest["records"]}
+    assert "notes.jpg" not in {r["key"] for r in manifest["records"]}
 
 
 @pytest.mark.parametrize(
@@ -118,10 +122,30 @@ def test_fails_with_one_line_reason(tmp_path: Path, tiny_model_dir: Path, setup:
 def test_rebuild_publishes_new_version_and_keeps_old_readable(
     tmp_path: Path, image_folder: Path, tiny_model_dir: Path
 ) -> None:
+    import shutil
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(image_folder, images)
+    assert build(images, out, tiny_model_dir) == 0
+    first = (out / "CURRENT").read_text().strip()
+    write_image_folder(images / "more", 1, start_seed=500)
+    assert build(images, out, tiny_model_dir) == 0
+    second = (out / "CURRENT").read_text().strip()
+    assert first != second
+    assert load_artifact(LocalStore(out), f"versions/{first}").manifest.count == 24
+    assert load_artifact(LocalStore(out), f"versions/{second}").manifest.count == 25
+
+
+def test_rebuild_of_an_unchanged_collection_publishes_nothing(
+    tmp_path: Path, image_folder: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     assert build(image_folder, out, tiny_model_dir) == 0
     first = (out / "CURRENT").read_text().strip()
+    capsys.readouterr()
     assert build(image_folder, out, tiny_model_dir) == 0
-    second = (out / "CURRENT").read_text().strip()
-    assert first != second
-    assert (out / "versions" / first / "manifest.json").is_file()
+    printed = capsys.readouterr().out
+    assert "added 0, changed 0, removed 0, reused 24" in printed
+    assert f"nothing changed: 24 images, {out} still serves version {first}" in printed
+    assert (out / "CURRENT").read_text().strip() == first
+    assert [p.name for p in (out / "versions").iterdir()] == [first]

@@ -19,9 +19,11 @@ def sample() -> Manifest:
         preprocessing={"shortest_edge": 224},
         index={"factory": "Flat", "params": {}},
         source="/data/images",
-        records=(ImageRecord("a.jpg", 10, "00"), ImageRecord("b/c.png", 20, "11")),
+        records=(ImageRecord(0, "a.jpg", 10, "00", 123), ImageRecord(7, "b/c.png", 20, "11")),
         index_sha256="ff",
         created_at="2026-01-01T00:00:00Z",
+        next_id=9,
+        precision="fp32",
     )
 
 
@@ -37,6 +39,10 @@ def test_round_trip() -> None:
         (lambda d: d.update(format_version=FORMAT_VERSION + 1), "format_version"),
         (lambda d: d.pop("records"), "incomplete"),
         (lambda d: d.update(count=5), "count 5"),
+        (lambda d: d.pop("next_id"), "incomplete"),
+        (lambda d: d.update(next_id=7), "outside 0..next_id-1"),
+        (lambda d: d["records"][1].update(id=0), "one id for two images"),
+        (lambda d: d["records"][1].update(key="a.jpg"), "one key twice"),
     ],
 )
 def test_malformed_manifests_are_refused(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -44,6 +50,21 @@ def test_malformed_manifests_are_refused(mutate, message: str) -> None:  # type:
     mutate(data)
     with pytest.raises(ArtifactError, match=message):
         Manifest.from_json(json.dumps(data))
+
+
+def test_a_version_1_manifest_is_refused_with_the_fix() -> None:
+    data = json.loads(sample().to_json())
+    data["format_version"] = 1
+    with pytest.raises(ArtifactError, match=r"format_version 1 .*rebuild the index"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_record_finds_stable_ids_not_positions() -> None:
+    manifest = sample()
+    assert manifest.record(7) == ImageRecord(7, "b/c.png", 20, "11")
+    assert manifest.record(1) is None  # a position, not an id
+    assert manifest.record(9) is None and manifest.record(-1) is None
+    assert manifest.count == 2
 
 
 def test_not_json_is_refused() -> None:

@@ -61,7 +61,7 @@ def test_ray_engine_skips_and_reports_bad_files(ray_cluster: None, tiny_model_di
 
     assert build(images, tmp_path / "out", tiny_model_dir, "--engine", "ray", "--batch-size", "2") == 0
     manifest = load_artifact(open_store(str(tmp_path / "out"))).manifest
-    assert [record.path for record in manifest.records] == sorted(p.relative_to(images).as_posix() for p in good)
+    assert [record.key for record in manifest.records] == sorted(p.relative_to(images).as_posix() for p in good)
     skipped = {entry["path"]: entry["reason"] for entry in manifest.skipped}
     assert sorted(skipped) == ["empty.png", "nested/truncated.jpg", "text.webp"]
     assert all(reason for reason in skipped.values())

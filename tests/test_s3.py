@@ -16,9 +16,18 @@ import numpy as np
 import pytest
 import requests
 
-from image_search.artifact import INDEX_FILE, MANIFEST_FILE, POINTER, load_artifact, publish
+from image_search.artifact import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    POINTER,
+    load_artifact,
+    load_manifest,
+    publish,
+    resolve_version,
+)
+from image_search.faiss_index import reconstruct_vectors
 from image_search.manifest import Manifest
-from image_search.storage import S3Store, Store, StoreError, open_store
+from image_search.storage import CHUNK_BYTES, Entry, S3Store, Store, StoreError, open_store
 from tests.conftest import wait_until_ok
 from tests.s3_server import S3Server, moto_s3, upload_folder
 
@@ -128,14 +137,14 @@ def test_builder_reads_images_from_s3_and_publishes_the_index_to_s3(
     assert artifact.manifest.source == IMAGES
     assert artifact.location.startswith(f"{INDEX}/versions/")
     # Same collection, same model: the same records as the local build, in the same order.
-    assert [(r.path, r.size, r.sha256) for r in artifact.manifest.records] == [
-        (r["path"], r["size"], r["sha256"]) for r in manifest["records"]
+    assert [(r.id, r.key, r.size, r.sha256) for r in artifact.manifest.records] == [
+        (r["id"], r["key"], r["size"], r["sha256"]) for r in manifest["records"]
     ]
     assert [s["path"] for s in artifact.manifest.skipped] == ["notes.jpg"]
     local = load_artifact(open_store(str(index_dir)))
     np.testing.assert_allclose(
-        artifact.index.reconstruct_n(0, artifact.index.ntotal),
-        local.index.reconstruct_n(0, local.index.ntotal),
+        reconstruct_vectors(artifact.index, np.arange(24)),
+        reconstruct_vectors(local.index, np.arange(24)),
         atol=1e-5,
     )
     keys = {obj["Key"] for obj in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="index/")["Contents"]}
@@ -163,11 +172,18 @@ def test_builder_reports_an_empty_s3_prefix(s3: S3Server, tiny_model_dir: Path, 
 class FailingStore:
     """Delegates to a real store, records every write, and fails the writes `fail_on` picks."""
 
-    def __init__(self, inner: Store, fail_on: Callable[[str], bool] = lambda key: False) -> None:
+    def __init__(
+        self,
+        inner: Store,
+        fail_on: Callable[[str], bool] = lambda key: False,
+        fail_deletes: bool = False,
+    ) -> None:
         self.inner = inner
         self.uri = inner.uri
         self.fail_on = fail_on
+        self.fail_deletes = fail_deletes
         self.writes: list[str] = []
+        self.delete_attempts: list[str] = []
 
     def read_bytes(self, key: str) -> bytes:
         return self.inner.read_bytes(key)
@@ -178,37 +194,56 @@ class FailingStore:
         self.inner.write_bytes(key, data)
         self.writes.append(key)
 
+    def write_file(self, key: str, path: Path) -> None:
+        if self.fail_on(key):
+            raise StoreError(f"injected failure writing {key}")
+        self.inner.write_file(key, path)
+        self.writes.append(key)
+
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
 
     def iter_keys(self) -> Iterator[str]:
         return self.inner.iter_keys()
 
+    def iter_entries(self) -> Iterator[Entry]:
+        return self.inner.iter_entries()
+
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        return self.inner.iter_chunks(key, chunk_bytes)
+
     def delete_prefix(self, prefix: str) -> None:
+        self.delete_attempts.append(prefix)
+        if self.fail_deletes:
+            raise StoreError(f"injected failure deleting {prefix}")
         self.inner.delete_prefix(prefix)
 
     def local_path(self, key: str) -> Path | None:
         return self.inner.local_path(key)
 
 
-def _artifact_parts(location: str) -> tuple[bytes, Manifest]:
-    artifact = load_artifact(open_store(location))
-    from image_search.faiss_index import serialize_index
-
-    return serialize_index(artifact.index), artifact.manifest
+def _artifact_parts(location: str, folder: Path) -> tuple[Path, Manifest]:
+    """The published index file (copied to `folder`) and manifest at `location`."""
+    store = open_store(location)
+    version = resolve_version(store)
+    index_file = folder / INDEX_FILE
+    with index_file.open("wb") as handle:
+        for chunk in store.iter_chunks(f"{version}/{INDEX_FILE}"):
+            handle.write(chunk)
+    return index_file, load_manifest(store, version)
 
 
 @pytest.mark.parametrize("failing_file", [INDEX_FILE, MANIFEST_FILE, POINTER])
 def test_a_failed_publish_leaves_current_and_the_old_artifact_readable(
-    s3: S3Server, s3_index: str, failing_file: str
+    s3: S3Server, s3_index: str, failing_file: str, tmp_path: Path
 ) -> None:
-    index_bytes, manifest = _artifact_parts(s3_index)
+    index_file, manifest = _artifact_parts(s3_index, tmp_path)
     target = open_store(f"s3://{BUCKET}/publish-{failing_file.lower().replace('.', '-')}")
-    old_version = publish(target, index_bytes, manifest)
+    old_version = publish(target, index_file, manifest)
 
     failing = FailingStore(target, fail_on=lambda key: key.endswith(failing_file))
     with pytest.raises(StoreError, match="injected failure"):
-        publish(failing, index_bytes, manifest)
+        publish(failing, index_file, manifest)
 
     assert target.read_bytes(POINTER).decode().strip() == old_version
     reloaded = load_artifact(target)
@@ -216,10 +251,12 @@ def test_a_failed_publish_leaves_current_and_the_old_artifact_readable(
     assert reloaded.manifest == manifest
 
 
-def test_publish_writes_the_pointer_after_every_file_of_the_version(s3: S3Server, s3_index: str) -> None:
-    index_bytes, manifest = _artifact_parts(s3_index)
+def test_publish_writes_the_pointer_after_every_file_of_the_version(
+    s3: S3Server, s3_index: str, tmp_path: Path
+) -> None:
+    index_file, manifest = _artifact_parts(s3_index, tmp_path)
     recording = FailingStore(open_store(f"s3://{BUCKET}/publish-order"))
-    version = publish(recording, index_bytes, manifest)
+    version = publish(recording, index_file, manifest)
     assert recording.writes == [f"versions/{version}/{INDEX_FILE}", f"versions/{version}/{MANIFEST_FILE}", POINTER]
 
 
@@ -270,14 +307,16 @@ def test_served_app_searches_an_index_held_on_s3(s3_app_url: str, s3_index: str,
     assert info["index_version"] in load_artifact(open_store(s3_index)).location
 
     for expected_id in (0, 5, 23):
-        path = image_folder / manifest.records[expected_id].path
+        record = manifest.record(expected_id)
+        assert record is not None
+        path = image_folder / record.key
         response = requests.post(
             f"{s3_app_url}/search", files=[("files", (path.name, path.read_bytes()))], params={"k": 3}, timeout=60
         )
         assert response.status_code == 200, response.text
         top = response.json()["results"][0]["matches"][0]
         assert top["id"] == expected_id
-        assert top["path"] == manifest.records[expected_id].path
+        assert top["path"] == record.key
         assert top["score"] >= 0.99
         # The app is mounted at /s3: its match URLs carry the prefix, and they resolve.
         assert top["url"] == f"/s3/images/{expected_id}"
@@ -291,12 +330,13 @@ def test_served_app_streams_image_bytes_from_s3(s3: S3Server, s3_app_url: str, s
     assert manifest.source == IMAGES
     client = s3.client()
     for image_id in (0, 1, 12):
-        record = manifest.records[image_id]
+        record = manifest.record(image_id)
+        assert record is not None
         response = requests.get(f"{s3_app_url}/images/{image_id}", timeout=30)
         assert response.status_code == 200
-        s3_bytes = client.get_object(Bucket=BUCKET, Key=f"images/{record.path}")["Body"].read()
+        s3_bytes = client.get_object(Bucket=BUCKET, Key=f"images/{record.key}")["Body"].read()
         assert response.content == s3_bytes
-        expected_type = "image/png" if record.path.endswith(".png") else "image/jpeg"
+        expected_type = "image/png" if record.key.endswith(".png") else "image/jpeg"
         assert response.headers["content-type"] == expected_type
         # Served through the Ingress: never a redirect to (or a presigned URL of) the bucket.
         assert not response.history
@@ -336,7 +376,7 @@ def test_ray_engine_reads_images_from_s3(
     assert ray_built.manifest.records == local.manifest.records
     assert ray_built.manifest.skipped == local.manifest.skipped
     np.testing.assert_allclose(
-        ray_built.index.reconstruct_n(0, ray_built.index.ntotal),
-        local.index.reconstruct_n(0, local.index.ntotal),
+        reconstruct_vectors(ray_built.index, np.arange(24)),
+        reconstruct_vectors(local.index, np.arange(24)),
         atol=1e-5,
     )

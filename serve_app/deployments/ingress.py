@@ -245,7 +245,9 @@ class Ingress:
 
     async def image(self, request: Request) -> Response:
         record_id = self._record_id(request.path_params["image_id"])
-        record = self.manifest.records[record_id]
+        record = self.manifest.record(record_id)
+        if record is None:
+            raise ImageNotFound(f"There is no indexed image with id {record_id}.")
         etag = f'"{record.sha256[:32]}"'
         size_param = request.query_params.get("size")
         size = self._thumbnail_size(size_param) if size_param is not None else None
@@ -255,18 +257,18 @@ class Ingress:
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         if size is None:
-            data = await asyncio.to_thread(self._read_image, record.path)
-            media_type = mimetypes.guess_type(record.path)[0] or "application/octet-stream"
+            data = await asyncio.to_thread(self._read_image, record.key)
+            media_type = mimetypes.guess_type(record.key)[0] or "application/octet-stream"
             return Response(data, media_type=media_type, headers=headers)
         thumbnail = self.thumbnails.get((record_id, size))
         if thumbnail is None:
-            data = await asyncio.to_thread(self._read_image, record.path)
+            data = await asyncio.to_thread(self._read_image, record.key)
             thumbnail = await asyncio.to_thread(make_thumbnail, data, size, self.limits.max_pixels)
             self.thumbnails.put((record_id, size), thumbnail)
         return Response(thumbnail, media_type="image/jpeg", headers=headers)
 
     def _record_id(self, raw: str) -> int:
-        if not raw.isdigit() or len(raw) > 12 or int(raw) >= self.manifest.count:
+        if not raw.isdigit() or len(raw) > 12:
             raise ImageNotFound(f"There is no indexed image with id {raw[:40]!r}.")
         return int(raw)
 
