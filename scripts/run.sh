@@ -3,7 +3,7 @@
 #   - installs the project into .venv
 #   - data/images + data/model: COCO 128 and openai/clip-vit-base-patch32 when the internet is reachable,
 #     otherwise generated demo pictures and a random CLIP (clearly labelled; results are not meaningful)
-#   - builds data/index if it is missing, then `serve run serve_config.yaml`
+#   - builds data/index if it is missing, checks that the port is free, then `serve run serve_config.yaml`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev} bash scripts/setup.sh
@@ -14,4 +14,6 @@ fi
 if [ ! -f data/index/CURRENT ]; then
   $PY -m index_builder --images data/images --out data/index --model data/model
 fi
+# A second `serve run` would share the port with the first without an error: refuse instead.
+$PY scripts/check_port.py serve_config.yaml
 exec .venv/bin/serve run serve_config.yaml

@@ -53,6 +53,12 @@ class SearcherOptions(BaseModel):
     # Search-time knobs of approximate indexes (ignored by exact ones).
     nprobe: int | None = Field(default=None, ge=1)
     ef_search: int | None = Field(default=None, ge=1)
+    # Index versions one replica holds at once (mapped, not copied): during a handover the old one
+    # answers the requests that started before it and the new one the rest; 3 leaves room for a
+    # second publish while the first handover's requests finish.
+    max_versions: int = Field(default=3, ge=2, le=16)
+    # The health check runs one search on the search thread; longer than this means it is stuck.
+    health_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
 class AppArgs(BaseModel):
@@ -70,6 +76,19 @@ class AppArgs(BaseModel):
     # request_timeout_s can be lifted by a client (`x-request-timeout-seconds: 0` disables it);
     # this one cannot, so a slow upload or a stuck call never holds a slot longer than this.
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # How often the Ingress looks at the published version (CURRENT) and, when it changed, loads,
+    # checks and switches to it without a restart. 0 turns following off (serve what ran at start).
+    reload_interval_s: float = Field(default=10.0, ge=0, le=3600)
+    # Where the collection's images live now (folder or s3://); default: where the index was built
+    # (the manifest's `source`). /images/{id} reads `<images>/<key>`.
+    images: str | None = Field(default=None, min_length=1)
+    # Per-node folder for S3 index artifacts (downloaded once per node, verified, then mapped);
+    # default: image_search-index-cache in the system's temporary folder.
+    cache_dir: str | None = Field(default=None, min_length=1)
+    # The Ingress waits at most this long at start for the Embedder (model load) and a Searcher.
+    startup_wait_s: float = Field(default=300.0, gt=0, le=3600)
+    # /healthz reads Serve's status at most this often (it asks Serve's controller each time).
+    health_status_ttl_s: float = Field(default=2.0, ge=0, le=60)
 
 
 class BatchingConfig(BaseModel):

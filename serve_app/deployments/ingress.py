@@ -27,8 +27,6 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from image_search.artifact import load_manifest
-from image_search.compatibility import check_compatible
 from image_search.errors import (
     ClientError,
     ImageNotFound,
@@ -37,15 +35,17 @@ from image_search.errors import (
     ServiceError,
     Unavailable,
 )
-from image_search.manifest import Manifest
+from image_search.manifest import ImageRecord
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
-from image_search.storage import StoreError, open_store
+from image_search.storage import Store, StoreError, open_store
 from serve_app import http_errors
 from serve_app.config import AppArgs
 from serve_app.deadline import DeadlineMiddleware
+from serve_app.health import StatusCache, health_report, unknown_report
 from serve_app.metrics import IngressMetrics, RequestCountMiddleware
 from serve_app.multipart import Upload, read_uploads
 from serve_app.results import error_entry, matches_for_row, parse_k
+from serve_app.served_index import ServedIndex
 from serve_app.thumbnails import make_thumbnail
 
 logger = logging.getLogger("ray.serve")
@@ -62,7 +62,10 @@ THUMBNAIL_CACHE_ENTRIES = 1024
 SEARCH_ATTEMPTS = 3
 
 T = TypeVar("T")
-IMAGE_CACHE_CONTROL = "public, max-age=3600"
+# Ids are stable, but the bytes behind an id may change (an edited photo) and a removed id becomes
+# 404: a cache may keep a copy but must revalidate it (a 304 against the content-hash ETag costs
+# no body), so no browser or CDN ever shows another picture under an id.
+IMAGE_CACHE_CONTROL = "no-cache"
 
 
 async def downstream(call: Awaitable[T]) -> T:
@@ -84,15 +87,15 @@ class LRUBytes:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
-    def get(self, key: tuple[int, int]) -> bytes | None:
+    def get(self, key: tuple[str, int]) -> bytes | None:
         value = self.items.get(key)
         if value is not None:
             self.items.move_to_end(key)
         return value
 
-    def put(self, key: tuple[int, int], value: bytes) -> None:
+    def put(self, key: tuple[str, int], value: bytes) -> None:
         self.items[key] = value
         self.items.move_to_end(key)
         while len(self.items) > self.capacity:
@@ -114,27 +117,39 @@ class Ingress:
         searcher: DeploymentHandle,
         args: AppArgs,
         index_root: str,
-        version_folder: str,
     ) -> None:
         self.embedder = embedder
         self.searcher = searcher
         self.args = args
         self.limits = args.limits
-        self.manifest: Manifest = load_manifest(open_store(index_root), version_folder)
-        self.index_version = version_folder.rsplit("/", 1)[-1] or "unversioned"
-        self.images = open_store(self.manifest.source)
-        identity = await embedder.identity.remote()
-        input_spec = await embedder.input_spec.remote()
-        check_compatible(
-            self.manifest,
-            model_name=identity["model"],
-            embedding_dim=identity["embedding_dim"],
-            fingerprint=identity["fingerprint"],
-            preprocessing=input_spec,
-        )
+        wait_s = args.startup_wait_s
+        logger.info("Ingress waits up to %.0f s for the Embedder to load model %s", wait_s, args.model)
+        identity = await self._startup_call(embedder.identity.remote(), "the Embedder to load its model")
+        input_spec = await self._startup_call(embedder.input_spec.remote(), "the Embedder's preprocessing")
         self.spec = PreprocessSpec.from_dict(input_spec)
+        self.index = ServedIndex(open_store(index_root), identity, input_spec, self._prepare_searcher, args.images)
+        logger.info("Ingress waits up to %.0f s for a Searcher to load the published index", wait_s)
+        await self._startup_call(self.index.start(), "a Searcher to load the published index")
+        self.index.follow(args.reload_interval_s)
+        self.status = StatusCache(serve.get_replica_context().app_name, args.health_status_ttl_s)
         self.thumbnails = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
         self.metrics = IngressMetrics()
+
+    async def _startup_call(self, call: Awaitable[T], what: str) -> T:
+        try:
+            return await asyncio.wait_for(call, self.args.startup_wait_s)
+        except asyncio.TimeoutError:
+            message = f"the Ingress gave up after {self.args.startup_wait_s:.0f} s waiting for {what} (startup_wait_s)"
+            logger.error(message)
+            raise RuntimeError(message) from None
+
+    async def _prepare_searcher(self, version: str) -> int:
+        count: int = await downstream(self.searcher.prepare.remote(version))
+        return count
+
+    async def check_health(self) -> None:
+        if not self.index.following_works():
+            raise RuntimeError("the Ingress stopped following the published index version")
 
     def __serve_build_asgi_app__(self) -> Starlette:
         routes: list[BaseRoute] = [
@@ -171,16 +186,25 @@ class Ingress:
         return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        serving = self.index.describe()
+        try:
+            deployments = await self.status.deployments()
+        except Exception as exc:  # Serve's controller unreachable: say so instead of guessing
+            logger.warning("healthz cannot read Serve's status: %s", str(exc).splitlines()[0][:300])
+            status, body = unknown_report("cannot read Serve's status", serving)
+        else:
+            status, body = health_report(deployments, serving)
+        return JSONResponse(body, status_code=status)
 
     async def info(self, request: Request) -> Response:
+        manifest = self.index.current.manifest
         return JSONResponse(
             {
-                "model": self.manifest.model,
-                "embedding_dim": self.manifest.embedding_dim,
-                "index_size": self.manifest.count,
-                "index_version": self.index_version,
-                "index_type": self.manifest.index.get("factory"),
+                "model": manifest.model,
+                "embedding_dim": manifest.embedding_dim,
+                **self.index.describe(),
+                "reload_interval_s": self.args.reload_interval_s,
+                "index_type": manifest.index.get("factory"),
                 "max_k": self.limits.max_k,
                 "default_k": self.limits.default_k,
                 "max_files": self.limits.max_files,
@@ -208,28 +232,32 @@ class Ingress:
         vectors = await downstream(asyncio.gather(*(self.embedder.embed.remote(item) for item in pixels)))
         if any(vector is None for vector in vectors):
             raise RuntimeError("the Embedder rejected a crop the Ingress made")
-        scores, ids = await self._search(np.stack(vectors), k)
-        results: list[dict[str, Any]] = []
-        root_path = str(request.scope.get("root_path", "")).rstrip("/")
-        row = 0
-        for upload, item in zip(uploads, prepared, strict=True):
-            if isinstance(item, ClientError):
-                results.append(error_entry(upload.filename, item))
-            else:
-                results.append(
-                    {
-                        "filename": upload.filename,
-                        "matches": matches_for_row(scores[row], ids[row], self.manifest, root_path),
-                    }
-                )
-                row += 1
-        return JSONResponse({"results": results})
+        # One version for the whole answer: the Searcher searches it, its manifest names the records.
+        with self.index.lease() as version:
+            scores, ids = await self._search(np.stack(vectors), k, version.name)
+            results: list[dict[str, Any]] = []
+            root_path = str(request.scope.get("root_path", "")).rstrip("/")
+            row = 0
+            for upload, item in zip(uploads, prepared, strict=True):
+                if isinstance(item, ClientError):
+                    results.append(error_entry(upload.filename, item))
+                else:
+                    results.append(
+                        {
+                            "filename": upload.filename,
+                            "matches": matches_for_row(scores[row], ids[row], version.manifest, root_path),
+                        }
+                    )
+                    row += 1
+        return JSONResponse({"index_version": version.name, "results": results})
 
-    async def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    async def _search(self, vectors: np.ndarray, k: int, version: str) -> tuple[np.ndarray, np.ndarray]:
         """Searches are read-only, so a call lost with a dying replica is simply sent again."""
         for attempt in range(SEARCH_ATTEMPTS):
             try:
-                result: tuple[np.ndarray, np.ndarray] = await downstream(self.searcher.search.remote(vectors, k))
+                result: tuple[np.ndarray, np.ndarray] = await downstream(
+                    self.searcher.search.remote(vectors, k, version)
+                )
                 return result
             except Unavailable:
                 if attempt == SEARCH_ATTEMPTS - 1:
@@ -244,10 +272,9 @@ class Ingress:
             return exc
 
     async def image(self, request: Request) -> Response:
-        record_id = self._record_id(request.path_params["image_id"])
-        record = self.manifest.record(record_id)
-        if record is None:
-            raise ImageNotFound(f"There is no indexed image with id {record_id}.")
+        with self.index.lease() as version:
+            record = self._record(request.path_params["image_id"], version.manifest)
+            images = self.index.images(version)
         etag = f'"{record.sha256[:32]}"'
         size_param = request.query_params.get("size")
         size = self._thumbnail_size(size_param) if size_param is not None else None
@@ -257,20 +284,23 @@ class Ingress:
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         if size is None:
-            data = await asyncio.to_thread(self._read_image, record.key)
+            data = await asyncio.to_thread(self._read_image, images, record.key)
             media_type = mimetypes.guess_type(record.key)[0] or "application/octet-stream"
             return Response(data, media_type=media_type, headers=headers)
-        thumbnail = self.thumbnails.get((record_id, size))
+        # Keyed by content, not id: the bytes behind an id can change from one version to the next.
+        thumbnail = self.thumbnails.get((record.sha256, size))
         if thumbnail is None:
-            data = await asyncio.to_thread(self._read_image, record.key)
+            data = await asyncio.to_thread(self._read_image, images, record.key)
             thumbnail = await asyncio.to_thread(make_thumbnail, data, size, self.limits.max_pixels)
-            self.thumbnails.put((record_id, size), thumbnail)
+            self.thumbnails.put((record.sha256, size), thumbnail)
         return Response(thumbnail, media_type="image/jpeg", headers=headers)
 
-    def _record_id(self, raw: str) -> int:
-        if not raw.isdigit() or len(raw) > 12:
+    @staticmethod
+    def _record(raw: str, manifest: Any) -> ImageRecord:
+        record = manifest.record(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else None
+        if record is None:
             raise ImageNotFound(f"There is no indexed image with id {raw[:40]!r}.")
-        return int(raw)
+        return record
 
     def _thumbnail_size(self, raw: str) -> int:
         sizes = self.args.thumbnail_sizes
@@ -278,9 +308,10 @@ class Ingress:
             raise InvalidSize(f"size must be one of {', '.join(map(str, sizes))}.")
         return int(raw)
 
-    def _read_image(self, path: str) -> bytes:
+    @staticmethod
+    def _read_image(images: Store, key: str) -> bytes:
         try:
-            return self.images.read_bytes(path)
+            return images.read_bytes(key)
         except StoreError as exc:
             # The index lists it but the collection lost it: the server's problem, not the client's.
             logger.error("indexed image missing: %s", exc)
