@@ -178,6 +178,13 @@ def test_swap_under_load_fails_nothing_and_each_answer_is_one_version(live: Live
     (artifact_dir / "live-reload.json").write_text(json.dumps(record, indent=2))
     print("live reload:", record)
     assert info(live.base_url)["index_version"] == new
+    # Stable ids over HTTP: a removed image's id is 404 from the new version on, never another image.
+    for image_id, key in old_records.items():
+        response = requests.get(f"{live.base_url}/images/{image_id}", timeout=30)
+        if key in removed_keys:
+            assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        else:
+            assert response.status_code == 200 and response.content == (live.collection / key).read_bytes()
 
 
 def publish_copy(out: Path, good: str, name: str) -> Path:
