@@ -51,5 +51,5 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
         return cast(Deployment, cls).options(**options.get(name, {}))
 
     embedder = deployment(Embedder, "Embedder").bind(args.model, args.embedder)
-    searcher = deployment(Searcher, "Searcher").bind(store.uri, args.searcher, args.cache_dir)
+    searcher = deployment(Searcher, "Searcher").bind(store.uri, args.searcher, args.cache_dir, args.reload_interval_s)
     return deployment(Ingress, "Ingress").bind(embedder, searcher, args, store.uri)

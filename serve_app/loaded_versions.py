@@ -13,9 +13,12 @@ No Ray and no FAISS here: the loader is a callable, so this is unit-tested direc
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+logger = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
 
@@ -68,3 +71,40 @@ class LoadedVersions(Generic[T]):
         self.items.move_to_end(name)
         while len(self.items) > self.capacity:
             self.items.popitem(last=False)
+
+
+class Preloader(Generic[T]):
+    """Loads each newly published version into a Searcher ahead of the Ingress's switch.
+
+    The Ingress's `prepare` reaches one Searcher replica; the others would load the new version on
+    the first search that names it (hashing the whole index file first). Each replica watching
+    CURRENT itself has it ready by the time the Ingress switches. Switching stays the Ingress's
+    decision: this only loads. A version that fails to load is not retried (it is logged once;
+    a search naming it still tries, and reports the error).
+    """
+
+    def __init__(self, versions: LoadedVersions[T], read_current: Callable[[], Awaitable[str]]) -> None:
+        self.versions = versions
+        self.read_current = read_current
+        self.failed: set[str] = set()
+
+    async def preload_once(self) -> str | None:
+        """Load CURRENT if this replica lacks it; the name loaded, or None."""
+        try:
+            name = await self.read_current()
+        except Exception:
+            return None  # the Ingress logs an unreadable CURRENT; nothing to load meanwhile
+        if name in self.versions.items or name in self.failed:
+            return None
+        try:
+            await self.versions.get(name)
+        except Exception as exc:
+            self.failed.add(name)
+            logger.warning("Searcher could not preload index version %s: %s", name, str(exc).splitlines()[0][:500])
+            return None
+        return name
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)  # a polling period, not a synchronisation
+            await self.preload_once()

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from serve_app.loaded_versions import LoadedVersions
+from serve_app.loaded_versions import LoadedVersions, Preloader
 
 
 def test_loads_on_demand_and_drops_the_least_recently_used() -> None:
@@ -69,3 +69,35 @@ def test_a_failed_load_fails_its_waiters_and_is_tried_again_later() -> None:
 
     assert asyncio.run(scenario()) == "index-v1"
     assert attempts == ["v1", "v1"]
+
+
+class Pointer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def read(self) -> str:
+        return self.name
+
+
+def test_preloader_loads_each_new_published_version_once() -> None:
+    loads: list[str] = []
+
+    def load(name: str) -> str:
+        loads.append(name)
+        if name == "broken":
+            raise OSError("checksum")
+        return f"index-{name}"
+
+    pointer = Pointer("v1")
+
+    async def scenario() -> list[str | None]:
+        preloader = Preloader(LoadedVersions(3, load), pointer.read)
+        outcomes = [await preloader.preload_once(), await preloader.preload_once()]
+        pointer.name = "broken"
+        outcomes += [await preloader.preload_once(), await preloader.preload_once()]
+        pointer.name = "v2"
+        outcomes.append(await preloader.preload_once())
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["v1", None, None, None, "v2"]
+    assert loads == ["v1", "broken", "v2"]  # the broken one is not hashed again on every poll

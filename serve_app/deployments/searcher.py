@@ -5,7 +5,7 @@ the few versions it was asked for, memory-mapped through `open_index` (so replic
 share the page cache instead of holding private copies; S3 artifacts are downloaded once per node
 into `cache_dir`), and loads a named version it lacks on demand. It starts with CURRENT loaded,
 never with a version pinned at deploy time, so a replica replaced after several rebuilds finds its
-files.
+files, and it preloads each newly published version, so it is ready when the Ingress switches.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from image_search.errors import ArtifactError
 from image_search.faiss_index import apply_search_params
 from image_search.storage import Store, open_store
 from serve_app.config import SearcherOptions
-from serve_app.loaded_versions import LoadedVersions
+from serve_app.loaded_versions import LoadedVersions, Preloader
 from serve_app.metrics import SearcherMetrics
 from serve_app.search_thread import SearchThread
 
@@ -80,7 +80,9 @@ def check_queries(vectors: np.ndarray, dim: int) -> np.ndarray:
     max_constructor_retry_count=3,
 )
 class Searcher:
-    def __init__(self, index_root: str, options: SearcherOptions, cache_dir: str | None) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
+        self, index_root: str, options: SearcherOptions, cache_dir: str | None, reload_interval_s: float
+    ) -> None:
         self.store = open_store(index_root)
         self.options = options
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
@@ -89,11 +91,15 @@ class Searcher:
         self.metrics = SearcherMetrics()
         # Warm start on what is published now. If CURRENT is broken (a bad build the running
         # Ingress refused), this replica still starts and loads what the Ingress asks for.
-        try:
-            current = read_current(self.store)
-            self.versions.put(current, self._load(current))
-        except ArtifactError as exc:
-            logger.error("Searcher starts without an index; CURRENT is not serveable: %s", exc)
+        preloader = Preloader(self.versions, self._read_current)
+        if await preloader.preload_once() is None and not self.versions.names():
+            logger.error("Searcher starts without an index: CURRENT is missing or not serveable")
+        self.preloading: asyncio.Task[None] | None = None
+        if reload_interval_s > 0:
+            self.preloading = asyncio.get_running_loop().create_task(preloader.run(reload_interval_s))
+
+    async def _read_current(self) -> str:
+        return await asyncio.to_thread(read_current, self.store)
 
     def _load(self, version: str) -> LoadedIndex:
         started = time.perf_counter()
@@ -135,6 +141,8 @@ class Searcher:
 
     async def check_health(self) -> None:
         """The search thread answers: a stuck FAISS call or a dead thread makes the replica unhealthy."""
+        if self.preloading is not None and self.preloading.done():
+            raise RuntimeError("the Searcher stopped watching for new index versions")
         newest = self.versions.newest()
         if newest is None:
             await asyncio.wait_for(self.thread.run(faiss.omp_get_max_threads), self.options.health_timeout_s)
