@@ -32,6 +32,35 @@ _FTYP_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b
 
 WHITE = (255, 255, 255)
 
+# Our own pixel limit (checked from the header, with the image's dimensions in the message) replaces
+# Pillow's process-wide decompression-bomb check, whose error names no dimensions.
+Image.MAX_IMAGE_PIXELS = None
+
+# Signatures of the formats we decode: a file that starts like one of them but does not open is a
+# damaged image (corrupt_image), not some other kind of file (not_an_image).
+_ALLOWED_SIGNATURES: tuple[bytes, ...] = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
+                                          b"II*\x00", b"MM\x00*")  # fmt: skip
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _looks_like_allowed_format(data: bytes) -> bool:
+    return data.startswith(_ALLOWED_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _png_header_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR chunk, read without Pillow (it may refuse the rest of the file)."""
+    if data.startswith(PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, filename: str | None) -> None:
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"The image is {width:,} x {height:,} = {width * height:,} pixels; the limit is {max_pixels:,}.",
+            filename,
+        )
+
 
 def _unsupported_format_name(data: bytes) -> str | None:
     head = data[:64].lstrip()
@@ -58,18 +87,18 @@ def open_image(data: bytes, filename: str | None = None, max_pixels: int = DEFAU
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     except UnidentifiedImageError:
+        header_size = _png_header_size(data)
+        if header_size is not None:
+            _check_pixels(*header_size, max_pixels, filename)
+        if _looks_like_allowed_format(data):
+            raise CorruptImage("The image is damaged: its header does not open.", filename) from None
         raise NotAnImage("The file is not an image we can read.", filename) from None
-    except Image.DecompressionBombError:
-        raise TooManyPixels(f"The image has more than {max_pixels} pixels.", filename) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise CorruptImage(f"The image could not be read: {exc}", filename) from None
     width, height = image.size
     if width < 1 or height < 1:
         raise CorruptImage("The image has no pixels.", filename)
-    if width * height > max_pixels:
-        raise TooManyPixels(
-            f"The image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}.", filename
-        )
+    _check_pixels(width, height, max_pixels, filename)
     return image
 
 

@@ -52,6 +52,21 @@ class Unavailable(ServiceError):
     retry_after_s = 1
 
 
+class Timeout(ServiceError):
+    """Our own end-to-end deadline passed before the answer was ready."""
+
+    status = 503
+    code = "timeout"
+    retry_after_s = 1
+
+
+class IndexedImageUnreadable(ServiceError):
+    """An image the index lists cannot be read or decoded: a fault in our data, not the client's."""
+
+    status = 500
+    code = "indexed_image_unreadable"
+
+
 class EmptyFile(ClientError):
     code = "empty_file"
 

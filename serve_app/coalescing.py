@@ -1,13 +1,13 @@
-"""One forward pass at a time, merging the batches that queue up behind a busy model.
+"""The Embedder's one batching mechanism: one forward pass at a time, merging what queues behind it.
 
-Ray Serve's `@serve.batch` (2.60) forms the next batch as soon as `batch_wait_timeout_s` has passed
-after its first request, even while the previous batch is still running: `max_concurrent_batches`
-only gates when a formed batch may start. Under load a busy model therefore collects a queue of
-batches of 1-2 requests, each formed 10 ms apart, and runs them one by one: measured on 2 cores
-with a ViT-B/32, 16 clients got mean batches of 1.2 and half the throughput of batch 32
-(benchmarks/served.py). The Embedder lets Serve form batches freely and hands them to this class,
-which merges whatever has queued while the model was busy, up to `max_batch_size`, into one
-forward pass. An idle model still starts at once; a busy one gets full batches.
+Why not Ray Serve's `@serve.batch`: in 2.60 it forms the next batch as soon as
+`batch_wait_timeout_s` has passed after its first request, even while the previous batch is still
+running (`max_concurrent_batches` only gates when a formed batch may start). Under load a busy model
+therefore collects a queue of batches of 1-2 requests and runs them one by one: measured on 2
+cores with a ViT-B/32, 16 clients got mean batches of 1.2 and half the throughput of batch 32
+(benchmarks/served.py). Here every request is submitted on its own, and whatever has queued while
+the model was busy, up to `max_batch_size`, becomes the next forward pass. An idle model waits up
+to `batch_wait_timeout_s` for company (0: it starts at once); a busy one gets full batches.
 
 Pure asyncio and numpy: tested without Ray.
 """
@@ -40,11 +40,19 @@ class ForwardCoalescer:
     called after every forward pass (batch-size metrics).
     """
 
-    def __init__(self, forward: Forward, max_batch_size: int, observe: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        forward: Forward,
+        max_batch_size: int,
+        observe: BatchObserver | None = None,
+        batch_wait_timeout_s: float = 0.0,
+    ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
         self.observe = observe
         self.pending: deque[_Pending] = deque()
+        self.arrived = asyncio.Event()
         self.runner: asyncio.Task[None] | None = None
         # Always the same thread: OpenMP keeps one warm thread team per calling thread, and a
         # forward pass hopping between the event loop's pool threads builds and wakes new ones.
@@ -57,6 +65,7 @@ class ForwardCoalescer:
         loop = asyncio.get_running_loop()
         item = _Pending(arrays, loop.create_future())
         self.pending.append(item)
+        self.arrived.set()
         if self.runner is None or self.runner.done():
             self.runner = loop.create_task(self._drain())
         return await item.future
@@ -74,8 +83,32 @@ class ForwardCoalescer:
             size += len(item.arrays)
         return [item for item in group if not item.future.done()]  # callers that gave up
 
+    def queued(self) -> int:
+        """Submissions waiting for a forward pass."""
+        return len(self.pending)
+
+    def _pending_size(self) -> int:
+        return sum(len(item.arrays) for item in self.pending)
+
+    async def _wait_for_company(self) -> None:
+        """Before a forward pass, wait up to batch_wait_timeout_s (from now) until a full batch is pending."""
+        if self.batch_wait_timeout_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_timeout_s
+        while self._pending_size() < self.max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
     async def _drain(self) -> None:
         while self.pending:
+            await self._wait_for_company()
             group = self._take_group()
             if not group:
                 continue

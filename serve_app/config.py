@@ -85,10 +85,12 @@ class AppArgs(BaseModel):
     # Per-node folder for S3 index artifacts (downloaded once per node, verified, then mapped);
     # default: image_search-index-cache in the system's temporary folder.
     cache_dir: str | None = Field(default=None, min_length=1)
-    # The Ingress waits at most this long at start for the Embedder (model load) and a Searcher.
-    startup_wait_s: float = Field(default=300.0, gt=0, le=3600)
     # /healthz reads Serve's status at most this often (it asks Serve's controller each time).
     health_status_ttl_s: float = Field(default=2.0, ge=0, le=60)
+    # How long an Ingress replica waits at start for the Embedder to load its model and answer (and,
+    # as long again, for a Searcher to load the index). Past it the replica fails (and Serve retries
+    # it) with a log line naming what it waited for.
+    startup_timeout_s: float = Field(default=600.0, gt=0, le=3600)
 
 
 class BatchingConfig(BaseModel):
@@ -101,3 +103,13 @@ class BatchingConfig(BaseModel):
     # batches form anyway (requests that arrive during a forward pass join the next one, see
     # serve_app/coalescing.py), so the default adds no latency to a lone request.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
+
+
+def check_batch_fits_concurrency(max_batch_size: int, max_ongoing_requests: int | None) -> None:
+    """A batch only holds requests in flight: a max_batch_size above max_ongoing_requests is never reached."""
+    if max_ongoing_requests is not None and max_batch_size > max_ongoing_requests:
+        raise ValueError(
+            f"Embedder user_config max_batch_size ({max_batch_size}) is larger than its max_ongoing_requests "
+            f"({max_ongoing_requests}), so no batch could ever be that large; raise max_ongoing_requests "
+            "or lower max_batch_size in serve_config.yaml"
+        )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serve_app.http_errors import RETRY_AFTER_S, error_body
+from image_search.errors import Timeout
+from serve_app.http_errors import ResponseStartTracker, service_error_response
 
 
 class DeadlineMiddleware:
@@ -25,22 +25,11 @@ class DeadlineMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracker = ResponseStartTracker(send)
         try:
-            await asyncio.wait_for(self.app(scope, receive, tracking_send), self.timeout_s)
+            await asyncio.wait_for(self.app(scope, receive, tracker), self.timeout_s)
         except asyncio.TimeoutError:
-            if started:
+            if tracker.started:
                 raise
-            response = JSONResponse(
-                error_body("timeout", f"The request took longer than {self.timeout_s:g} s; try again."),
-                status_code=503,
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-            await response(scope, receive, send)
+            error = Timeout(f"The request took longer than {self.timeout_s:g} s; try again.")
+            await service_error_response(error)(scope, receive, send)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from ray.serve.metrics import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,12 +72,16 @@ def route_label(path: str) -> str:
     return first if first in KNOWN_ROUTES else "other"
 
 
+class RequestCounter(Protocol):
+    def count_request(self, route: str, status: int) -> None: ...
+
+
 class RequestCountMiddleware:
     """Counts every answered request by route and status code."""
 
-    def __init__(self, app: ASGIApp, metrics: IngressMetrics) -> None:
+    def __init__(self, app: ASGIApp, counter: RequestCounter) -> None:
         self.app = app
-        self.metrics = metrics
+        self.counter = counter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,7 +90,7 @@ class RequestCountMiddleware:
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.count_request(route_label(scope["path"]), int(message["status"]))
+                self.counter.count_request(route_label(scope["path"]), int(message["status"]))
             await send(message)
 
         await self.app(scope, receive, counting_send)

@@ -14,6 +14,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from image_search.errors import (
+    ClientError,
     FileTooLarge,
     MalformedRequest,
     NoFiles,
@@ -22,6 +23,7 @@ from image_search.errors import (
     TooManyFields,
     TooManyFiles,
 )
+from serve_app.client_values import parse_decimal
 from serve_app.config import UploadLimits
 
 FILES_FIELD = "files"
@@ -30,11 +32,22 @@ MAX_FILENAME_CHARS = 255
 MAX_PART_HEADER_BYTES = 8192
 
 
+def human_bytes(size: int) -> str:
+    """A byte count as people read it: "10 MB", "512 KB", "900 bytes" (binary multiples)."""
+    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.3g} {unit}"
+    return f"{size} bytes"
+
+
 @dataclass
 class Upload:
+    """One uploaded file. `error` is set (and `data` dropped) for a per-file problem such as its size."""
+
     filename: str
     content_type: str
     data: bytearray = field(default_factory=bytearray)
+    error: ClientError | None = None
 
 
 @dataclass
@@ -119,10 +132,16 @@ class _Reader:
         size = end - start
         upload = self.part.upload
         if upload is not None:
+            if upload.error is not None:
+                return  # already refused: the rest is read past, counted only in the request total
             if len(upload.data) + size > self.limits.max_file_bytes:
-                raise FileTooLarge(
-                    f"Each file may be at most {self.limits.max_file_bytes} bytes.", filename=upload.filename
+                # A per-file problem: this file gets an error entry, the others are still answered.
+                upload.error = FileTooLarge(
+                    f"The file is larger than {human_bytes(self.limits.max_file_bytes)}, the limit per photo.",
+                    filename=upload.filename,
                 )
+                upload.data = bytearray()
+                return
             upload.data += data[start:end]
         elif not self.part.is_file:
             self.part.field_bytes += size
@@ -140,8 +159,9 @@ async def read_uploads(
 ) -> list[Upload]:
     """Parse a multipart body into the uploads of its `files` fields, in order."""
     boundary = content_type_boundary(content_type)
-    too_large = RequestTooLarge(f"A request may carry at most {limits.max_request_bytes} bytes.")
-    if content_length is not None and content_length.isdigit() and int(content_length) > limits.max_request_bytes:
+    too_large = RequestTooLarge(f"A request may carry at most {human_bytes(limits.max_request_bytes)}.")
+    declared = parse_decimal(content_length) if content_length is not None else None
+    if declared is not None and declared > limits.max_request_bytes:
         raise too_large
     reader = _Reader(limits)
     callbacks = {

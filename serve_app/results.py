@@ -1,29 +1,30 @@
-"""Pure request/response logic of a search: parsing `k`, turning FAISS rows into matches."""
+"""Assembling a search's JSON answer: one entry per query, FAISS rows turned into matches.
+
+Pure functions of the queries, the FAISS answer and the manifest; tested without Ray.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from image_search.errors import ClientError, InvalidK
+from image_search.errors import ClientError
 from image_search.manifest import Manifest
-from serve_app.config import UploadLimits
 
 THUMBNAIL_SIZE_FOR_RESULTS = 256
 
 
-def parse_k(raw: str | None, limits: UploadLimits) -> int:
-    """`k` from the query string: absent -> default; otherwise an integer in 1..max_k."""
-    if raw is None:
-        return limits.default_k
-    text = raw.strip()
-    if not text.isdigit() or len(text) > 6:
-        raise InvalidK(f"k must be a whole number from 1 to {limits.max_k}; got {raw[:20]!r}.")
-    k = int(text)
-    if not 1 <= k <= limits.max_k:
-        raise InvalidK(f"k must be from 1 to {limits.max_k}; got {k}.")
-    return k
+@dataclass(frozen=True)
+class Query:
+    """One entry of `results`: what was asked (`kind` "filename" or "text", and its name) and, if refused, why."""
+
+    kind: str
+    name: str
+    error: ClientError | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"truncated": True} for a long text
 
 
 def image_url(image_id: int, root_path: str = "") -> str:
@@ -55,5 +56,29 @@ def matches_for_row(
     return matches
 
 
-def error_entry(filename: str, error: ClientError) -> dict[str, Any]:
-    return {"filename": filename, "error": error.to_dict()}
+def result_entries(
+    queries: Sequence[Query], scores: np.ndarray, ids: np.ndarray, manifest: Manifest, root_path: str = ""
+) -> list[dict[str, Any]]:
+    """The `results` list, in request order; row i of scores/ids answers the i-th query without an error."""
+    entries: list[dict[str, Any]] = []
+    row = 0
+    for query in queries:
+        entry: dict[str, Any] = {query.kind: query.name, **query.extra}
+        if query.error is not None:
+            entry["error"] = query.error.to_dict()
+        else:
+            entry["matches"] = matches_for_row(scores[row], ids[row], manifest, root_path)
+            row += 1
+        entries.append(entry)
+    if row != len(scores):
+        raise ValueError(f"{len(scores)} FAISS rows for {row} answered queries")
+    return entries
+
+
+def error_entries(queries: Sequence[Query]) -> list[dict[str, Any]]:
+    """The `results` of a search where every query failed: each one's error, in request order."""
+    return [
+        {query.kind: query.name, **query.extra, "error": query.error.to_dict()}
+        for query in queries
+        if query.error is not None
+    ]

@@ -34,13 +34,11 @@ class ServedIndex:
         self,
         store: Store,
         model_identity: dict[str, Any],
-        input_spec: dict[str, Any],
         prepare_searcher: PrepareCall,
         images_location: str | None,
     ) -> None:
         self.store = store
-        self.identity = model_identity
-        self.input_spec = input_spec
+        self.identity = model_identity  # the Embedder's identity(): model, embedding_dim, fingerprint, preprocessing
         self.prepare_searcher = prepare_searcher
         self.images_location = images_location
         self.image_stores: dict[str, Store] = {}
@@ -58,7 +56,7 @@ class ServedIndex:
             model_name=self.identity["model"],
             embedding_dim=self.identity["embedding_dim"],
             fingerprint=self.identity["fingerprint"],
-            preprocessing=self.input_spec,
+            preprocessing=self.identity["preprocessing"],
         )
         count = await self.prepare_searcher(name)
         if count != manifest.count:

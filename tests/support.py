@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import requests
 import torch
 from PIL import Image, ImageDraw
 from transformers import CLIPConfig, CLIPModel
@@ -114,3 +115,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def post_search(
+    base_url: str,
+    files: list[tuple[str, bytes]],
+    params: dict | None = None,
+    timeout: float = 60,
+    route: str = "/search",
+) -> requests.Response:
+    """POST photos as the page and curl do: multipart, one `files` field per photo."""
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return requests.post(f"{base_url}{route}", files=parts, params=params, timeout=timeout)

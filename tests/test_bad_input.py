@@ -7,22 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests import images
-from tests.support import synthetic_image
+from tests.support import post_search, synthetic_image
 
 MAX_FILE_BYTES = 2_000_000
 MAX_REQUEST_BYTES = 6_000_000
 MAX_FILES = 8
 
 
-def post(base_url: str, files: list[tuple[str, bytes]], params: dict | None = None) -> requests.Response:
-    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
-    return requests.post(f"{base_url}/search", files=parts, params=params, timeout=60)
+post = post_search
 
 
 def assert_error(response: requests.Response, status: int, code: str, filename: str | None = None) -> None:
@@ -139,9 +140,30 @@ def test_one_bad_file_among_good_ones(serve_base_url: str, indexed_images: list[
     assert bad["error"] == {"code": "not_an_image", "message": bad["error"]["message"], "filename": "broken.jpg"}
 
 
-def test_every_file_bad_gives_first_failure(serve_base_url: str) -> None:
-    response = post(serve_base_url, [("a.txt", b""), ("b.jpg", b"junk")])
+def test_every_file_bad_gives_first_failure_and_each_files_error(serve_base_url: str) -> None:
+    response = post(
+        serve_base_url, [("a.txt", b""), ("b.jpg", b"junk"), ("c.png", images.padded_png(MAX_FILE_BYTES + 1))]
+    )
     assert_error(response, 400, "empty_file", filename="a.txt")
+    results = response.json()["results"]
+    assert [(r["filename"], r["error"]["code"]) for r in results] == [
+        ("a.txt", "empty_file"),
+        ("b.jpg", "not_an_image"),
+        ("c.png", "file_too_large"),
+    ]
+
+
+def test_a_file_over_the_size_limit_beside_a_good_one_is_a_per_file_error(
+    serve_base_url: str, indexed_images: list[Path]
+) -> None:
+    good = indexed_images[3]
+    response = post(
+        serve_base_url, [("big.png", images.padded_png(MAX_FILE_BYTES + 1)), (good.name, good.read_bytes())]
+    )
+    assert response.status_code == 200, response.text
+    big, answered = response.json()["results"]
+    assert big["error"]["code"] == "file_too_large" and "1.91 MB" in big["error"]["message"]
+    assert answered["matches"][0]["id"] == 3
 
 
 def test_too_many_files(serve_base_url: str) -> None:
@@ -216,3 +238,18 @@ def test_unknown_route_and_wrong_method_are_json(serve_base_url: str) -> None:
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     response = requests.get(f"{serve_base_url}/search", timeout=30)
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.text(max_size=24))
+def test_any_text_as_k_image_id_or_size_is_a_4xx_or_an_answer(serve_base_url: str, raw: str) -> None:
+    small = images.jpeg(1, (32, 32))
+    responses = [
+        post(serve_base_url, [("a.jpg", small)], params={"k": raw}),
+        requests.get(f"{serve_base_url}/images/{quote(raw, safe='')}", timeout=30),
+        requests.get(f"{serve_base_url}/images/0", params={"size": raw}, timeout=30),
+    ]
+    for response in responses:
+        assert response.status_code < 500, (raw, response.status_code, response.text[:200])
+        if response.status_code >= 400:
+            assert response.json()["error"]["code"], response.text

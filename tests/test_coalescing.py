@@ -131,3 +131,29 @@ def test_a_caller_that_gave_up_is_left_out_of_the_next_batch() -> None:
 def test_running_nothing_is_refused() -> None:
     with pytest.raises(ValueError):
         asyncio.run(ForwardCoalescer(GatedForward(), max_batch_size=4).run([]))
+
+
+def test_an_idle_model_waiting_for_company_starts_as_soon_as_a_batch_is_full() -> None:
+    async def scenario() -> list[int]:
+        forward = GatedForward()
+        forward.gate.set()
+        # A wait far longer than the test may take: only a full batch can start the forward pass.
+        coalescer = ForwardCoalescer(forward, max_batch_size=3, batch_wait_timeout_s=3600)
+        first = asyncio.create_task(coalescer.run(crops(1)))
+        await let_tasks_enqueue(coalescer, 1)
+        rest = [asyncio.create_task(coalescer.run(crops(value))) for value in (2, 3)]
+        await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30)
+        return forward.sizes
+
+    assert asyncio.run(scenario()) == [3]
+
+
+def test_a_lone_request_runs_alone_once_the_wait_for_company_is_over() -> None:
+    async def scenario() -> list[int]:
+        forward = GatedForward()
+        forward.gate.set()
+        coalescer = ForwardCoalescer(forward, max_batch_size=8, batch_wait_timeout_s=0.01)
+        await asyncio.wait_for(coalescer.run(crops(1)), timeout=30)
+        return forward.sizes
+
+    assert asyncio.run(scenario()) == [1]

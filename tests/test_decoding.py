@@ -79,3 +79,13 @@ def test_corrupted_png_never_escapes_as_another_error(position: int, byte: int) 
     data[position % len(data)] = byte % 256
     with contextlib.suppress(ClientError):
         decode_image(bytes(data))
+
+
+def test_a_png_header_without_data_is_too_large_or_damaged_never_not_an_image() -> None:
+    header_only = images.png_header_only(20_000, 20_000)
+    header_only = header_only[: header_only.index(b"IDAT") - 4]  # IHDR and nothing after it
+    with pytest.raises(TooManyPixels, match=r"20,000 x 20,000 = 400,000,000 pixels; the limit is 50,000,000"):
+        decode_image(header_only)
+    small = images.png_header_only(500, 500)
+    with pytest.raises(CorruptImage):
+        decode_image(small[: small.index(b"IDAT") - 4])

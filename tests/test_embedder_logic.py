@@ -1,30 +1,27 @@
-"""The Embedder's plain logic, without Ray: batch item validation and the log filter."""
+"""The Embedder's plain logic, without Ray: which items are crops, and batch sizes it can reach."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
+import pytest
 
-from serve_app.deployments.embedder import DropBatchCapacityWarning, split_valid
+from serve_app.config import check_batch_fits_concurrency
+from serve_app.deployments.embedder import is_crop
 
 
-def test_split_valid_keeps_only_crops_of_the_expected_shape() -> None:
+def test_only_uint8_crops_of_the_expected_shape_are_crops() -> None:
     good = np.zeros((4, 4, 3), dtype=np.uint8)
-    batch = [good, np.zeros((4, 4, 3), dtype=np.float32), "junk", np.zeros((5, 4, 3), dtype=np.uint8), good]
-    positions, arrays = split_valid(batch, (4, 4, 3))
-    assert positions == [0, 4] and len(arrays) == 2
+    assert is_crop(good, (4, 4, 3))
+    assert not is_crop(np.zeros((4, 4, 3), dtype=np.float32), (4, 4, 3))
+    assert not is_crop(np.zeros((5, 4, 3), dtype=np.uint8), (4, 4, 3))
+    assert not is_crop("pixels", (4, 4, 3))
 
 
-def record(message: str) -> logging.LogRecord:
-    return logging.LogRecord("ray.serve", logging.WARNING, __file__, 1, message, None, None)
+@pytest.mark.parametrize(("batch", "ongoing"), [(16, 64), (64, 64), (1, 1), (256, None)])
+def test_batch_sizes_the_replica_can_reach_are_accepted(batch: int, ongoing: int | None) -> None:
+    check_batch_fits_concurrency(batch, ongoing)
 
 
-def test_only_serves_batch_capacity_warning_is_dropped() -> None:
-    drop = DropBatchCapacityWarning()
-    serve_warning = (
-        "`max_batch_size` (16) * `max_concurrent_batches` (1024) is larger than `max_ongoing_requests` (64)."
-    )
-    assert not drop.filter(record(serve_warning))
-    assert drop.filter(record("Embedder ready"))
-    assert drop.filter(record("replica health check failed"))
+def test_a_batch_size_above_max_ongoing_requests_is_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"max_batch_size \(65\) is larger than its max_ongoing_requests \(64\)"):
+        check_batch_fits_concurrency(65, 64)

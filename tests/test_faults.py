@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,15 +19,12 @@ import pytest
 import ray
 import requests
 
+from serve_app.config import AppArgs
 from tests import images
 from tests.conftest import APP_NAME, REQUEST_TIMEOUT_S, wait_until_ok
-from tests.support import write_image_folder
+from tests.support import post_search, write_image_folder
 
 LOAD_DEADLINE_S = 90
-
-
-def post_one(url: str, data: bytes, timeout: float = 60) -> requests.Response:
-    return requests.post(f"{url}/search", files=[("files", ("q.jpg", data, "image/jpeg"))], timeout=timeout)
 
 
 def replica_actors(app: str, deployment: str) -> list[Any]:
@@ -47,22 +46,27 @@ def record(artifact_dir: Path, name: str, values: dict[str, Any]) -> None:
 
 
 def load_while(url: str, payload: bytes, action_after: int, action: Any, after_action: int) -> list[tuple[float, int]]:
-    """Send requests from 4 threads; run `action` after `action_after` answers; stop `after_action` answers later."""
+    """Send from 4 threads; run `action` once after `action_after` answers; stop `after_action` answers later."""
     outcomes: list[tuple[float, int]] = []
     acted_at: list[float] = []
+    lock = threading.Lock()  # one decision to act, taken by exactly one thread
     deadline = time.monotonic() + LOAD_DEADLINE_S
 
     def client() -> None:
         while time.monotonic() < deadline:
-            if acted_at and sum(1 for t, _ in outcomes if t > acted_at[0]) >= after_action:
-                return
+            with lock:
+                if acted_at and sum(1 for t, _ in outcomes if t > acted_at[0]) >= after_action:
+                    return
             try:
-                status = post_one(url, payload, timeout=REQUEST_TIMEOUT_S + 15).status_code
+                status = post_search(url, [("q.jpg", payload)], timeout=REQUEST_TIMEOUT_S + 15).status_code
             except requests.RequestException:
                 status = -1  # a hang or a dropped connection: counted as a failure
-            outcomes.append((time.monotonic(), status))
-            if len(outcomes) >= action_after and not acted_at:
-                acted_at.append(time.monotonic())
+            with lock:
+                outcomes.append((time.monotonic(), status))
+                act = len(outcomes) >= action_after and not acted_at
+                if act:
+                    acted_at.append(time.monotonic())
+            if act:
                 action()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -71,35 +75,52 @@ def load_while(url: str, payload: bytes, action_after: int, action: Any, after_a
     return outcomes
 
 
-def test_killed_embedder_is_replaced_and_in_flight_requests_get_503(serve_base_url: str, artifact_dir: Path) -> None:
-    (embedder,) = replica_actors(APP_NAME, "Embedder")
-    pid = replica_pid(embedder)
-    killed_at: list[float] = []
+def wait_for(check: Any, what: str, timeout_s: float = 60) -> Any:
+    """Poll `check()` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"no {what} within {timeout_s} s")
 
-    def kill() -> None:
-        killed_at.append(time.monotonic())
-        os.kill(pid, signal.SIGKILL)
 
-    outcomes = load_while(serve_base_url, images.jpeg(11), action_after=8, action=kill, after_action=30)
-    statuses = [status for _, status in outcomes]
-    assert set(statuses) <= {200, 503}, statuses
-    after = [(t, s) for t, s in outcomes if t > killed_at[0]]
-    assert after[-1][1] == 200
-    first_ok_after_failure = next(
-        (t for t, s in after if s == 200 and t > max((t2 for t2, s2 in after if s2 != 200), default=0)), None
-    )
-    assert first_ok_after_failure is not None
-    new_pid = replica_pid(replica_actors(APP_NAME, "Embedder")[0])
-    assert new_pid != pid
-    record(
-        artifact_dir,
-        "embedder_kill",
-        {
-            "requests": len(statuses),
-            "503s": statuses.count(503),
-            "recovery_s": round(first_ok_after_failure - killed_at[0], 2),
-        },
-    )
+def test_killed_embedder_is_replaced_and_in_flight_requests_get_503(
+    serve_base_url: str, app_args: AppArgs, artifact_dir: Path
+) -> None:
+    """A request held inside the Embedder (gated: it waits 10 s for company) when the replica is killed."""
+    from ray import serve
+
+    from serve_app.app import build_graph
+
+    def deploy(batching: dict) -> None:
+        serve.run(build_graph(app_args, {"Embedder": {"user_config": batching}}), name=APP_NAME, route_prefix="/")
+
+    deploy({"max_batch_size": 2, "batch_wait_timeout_s": 10})
+    try:
+        embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+        (actor,) = replica_actors(APP_NAME, "Embedder")
+        pid = replica_pid(actor)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(post_search, serve_base_url, [("q.jpg", images.jpeg(11))])
+            wait_for(lambda: embedder.queued_requests.remote().result() == 1, "request waiting in the Embedder")
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            answer = in_flight.result(timeout=REQUEST_TIMEOUT_S + 30)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "unavailable" and answer.headers["retry-after"] == "1"
+
+        def answered() -> bool:
+            return post_search(serve_base_url, [("q.jpg", images.jpeg(11))]).status_code == 200
+
+        wait_for(answered, "answer from a replacement Embedder", timeout_s=120)
+        recovery_s = time.monotonic() - killed_at
+        (replacement,) = replica_actors(APP_NAME, "Embedder")
+        assert replica_pid(replacement) != pid
+    finally:
+        deploy({})
+    record(artifact_dir, "embedder_kill", {"in_flight_status": answer.status_code, "recovery_s": round(recovery_s, 2)})
 
 
 def test_killed_searcher_replica_fails_no_request(serve_base_url: str, artifact_dir: Path) -> None:
@@ -170,44 +191,49 @@ def test_overload_gets_fast_503_with_retry_after(serve_port: int, index_dir: Pat
         serve.delete("overload")
 
 
+def read_progress(stream: Any) -> Any:
+    """(done, total) pairs from the builder's progress bar (unit "img") on `stream`; tqdm redraws with \\r."""
+    text = ""
+    while True:
+        char = stream.read(1)
+        if not char:
+            return
+        if char in "\r\n":
+            match = re.search(r"(\d+)/(\d+) \[.*img", text)
+            if match:
+                yield int(match.group(1)), int(match.group(2))
+            text = ""
+        else:
+            text += char
+
+
 def test_sigkilled_build_leaves_previous_index_serveable(tmp_path: Path, tiny_model_dir: Path) -> None:
     from image_search.artifact import load_artifact
     from image_search.storage import LocalStore
 
     images_dir = tmp_path / "images"
-    write_image_folder(images_dir, 300)
+    write_image_folder(images_dir, 40)
     out = tmp_path / "index"
-    command = [
-        sys.executable,
-        "-m",
-        "index_builder",
-        "--images",
-        str(images_dir),
-        "--out",
-        str(out),
-        "--model",
-        str(tiny_model_dir),
-        "--batch-size",
-        "8",
-    ]
+    command = [sys.executable, "-m", "index_builder", "--images", str(images_dir), "--out", str(out),
+               "--model", str(tiny_model_dir), "--batch-size", "8"]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     before = (out / "CURRENT").read_text()
+    write_image_folder(images_dir / "more", 160, start_seed=1000)  # the next build has 160 images to embed
 
     builder = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert builder.stderr is not None
-    # Kill it once its progress bar shows images being embedded (well before it can publish).
-    for line in iter(lambda: builder.stderr.readline(), ""):  # type: ignore[union-attr]
-        if "img/s" in line or "img]" in line:
-            break
+    # Killed once more than half of its images are embedded: mid-build, with vectors in memory.
+    progress = next((done, total) for done, total in read_progress(builder.stderr) if total and done * 2 > total)
     builder.send_signal(signal.SIGKILL)
     builder.wait(timeout=60)
     assert builder.returncode == -signal.SIGKILL
+    assert progress[0] < progress[1]  # it had not finished embedding
     assert (out / "CURRENT").read_text() == before
-    assert load_artifact(LocalStore(out)).manifest.count == 300
+    assert load_artifact(LocalStore(out)).manifest.count == 40
 
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     assert (out / "CURRENT").read_text() != before
-    assert load_artifact(LocalStore(out)).manifest.count == 300
+    assert load_artifact(LocalStore(out)).manifest.count == 200
 
 
 @pytest.mark.parametrize(

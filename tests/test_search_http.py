@@ -10,13 +10,12 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.support import synthetic_image
+from serve_app.config import AppArgs
+from tests.support import post_search, synthetic_image
 
 
 def post_files(base_url: str, files: list[tuple[str, bytes]], k: int | None = None) -> requests.Response:
-    params = {"k": k} if k is not None else None
-    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
-    return requests.post(f"{base_url}/search", files=parts, params=params, timeout=60)
+    return post_search(base_url, files, {"k": k} if k is not None else None)
 
 
 def test_every_indexed_image_finds_itself_first(
@@ -78,8 +77,7 @@ def test_thumbnail_is_small_jpeg_that_caches_revalidate_by_etag(serve_base_url: 
     response = requests.get(f"{serve_base_url}/images/0?size=128", timeout=30)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/jpeg"
-    # Never a lifetime: the picture behind an id may change with the next version.
-    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["cache-control"] == "no-cache"  # revalidated: a cached copy never outlives its id
     image = Image.open(io.BytesIO(response.content))
     assert max(image.size) == 128
     again = requests.get(
@@ -97,7 +95,9 @@ def test_unknown_image_ids_are_404(serve_base_url: str, image_id: str) -> None:
 
 def test_info_reports_model_dim_and_count(serve_base_url: str, manifest: dict, tiny_model_dir: Path) -> None:
     info = requests.get(f"{serve_base_url}/info", timeout=30).json()
-    assert info["model"] == str(tiny_model_dir)
+    assert info["model"] == tiny_model_dir.name  # a name, never the server's path
+    assert str(tiny_model_dir.parent) not in requests.get(f"{serve_base_url}/info", timeout=30).text
+    assert info["demo_data"] is False
     assert info["embedding_dim"] == 32
     assert info["index_size"] == len(manifest["records"]) == 24
     assert info["index_version"]
@@ -131,22 +131,37 @@ def test_unseen_photo_gets_ranked_matches(serve_base_url: str) -> None:
     assert [m["score"] for m in matches] == sorted((m["score"] for m in matches), reverse=True)
 
 
-def test_concurrent_requests_form_batches(serve_base_url: str, indexed_images: list[Path]) -> None:
-    """Observe the Embedder's batches rather than assume them: 16 concurrent clients must share some."""
+def test_concurrent_requests_join_one_forward_pass(
+    serve_base_url: str, app_args: AppArgs, indexed_images: list[Path]
+) -> None:
+    """Gate the Embedder: with a 10 s wait for company, only a full batch of the 4 requests can run.
+
+    A deploy from code replaces the replicas (each gets a new code version), so batches are counted on
+    the gated replica itself; the default batching is deployed again after.
+    """
     from ray import serve
 
+    from serve_app.app import build_graph
     from tests.conftest import APP_NAME
 
+    def deploy(batching: dict) -> None:
+        app = build_graph(app_args, {"Embedder": {"user_config": batching}})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
     embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
-    before = embedder.batch_size_counts.remote().result()
-    payloads = [(p.name, p.read_bytes()) for p in indexed_images[:16]]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        responses = list(pool.map(lambda item: post_files(serve_base_url, [item]), payloads * 2))
-    assert all(r.status_code == 200 for r in responses)
-    after = embedder.batch_size_counts.remote().result()
+    deploy({"max_batch_size": 4, "batch_wait_timeout_s": 10})
+    try:
+        before = embedder.batch_size_counts.remote().result()
+        payloads = [(p.name, p.read_bytes()) for p in indexed_images[:4]]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            responses = list(pool.map(lambda item: post_files(serve_base_url, [item]), payloads))
+        assert [r.status_code for r in responses] == [200] * 4
+        assert [r.json()["results"][0]["matches"][0]["id"] for r in responses] == [0, 1, 2, 3]
+        after = embedder.batch_size_counts.remote().result()
+    finally:
+        deploy({})
     new_batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
-    assert sum(size * n for size, n in new_batches.items()) == 32
-    assert any(size > 1 and n > 0 for size, n in new_batches.items()), new_batches
+    assert {size: n for size, n in new_batches.items() if n} == {4: 1}
 
 
 @pytest.mark.parametrize("size", ["64", "0", "abc", "100000"])
@@ -154,3 +169,23 @@ def test_thumbnail_sizes_outside_the_list_are_422(serve_base_url: str, size: str
     response = requests.get(f"{serve_base_url}/images/0", params={"size": size}, timeout=30)
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_size"
+
+
+def test_an_indexed_image_that_no_longer_reads_is_a_server_fault(
+    serve_base_url: str, indexed_images: list[Path]
+) -> None:
+    """Our own data's problem: 500 `indexed_image_unreadable`, never a 4xx as if the client had sent it."""
+    image_id = len(indexed_images) - 1  # size 512 of the last image: no other test has it in the cache
+    path = indexed_images[image_id]
+    original = path.read_bytes()
+    try:
+        path.write_bytes(b"no longer an image")
+        thumbnail = requests.get(f"{serve_base_url}/images/{image_id}", params={"size": 512}, timeout=30)
+        path.unlink()
+        full = requests.get(f"{serve_base_url}/images/{image_id}", timeout=30)
+    finally:
+        path.write_bytes(original)
+    for response in (thumbnail, full):
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["code"] == "indexed_image_unreadable"
+        assert str(path.parent) not in response.text
