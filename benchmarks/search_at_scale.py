@@ -16,8 +16,16 @@ Memory with 2 Searcher replicas: `--mmap` writes the index to a local file and s
 that load it at the same time, with and without `faiss.IO_FLAG_MMAP`, and reports their RSS and PSS
 (PSS splits shared pages between the processes that map them, so it shows real sharing).
 
+`--memory-only` measures just that, the way the service loads an index: the builder's format (an
+IDMap2 around the chosen index, `write_index_file`) opened with `map_index_file` (what `open_index`
+does) in 2 processes, against `read_index_file` (a private copy) in 1 and in 2 processes. Each
+process scans every inverted list once (nprobe = nlist) so every page of the index is resident: the
+worst case for the mapped processes. To keep it to minutes on small machines, the IVF quantiser is
+trained with few k-means iterations: search quality is not measured here, memory does not depend on it.
+
     .venv/bin/python -m benchmarks.search_at_scale [--quick | --n N] [--data clustered|random|both]
         [--nlist 4096 --nlist 8192 ...] [--nprobe 16 --nprobe 32 ...] [--hnsw] [--mmap]
+    .venv/bin/python -m benchmarks.search_at_scale --memory-only [--n 1000000]
 """
 
 from __future__ import annotations
@@ -252,6 +260,107 @@ def mmap_report(index: faiss.Index) -> None:
         )
 
 
+# --- the service's way: builder format, mapped by open_index ---------------------------------------
+
+SERVICE_CHILD = """
+import sys, faiss, numpy as np
+from pathlib import Path
+from image_search.faiss_index import map_index_file, read_index_file
+path, how = Path(sys.argv[1]), sys.argv[2]
+index = map_index_file(path) if how == "map" else read_index_file(path)
+faiss.omp_set_num_threads(1)
+q = np.random.default_rng(0).standard_normal((1, index.d), dtype=np.float32)
+try:
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = ivf.nlist  # one full scan: every page of the index resident
+except RuntimeError:
+    pass
+index.search(q, 5)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+MEMORY_RATIO_TARGET = 1.2  # issue 9: 2 replicas within 1.2x one copy
+
+
+def processes_memory(path: Path, how: str, count: int) -> list[tuple[int, int]]:
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", SERVICE_CHILD, str(path), how],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for _ in range(count)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a child failed to load the index ({how})")
+        return [memory_kib(child.pid) for child in children]
+    finally:
+        for child in children:
+            if child.stdin:
+                child.stdin.close()
+            child.wait(timeout=120)
+
+
+def service_index_file(n: int, folder: Path, seed: int) -> tuple[Path, str]:
+    """The builder's on-disk format for n clustered vectors: IDMap2 around the chosen spec."""
+    from image_search.faiss_index import write_index_file
+
+    spec = choose_index_spec(n, DIM)
+    started = time.perf_counter()
+    vectors, _ = make_vectors("clustered", n, 1, 3000, seed)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    inner = faiss.index_factory(DIM, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if not inner.is_trained:
+        ivf = faiss.extract_index_ivf(inner)
+        ivf.cp.niter = 4  # see the module docstring: memory does not depend on the quantiser's quality
+        rows = np.random.default_rng(seed).choice(n, min(n, 16 * ivf.nlist), replace=False)
+        inner.train(vectors[np.sort(rows)])
+    index = faiss.IndexIDMap2(inner)
+    for start in range(0, n, CHUNK):
+        index.add_with_ids(vectors[start : start + CHUNK], np.arange(start, min(n, start + CHUNK), dtype=np.int64))
+    del vectors
+    path = folder / "index.faiss"
+    write_index_file(index, path)
+    del index
+    print(f"built and wrote {spec.factory} (IDMap2) of {n} x {DIM} in {time.perf_counter() - started:.0f}s", flush=True)
+    return path, spec.factory
+
+
+def memory_report(n: int, seed: int) -> int:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
+        path, factory = service_index_file(n, Path(folder), seed)
+        size_mib = os.path.getsize(path) / 2**20
+        cases = [
+            ("1 process, private copy (read_index_file)", "copy", 1),
+            ("2 processes, private copies (read_index_file)", "copy", 2),
+            ("2 processes, mapped (map_index_file = open_index)", "map", 2),
+        ]
+        rows, totals = [], {}
+        for name, how, count in cases:
+            measured = processes_memory(path, how, count)
+            rss = " / ".join(f"{kib / 1024:.0f}" for kib, _ in measured)
+            pss = " / ".join(f"{kib / 1024:.0f}" for _, kib in measured)
+            totals[name] = sum(kib for _, kib in measured) / 1024
+            rows.append([name, rss, pss, totals[name]])
+            print(f"  {name}: PSS total {totals[name]:.0f} MiB", flush=True)
+        one_copy = totals[cases[0][0]]
+        for row in rows:
+            row.append(row[3] / one_copy)
+        print_table(
+            f"Processes holding one {size_mib:.0f} MiB {factory} index (n={n}, after a full scan each)",
+            ["load", "RSS MiB (each)", "PSS MiB (each)", "PSS MiB total", "x one copy"],
+            rows,
+        )
+        verdict("2 mapped processes vs one copy (PSS)", totals[cases[2][0]] / one_copy, MEMORY_RATIO_TARGET, False, "x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=None, help="database vectors (default 1,000,000; quick 200,000)")
@@ -266,9 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ef-search", type=int, action="append", default=None)
     parser.add_argument("--train-per-list", type=int, default=TRAINING_POINTS_PER_LIST)
     parser.add_argument("--mmap", action="store_true", help="measure RSS/PSS of 2 processes with and without mmap")
+    parser.add_argument("--memory-only", action="store_true", help="only PSS of mapped vs copied, service format")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.n = args.n or (200_000 if args.quick else 1_000_000)
+    if args.memory_only:
+        print(f"search_at_scale --memory-only: {machine_note()}, n={args.n}, faiss {faiss.__version__}")
+        return memory_report(args.n, args.seed)
     args.data = args.data or ("clustered" if args.quick else "both")
     args.data_kinds = ["clustered", "random"] if args.data == "both" else [args.data]
     args.nlist = args.nlist or []

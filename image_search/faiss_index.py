@@ -20,9 +20,11 @@ from image_search.index_spec import IndexSpec
 TRAINING_SAMPLE_SEED = 0
 
 
-# Read-only memory map: replicas on one node share the page cache instead of each holding a copy.
-# faiss-cpu 1.15 maps Flat codes and IVF inverted lists under an IDMap2 with this flag (checked).
-MMAP_FLAGS = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+# Memory-mapped codes: replicas on one node share the page cache instead of each holding a copy.
+# Checked with faiss-cpu 1.15 (/proc/self/maps): IO_FLAG_MMAP maps IVF inverted lists but reads a
+# Flat index (under an IDMap2) into memory; IO_FLAG_MMAP_IFC maps the codes of both. The IDMap2's
+# id arrays (16 bytes an image, plus its hash map) stay private to each process.
+MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC
 
 
 def build_faiss_index(vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | None = None) -> faiss.Index:

@@ -220,6 +220,8 @@ def test_sigkilled_build_leaves_previous_index_serveable(tmp_path: Path, tiny_mo
     before = (out / "CURRENT").read_text()
     write_image_folder(images_dir / "more", 160, start_seed=1000)  # the next build has 160 images to embed
 
+    # --full: an unchanged collection would otherwise have nothing to embed (and publish nothing).
+    command.append("--full")
     builder = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert builder.stderr is not None
     # Killed once more than half of its images are embedded: mid-build, with vectors in memory.

@@ -84,3 +84,26 @@ def test_ray_engine_reports_an_unloadable_model(
 ) -> None:
     assert build(image_folder, tmp_path / "out", tmp_path / "no-model", "--engine", "ray") == 1
     assert "could not load CLIP checkpoint" in capsys.readouterr().err
+
+
+def test_ray_engine_builds_incrementally_embedding_only_the_diff(
+    ray_cluster: None, image_folder: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(image_folder, images)
+    assert build(images, out, tiny_model_dir) == 0  # the local engine publishes the first version
+    before = {r.key: r.id for r in load_artifact(open_store(str(out))).manifest.records}
+    (images / "img_0004.jpg").unlink()
+    write_image_folder(images / "new", 1, start_seed=300)
+    capsys.readouterr()
+
+    assert build(images, out, tiny_model_dir, "--engine", "ray", "--batch-size", "4") == 0
+    assert "added 1, changed 0, removed 1, reused 23" in capsys.readouterr().out
+    after = load_artifact(open_store(str(out)))
+    ids = {r.key: r.id for r in after.manifest.records}
+    assert ids.pop("new/nested/img_0300.jpg") == 24
+    assert ids == {key: image_id for key, image_id in before.items() if key != "img_0004.jpg"}
+    _, found = after.index.search(after.index.reconstruct(24)[None, :], 1)
+    assert found[0, 0] == 24

@@ -184,6 +184,7 @@ class FailingStore:
         self.fail_deletes = fail_deletes
         self.writes: list[str] = []
         self.delete_attempts: list[str] = []
+        self.chunk_reads: list[str] = []
 
     def read_bytes(self, key: str) -> bytes:
         return self.inner.read_bytes(key)
@@ -210,6 +211,7 @@ class FailingStore:
         return self.inner.iter_entries()
 
     def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        self.chunk_reads.append(key)
         return self.inner.iter_chunks(key, chunk_bytes)
 
     def delete_prefix(self, prefix: str) -> None:
@@ -258,6 +260,111 @@ def test_publish_writes_the_pointer_after_every_file_of_the_version(
     recording = FailingStore(open_store(f"s3://{BUCKET}/publish-order"))
     version = publish(recording, index_file, manifest)
     assert recording.writes == [f"versions/{version}/{INDEX_FILE}", f"versions/{version}/{MANIFEST_FILE}", POINTER]
+
+
+# --- opening a version from S3: downloaded once per node, verified, mapped -------------------------------
+
+
+def test_open_index_downloads_once_and_refetches_a_corrupt_cached_copy(
+    s3: S3Server, s3_index: str, tmp_path: Path
+) -> None:
+    from image_search.artifact import cache_path, open_index
+
+    recording = FailingStore(open_store(s3_index))
+    folder = resolve_version(recording)
+    manifest = load_manifest(recording, folder)
+    cache = tmp_path / "cache"
+
+    first = open_index(recording, folder, manifest, cache)
+    cached = cache_path(cache, recording, folder)
+    assert cached.is_file() and recording.chunk_reads == [f"{folder}/{INDEX_FILE}"]
+    assert str(cached) in {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()}
+    assert not [p for p in cached.parent.iterdir() if p.name.endswith(".part")]  # no temporary file left
+
+    second = open_index(recording, folder, manifest, cache)  # a second replica on the node
+    assert len(recording.chunk_reads) == 1  # verified from the cache, not downloaded again
+    np.testing.assert_array_equal(second.reconstruct(3), first.reconstruct(3))
+
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.unlink()  # the mapped file keeps its inode; the damaged copy is a new file
+    cached.write_bytes(bytes(data))
+    third = open_index(recording, folder, manifest, cache)
+    assert len(recording.chunk_reads) == 2  # refused and fetched again
+    np.testing.assert_array_equal(third.reconstruct(3), first.reconstruct(3))
+    assert sha256_of(cached) == manifest.index_sha256
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_open_index_refuses_an_s3_object_that_does_not_match_its_manifest(
+    s3: S3Server, s3_index: str, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from image_search.artifact import cache_path, check_artifact, open_index
+    from image_search.errors import ArtifactError
+
+    store = open_store(s3_index)
+    folder = resolve_version(store)
+    wrong = replace(load_manifest(store, folder), index_sha256="0" * 64)
+    with pytest.raises(ArtifactError, match="checksum does not match"):
+        open_index(store, folder, wrong, tmp_path / "cache")
+    assert not cache_path(tmp_path / "cache", store, folder).exists()
+    assert check_artifact(store, folder).index_sha256 != wrong.index_sha256
+
+
+# --- incremental builds and retention on S3 ---------------------------------------------------------
+
+
+def test_incremental_build_on_s3_uses_size_and_last_modified(
+    s3: S3Server, s3_images: list[str], tiny_model_dir: Path, image_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from index_builder.cli import main
+
+    client = s3.client()
+    upload_folder(client, image_folder, BUCKET, "living")
+    images, out = f"s3://{BUCKET}/living", f"s3://{BUCKET}/living-index"
+    argv = ["--images", images, "--out", out, "--model", str(tiny_model_dir), "--quiet"]
+    assert main(argv) == 0
+    before = {r.key: r.id for r in load_artifact(open_store(out)).manifest.records}
+    client.delete_object(Bucket=BUCKET, Key="living/img_0002.jpg")
+    client.put_object(Bucket=BUCKET, Key="living/extra/new.png", Body=(image_folder / "img_0001.png").read_bytes())
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "added 1, changed 0, removed 1, reused 23" in capsys.readouterr().out
+    after = load_artifact(open_store(out)).manifest
+    assert after.record(before["img_0002.jpg"]) is None
+    assert {r.key: r.id for r in after.records if r.key != "extra/new.png"} == {
+        key: image_id for key, image_id in before.items() if key != "img_0002.jpg"
+    }
+    new = next(r for r in after.records if r.key == "extra/new.png")
+    assert new.id == 24 and new.mtime_ns is not None
+
+
+def test_a_failing_s3_delete_is_a_warning_after_current_is_written(
+    s3: S3Server, s3_index: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from image_search.artifact import RetentionPolicy, list_versions
+
+    index_file, manifest = _artifact_parts(s3_index, tmp_path)
+    target = open_store(f"s3://{BUCKET}/retention-failing")
+    policy = RetentionPolicy(retention_s=0, keep_versions=2)
+    old = [publish(target, index_file, manifest, policy, now=1_700_000_000.0 + i) for i in range(2)]
+    failing = FailingStore(target, fail_deletes=True)
+    with caplog.at_level(logging.WARNING, logger="image_search.artifact"):
+        newest = publish(failing, index_file, manifest, policy, now=1_700_000_100.0)
+    assert target.read_bytes(POINTER).decode().strip() == newest
+    assert f"could not delete old index version {old[0]}" in caplog.text
+    assert [v.name for v in list_versions(target)] == [*old, newest]
+    publish(target, index_file, manifest, policy, now=1_700_000_200.0)  # a working store prunes
+    assert len(list_versions(target)) == 2
 
 
 # --- serving from S3 ----------------------------------------------------------------------------------

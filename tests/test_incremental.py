@@ -1,0 +1,174 @@
+"""Incremental builds through the command line, on real files: counts, stable ids, equality with a full build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from image_search.artifact import LoadedArtifact, load_artifact
+from image_search.faiss_index import reconstruct_vectors
+from image_search.storage import LocalStore
+from index_builder.cli import main
+from tests.support import make_clip_checkpoint, synthetic_image, write_image_folder
+
+
+def build(images: Path, out: Path, model: Path, *extra: str) -> int:
+    return main(["--images", str(images), "--out", str(out), "--model", str(model), "--quiet", *extra])
+
+
+def by_key(artifact: LoadedArtifact) -> dict[str, tuple[int, np.ndarray]]:
+    records = artifact.manifest.records
+    vectors = reconstruct_vectors(artifact.index, np.array([r.id for r in records], dtype=np.int64))
+    return {record.key: (record.id, vector) for record, vector in zip(records, vectors, strict=True)}
+
+
+@pytest.fixture
+def collection(tmp_path: Path, image_folder: Path) -> Path:
+    """A private copy of the session's collection (24 images and a broken notes.jpg) to change."""
+    images = tmp_path / "images"
+    shutil.copytree(image_folder, images)
+    return images
+
+
+def change_collection(images: Path) -> tuple[str, str, list[str]]:
+    """Remove one image, rewrite another with new bytes, add two. Returns (removed, changed, added) keys."""
+    removed, changed = "img_0001.png", "nested/img_0003.png"
+    (images / removed).unlink()
+    synthetic_image(900, (333, 251)).save(images / changed)
+    added = write_image_folder(images / "new", 2, start_seed=700)
+    return removed, changed, sorted(p.relative_to(images).as_posix() for p in added)
+
+
+def test_incremental_build_embeds_only_what_changed_and_equals_a_full_build(
+    collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert build(collection, out, tiny_model_dir) == 0
+    before = load_artifact(LocalStore(out))
+    ids_before = {r.key: r.id for r in before.manifest.records}
+    removed, changed, added = change_collection(collection)
+    capsys.readouterr()
+
+    assert build(collection, out, tiny_model_dir) == 0
+    printed = capsys.readouterr().out
+    assert "added 2, changed 1, removed 1, reused 22 in " in printed
+    assert "full rebuild" not in printed
+    incremental = load_artifact(LocalStore(out))
+    ids_after = {r.key: r.id for r in incremental.manifest.records}
+
+    # Kept images (the edited one too) keep their ids; the removed id is gone; new ids are fresh.
+    assert {key: ids_after[key] for key in ids_before if key != removed} == {
+        key: ids for key, ids in ids_before.items() if key != removed
+    }
+    assert ids_before[removed] not in ids_after.values()
+    assert [ids_after[key] for key in added] == [24, 25] and incremental.manifest.next_id == 26
+    assert incremental.manifest.record(ids_before[removed]) is None
+
+    # The same collection built from scratch: same keys, same vectors, same answers.
+    assert build(collection, tmp_path / "full", tiny_model_dir) == 0
+    full = load_artifact(LocalStore(tmp_path / "full"))
+    inc_vectors, full_vectors = by_key(incremental), by_key(full)
+    assert sorted(inc_vectors) == sorted(full_vectors)
+    for key in full_vectors:
+        np.testing.assert_allclose(inc_vectors[key][1], full_vectors[key][1], atol=1e-5, err_msg=key)
+    queries = np.stack([vector for _, vector in full_vectors.values()])
+    inc_keys = {r.id: r.key for r in incremental.manifest.records}
+    full_keys = {r.id: r.key for r in full.manifest.records}
+    _, inc_ids = incremental.index.search(queries, 5)
+    _, full_ids = full.index.search(queries, 5)
+    assert [[inc_keys[i] for i in row] for row in inc_ids] == [[full_keys[i] for i in row] for row in full_ids]
+    # The changed image got a new vector: its old one is no longer what the index holds.
+    old_changed = by_key(before)[changed][1]
+    assert not np.allclose(old_changed, inc_vectors[changed][1], atol=1e-3)
+
+
+def test_a_touched_file_is_hashed_not_embedded(
+    collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert build(collection, out, tiny_model_dir) == 0
+    touched = collection / "img_0002.jpg"
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    capsys.readouterr()
+    assert build(collection, out, tiny_model_dir) == 0
+    assert "added 0, changed 0, removed 0, reused 24" in capsys.readouterr().out
+
+
+def test_another_model_forces_a_full_rebuild_that_keeps_ids(
+    collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert build(collection, out, tiny_model_dir) == 0
+    ids_before = {r.key: r.id for r in load_artifact(LocalStore(out)).manifest.records}
+    other_model = make_clip_checkpoint(tmp_path / "other-model", seed=1)
+    capsys.readouterr()
+    assert build(collection, out, other_model) == 0
+    printed = capsys.readouterr().out
+    assert "full rebuild of 25 images: the model changed (fingerprint " in printed
+    assert "added 0, changed 24, removed 0, reused 0" in printed
+    rebuilt = load_artifact(LocalStore(out)).manifest
+    assert {r.key: r.id for r in rebuilt.records} == ids_before
+    assert rebuilt.model == str(other_model)
+
+
+def test_full_flag_and_other_precision_force_a_full_rebuild(
+    collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert build(collection, out, tiny_model_dir) == 0
+    capsys.readouterr()
+    assert build(collection, out, tiny_model_dir, "--full") == 0
+    assert "full rebuild of 25 images: --full was given" in capsys.readouterr().out
+    assert build(collection, out, tiny_model_dir, "--precision", "bf16") == 0
+    assert "the precision changed (fp32 -> bf16)" in capsys.readouterr().out
+
+
+def test_a_version_1_index_is_rebuilt_with_the_reason(
+    collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert build(collection, out, tiny_model_dir) == 0
+    version = (out / "CURRENT").read_text().strip()
+    manifest_file = out / "versions" / version / "manifest.json"
+    old = json.loads(manifest_file.read_text())
+    old["format_version"] = 1
+    manifest_file.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert build(collection, out, tiny_model_dir) == 0
+    printed = capsys.readouterr().out
+    assert "full rebuild of 25 images: the published index cannot be reused (manifest format_version 1" in printed
+    assert load_artifact(LocalStore(out)).manifest.format_version == 2
+
+
+def test_ctrl_c_leaves_the_published_index_and_exits_130(
+    collection: Path,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import index_builder.local_engine
+
+    out = tmp_path / "out"
+    assert build(collection, out, tiny_model_dir) == 0
+    version = (out / "CURRENT").read_text()
+    change_collection(collection)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_builder.local_engine, "embed_local", interrupted)
+    capsys.readouterr()
+    assert build(collection, out, tiny_model_dir) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    ours = [line for line in captured.err.splitlines() if line.startswith("index_builder")]
+    assert ours == ["index_builder: interrupted; the published index is unchanged"]
+    assert (out / "CURRENT").read_text() == version
+    assert [p.name for p in (out / "versions").iterdir()] == [version.strip()]
