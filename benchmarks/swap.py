@@ -139,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     print(f"\n{args.clients} clients, {args.images}+ images, {args.rounds} publishes each")
-    print(f"{'method':<26} {'median swap s':>14} {'max swap s':>11} {'failed/requests':>16}")
+    # answers/s: requests answered between publish and the first new answer, per second of that window
+    # (a redeploy also replaces the Embedder, so the service answers far less while it swaps).
+    print(f"{'method':<26} {'median swap s':>14} {'max swap s':>11} {'failed/requests':>16} {'answers/s':>10}")
     for name, label in (("live", f"live (interval {args.interval:g} s)"), ("redeploy", "redeploy (baseline)")):
         swaps = [r["swap_s"] for r in rows[name]]
         failed = sum(r["failed"] for r in rows[name])
         total = sum(r["requests"] for r in rows[name])
-        print(f"{label:<26} {statistics.median(swaps):>14.2f} {max(swaps):>11.2f} {f'{failed}/{total}':>16}")
+        rate = total / sum(swaps)
+        print(
+            f"{label:<26} {statistics.median(swaps):>14.2f} {max(swaps):>11.2f} {f'{failed}/{total}':>16} {rate:>10.1f}"
+        )
     live = statistics.median(r["swap_s"] for r in rows["live"])
     redeploy = statistics.median(r["swap_s"] for r in rows["redeploy"])
     print(f"redeploy / live median swap time: {redeploy / live:.2f}x")

@@ -78,7 +78,9 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     # How often the Ingress looks at the published version (CURRENT) and, when it changed, loads,
     # checks and switches to it without a restart. 0 turns following off (serve what ran at start).
-    reload_interval_s: float = Field(default=10.0, ge=0, le=3600)
+    # At most 30 s: the builder's retention keeps retired versions for hours on the promise that
+    # replicas look at CURRENT this often.
+    reload_interval_s: float = Field(default=10.0, ge=0, le=30)
     # Where the collection's images live now (folder or s3://); default: where the index was built
     # (the manifest's `source`). /images/{id} reads `<images>/<key>`.
     images: str | None = Field(default=None, min_length=1)

@@ -110,6 +110,9 @@ def replica_pids(app: str, deployment: str) -> list[int]:
     pids = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["name"].startswith(prefix):
-            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-            pids.append(int(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)))
+            try:
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                pids.append(int(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)))
+            except (ValueError, ray.exceptions.RayActorError):
+                continue  # a replica that was just killed may still be listed for a moment
     return pids

@@ -5,7 +5,9 @@ every answer comes from one version, broken publishes are refused while the old 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from tests.living import (
     manifest_of,
     point_current_at,
     poll,
+    replica_pids,
     search,
     served_app,
     wait_for_version,
@@ -187,6 +190,13 @@ def test_swap_under_load_fails_nothing_and_each_answer_is_one_version(live: Live
             assert response.status_code == 200 and response.content == (live.collection / key).read_bytes()
 
 
+def healthz_status(base_url: str) -> str | None:
+    try:
+        return str(requests.get(f"{base_url}/healthz", timeout=10).json().get("status"))
+    except (requests.RequestException, ValueError):
+        return None  # the Ingress is being replaced
+
+
 def publish_copy(out: Path, good: str, name: str) -> Path:
     """A new version folder copied from a good one (to be damaged), published by moving CURRENT to it."""
     folder = out / "versions" / name
@@ -219,6 +229,27 @@ def test_corrupt_publish_is_refused_and_the_old_version_keeps_serving(live: Live
         assert_old_version_keeps_serving(live, good, bad)
         health = requests.get(f"{live.base_url}/healthz", timeout=30).json()
         assert health["index_version"] == good and bad in health["refused_versions"]
+    finally:
+        point_current_at(live.out, good)
+        shutil.rmtree(folder)
+
+
+def test_ingress_restarted_while_current_is_broken_starts_on_the_newest_good_version(live: Live) -> None:
+    good = current_version(live.out)
+    bad = "29990101T000000Z-corrupt1"
+    folder = publish_copy(live.out, good, bad)
+    flip_a_byte(folder / "index.faiss")
+    point_current_at(live.out, bad)
+    try:
+        (old_pid,) = replica_pids(APP, "Ingress")
+        os.kill(old_pid, signal.SIGKILL)
+
+        def replaced() -> bool:
+            pids = replica_pids(APP, "Ingress")
+            return bool(pids) and old_pid not in pids and healthz_status(live.base_url) == "ok"
+
+        poll(replaced, what="a new Ingress replica, healthy")
+        assert_old_version_keeps_serving(live, good, bad)
     finally:
         point_current_at(live.out, good)
         shutil.rmtree(folder)
