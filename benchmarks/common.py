@@ -29,8 +29,11 @@ COCO_SIZE = (640, 480)
 
 def vit_b32_checkpoint() -> Path:
     """A random CLIP with real ViT-B/32 sizes, made once and cached (about 600 MB on disk)."""
-    folder = CACHE_DIR / "clip-vit-b32-random"
-    if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
+    # "-tok": with the fixture tokenizer (text search); a new folder, so caches made before it
+    # (image tower only) are not rewritten under a benchmark that may be reading them.
+    folder = CACHE_DIR / "clip-vit-b32-random-tok"
+    needed = ("config.json", "preprocessor_config.json", "tokenizer.json")
+    if not all((folder / name).is_file() for name in needed):
         folder.mkdir(parents=True, exist_ok=True)
         make_clip_checkpoint(folder, VIT_B_32)
     return folder

@@ -18,7 +18,11 @@ real config path (import_path + args + deployment overrides), so it is the most 
 Baselines measured in the same run, in this process while Serve is idle, between rounds:
 the fp32 batch-32 forward pass (the throughput ceiling) and the fp32 batch-1 forward pass (latency).
 
-    .venv/bin/python -m benchmarks.served [--quick] [--duration S] [--rounds N]
+Text rows (`run_text_rows`): `GET /search?q=` at 1 and 16 clients against the text tower's own
+forward speed (fp32, batch 64 and batch 1, in this process while Serve is idle); `--text-only`
+runs just those.
+
+    .venv/bin/python -m benchmarks.served [--quick] [--duration S] [--rounds N] [--text-only]
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import torch
 import yaml
 
@@ -49,6 +54,7 @@ from benchmarks.common import (
     write_photo_folder,
 )
 from image_search.encoder import ClipImageEncoder
+from image_search.text_encoder import ClipTextEncoder
 from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +183,125 @@ async def drive(base_url: str, jpegs: list[bytes], clients: int, duration_s: flo
     }
 
 
+# --- text queries ------------------------------------------------------------------------------
+
+TEXT_CONCURRENCY = (1, 16)
+TEXT_CEILING_BATCH = 64
+SUBJECTS = ("a red bicycle", "two cats", "a busy market", "a small boat", "an old bridge", "a snowy forest", "a dog")
+PLACES = ("by a canal", "on a table", "at night", "in the rain", "near the sea", "in a park", "under a tree", "")
+
+
+def text_queries() -> list[str]:
+    """56 distinct photo-caption-like phrases (4 to 9 tokens, like typed queries)."""
+    return [f"{subject} {place}".strip() for subject in SUBJECTS for place in PLACES]
+
+
+def text_forward_seconds(encoder: ClipTextEncoder, texts: list[str], calls: int) -> float:
+    """Median seconds of the text tower's forward pass on `texts` (tokenised once, one warm-up)."""
+    rows = np.stack([encoder.token_row(encoder.tokenize(text)) for text in texts])
+    encoder.encode_rows(rows)
+    samples = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        encoder.encode_rows(rows)
+        samples.append(time.perf_counter() - started)
+    return median(samples)
+
+
+async def drive_text(
+    base_url: str, texts: list[str], clients: int, duration_s: float, warmup_s: float
+) -> dict[str, Any]:
+    """Closed loop like `drive`, each request one `GET /search?q=` text query."""
+    latencies: list[float] = []
+    errors = completed = 0
+    measuring_from = time.monotonic() + warmup_s
+    deadline = measuring_from + duration_s
+
+    async def client(session: aiohttp.ClientSession, offset: int) -> None:
+        nonlocal errors, completed
+        sent = offset
+        while time.monotonic() < deadline:
+            query = texts[sent % len(texts)]
+            sent += clients
+            started = time.monotonic()
+            async with session.get(f"{base_url}/search", params={"q": query}) as response:
+                await response.read()
+                ok = response.status == 200
+            finished = time.monotonic()
+            if not ok:
+                errors += started >= measuring_from
+            elif measuring_from <= finished <= deadline:
+                completed += 1
+            if ok and started >= measuring_from:
+                latencies.append(finished - started)
+
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
+        await asyncio.gather(*(client(session, offset) for offset in range(clients)))
+    return {
+        "q_s": completed / duration_s,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p95_ms": 1000 * percentile(latencies, 95),
+        "errors": errors,
+    }
+
+
+def run_text_rows(
+    base_url: str, embedder: Any, model_dir: Path, rounds: int, duration_s: float, warmup_s: float
+) -> None:
+    """Served text queries/s at 1 and 16 clients vs the text tower's own forward speed, one table."""
+    local = ClipTextEncoder(str(model_dir), device="cpu", precision="fp32")
+    texts = text_queries()
+    ceiling: list[float] = []
+    single: list[float] = []
+    runs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+
+    def measure_baselines() -> None:
+        ceiling.append(TEXT_CEILING_BATCH / text_forward_seconds(local, (texts * 2)[:TEXT_CEILING_BATCH], 5))
+        single.append(text_forward_seconds(local, texts[:1], 20))
+        print(
+            f"text baseline: {ceiling[-1]:.1f} texts/s at batch {TEXT_CEILING_BATCH}, "
+            f"batch-1 {1000 * single[-1]:.1f} ms"
+        )
+
+    measure_baselines()
+    for round_index in range(rounds):
+        for clients in TEXT_CONCURRENCY:
+            before = dict(embedder.text_batch_size_counts.remote().result())
+            result = asyncio.run(drive_text(base_url, texts, clients, duration_s, warmup_s))
+            result["mean_batch"] = mean_batch(before, dict(embedder.text_batch_size_counts.remote().result()))
+            runs[clients].append(result)
+            print(
+                f"text round {round_index + 1} clients {clients:>2}: {result['q_s']:.1f} q/s "
+                f"p50 {result['p50_ms']:.0f} ms mean batch {result['mean_batch']:.1f} errors {result['errors']}",
+                flush=True,
+            )
+        measure_baselines()
+    text_ceiling = median(ceiling)
+    single_ms = 1000 * median(single)
+    rows = []
+    for clients in TEXT_CONCURRENCY:
+        q_s = median([run["q_s"] for run in runs[clients]])
+        rows.append(
+            [
+                "GET /search?q=",
+                clients,
+                q_s,
+                q_s / text_ceiling,
+                median([run["p50_ms"] for run in runs[clients]]),
+                median([run["p95_ms"] for run in runs[clients]]),
+                median([run["mean_batch"] for run in runs[clients]]),
+                sum(run["errors"] for run in runs[clients]),
+            ]
+        )
+    print_table(
+        f"Served text queries (median of {rounds} rounds; text tower fp32 batch-{TEXT_CEILING_BATCH} "
+        f"{text_ceiling:.1f} texts/s, batch-1 forward {single_ms:.1f} ms, both measured in this run)",
+        ["route", "clients", "queries/s", "vs text tower", "p50 ms", "p95 ms", "mean batch", "errors"],
+        rows,
+    )
+
+
 def batch_counts(embedder: Any) -> dict[int, int]:
     return dict(embedder.batch_size_counts.remote().result())
 
@@ -201,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait", type=float, default=None, help="batch_wait_timeout_s (default: the config's)")
     parser.add_argument("--embedder-threads", type=int, default=2, help="embedder.num_threads (default 2)")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched variant (16 or 32)")
+    parser.add_argument("--text-only", action="store_true", help="only the text rows (GET /search?q=)")
     args = parser.parse_args(argv)
     duration = args.duration or (8.0 if args.quick else 15.0)
     rounds = args.rounds or (1 if args.quick else 2)
     warmup = 3.0
-    print(f"served: {machine_note()}, {rounds} rounds x {len(CONCURRENCY)} levels x 2 configs x {duration:.0f}s")
+    levels = f"{len(TEXT_CONCURRENCY)} text levels" if args.text_only else f"{len(CONCURRENCY)} levels x 2 configs"
+    print(f"served: {machine_note()}, {rounds} rounds x {levels} x {duration:.0f}s")
 
     # Ray starts its workers (every Serve replica and the HTTP proxy) at nice 15 by default. On a
     # machine shared with other work that starves the app against this non-niced process and its
@@ -230,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         single_samples.append(forward_seconds(local, 1, 10))
         print(f"baseline: ceiling {ceiling_samples[-1]:.2f} img/s, batch-1 forward {1000 * single_samples[-1]:.1f} ms")
 
-    measure_baselines()
+    if not args.text_only:
+        measure_baselines()
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -249,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(wait_ready(base_url))
         print(f"deployed in {time.monotonic() - started:.0f}s", flush=True)
         embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+        if args.text_only:
+            run_text_rows(base_url, embedder, model_dir, rounds, duration, warmup)
+            return 0
         for round_index in range(rounds):
             names = list(variants) if round_index % 2 == 0 else list(variants)[::-1]
             for name in names:
@@ -277,6 +408,14 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                 measure_baselines()  # while Serve is idle: the same background load as the levels just run
+        apply(
+            client,
+            deploy_config(
+                model_dir, index_dir, port, args.batch, args.embedder_threads, args.omp_wait_policy, args.batch_wait
+            ),
+        )
+        asyncio.run(wait_ready(base_url))
+        run_text_rows(base_url, embedder, model_dir, rounds, duration, warmup)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -6,7 +6,6 @@ tower and its projection are kept). Used by the Embedder deployment and the inde
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 import transformers
 from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
 
+from image_search.fingerprint import TEXT_PROJECTION, projections_fingerprint, read_checkpoint_tensor
 from image_search.precision import Precision
 from image_search.preprocessing import PREPROCESSOR_CONFIG, PreprocessSpec, normalize_batch
 
@@ -96,17 +96,17 @@ class ClipImageEncoder:
         self.identity = ModelIdentity(
             name=model,
             embedding_dim=int(self.model.config.projection_dim),
-            fingerprint=self._fingerprint(),
+            fingerprint=self._fingerprint(model),
         )
 
     @property
     def embedding_dim(self) -> int:
         return self.identity.embedding_dim
 
-    def _fingerprint(self) -> str:
-        """A hash of the projection weights: the same checkpoint under any name or path matches."""
-        weight = self.model.visual_projection.weight.detach().to("cpu", torch.float32).numpy()
-        return hashlib.sha256(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
+    def _fingerprint(self, model: str) -> str:
+        """A hash of both projections (image and text): the same checkpoint under any name or path matches."""
+        visual = self.model.visual_projection.weight.detach().to("cpu", torch.float32).numpy()
+        return projections_fingerprint(visual, read_checkpoint_tensor(model, TEXT_PROJECTION))
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

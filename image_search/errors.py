@@ -137,5 +137,59 @@ class ImageNotFound(ClientError):
     code = "not_found"
 
 
+# --- text queries and combined queries --------------------------------------------------------
+
+
+class NoQuery(ClientError):
+    code = "no_query"
+
+
+class EmptyText(ClientError):
+    code = "empty_text"
+
+
+class InvalidText(ClientError):
+    """Control characters, or bytes that are not UTF-8."""
+
+    code = "invalid_text"
+
+
+class TextTooLong(ClientError):
+    status = 413
+    code = "text_too_long"
+
+
+class TooManyTexts(ClientError):
+    status = 413
+    code = "too_many_texts"
+
+
+class TooManyQueries(ClientError):
+    """Files and texts together exceed what one request may ask the model to embed."""
+
+    status = 413
+    code = "too_many_queries"
+
+
+class TextSearchUnavailable(ClientError):
+    """The served checkpoint has no text tower or no tokenizer; image search still works."""
+
+    code = "text_search_unavailable"
+
+
+class InvalidWeights(ClientError):
+    """Weights of a combined query that are not finite numbers, or do not match the queries."""
+
+    status = 422
+    code = "invalid_weights"
+
+
+class ZeroQuery(ClientError):
+    """All weights are zero, or the weighted sum of the embeddings has (almost) no length."""
+
+    status = 422
+    code = "zero_query"
+
+
 class ArtifactError(Exception):
     """The index artifact is missing, corrupt, or does not fit the model. Raised at start-up."""

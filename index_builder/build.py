@@ -34,11 +34,18 @@ from image_search.artifact import (
     open_index,
     publish,
     read_current,
+    store_sha256,
     version_folder,
 )
 from image_search.decoding import IMAGE_EXTENSIONS
 from image_search.errors import ArtifactError
-from image_search.faiss_index import build_faiss_index, reconstruct_vectors, stores_exact_vectors, write_index_file
+from image_search.faiss_index import (
+    build_faiss_index,
+    map_index_file,
+    reconstruct_vectors,
+    stores_exact_vectors,
+    write_index_file,
+)
 from image_search.index_spec import IndexSpec, choose_index_spec
 from image_search.manifest import ImageRecord, Manifest
 from image_search.storage import Entry, Store, StoreError, open_store
@@ -152,8 +159,6 @@ def full_rebuild_reason(previous: Manifest, model: ModelInfo) -> str | None:
 
 def hash_keys(store: Store, keys: list[str]) -> dict[str, str]:
     """sha256 of each key's bytes (streamed); a file that cannot be read counts as changed (hash "")."""
-    from image_search.artifact import store_sha256
-
     hashes = {}
     for key in keys:
         try:
@@ -255,6 +260,7 @@ def finish_build(
         index_file = Path(work) / "index.faiss"
         write_index_file(index, index_file)
         del index
+        check_written(index_file, len(records), plan.model.embedding_dim)
         manifest = Manifest(
             model=plan.model.name,
             model_fingerprint=plan.model.fingerprint,
@@ -280,6 +286,18 @@ def finish_build(
         previous_version=plan.previous_version,
         **counts,
     )
+
+
+def check_written(index_file: Path, count: int, dim: int) -> None:
+    """FAISS reports a failed write (a full disk) only on stderr: map the file back before it is published."""
+    try:
+        written = map_index_file(index_file)
+    except RuntimeError as exc:
+        raise BuildError(f"the index file written to {index_file} does not read back: {exc}") from exc
+    if written.ntotal != count or written.d != dim:
+        raise BuildError(
+            f"the index file written to {index_file} holds {written.ntotal} x {written.d}, not {count} x {dim}"
+        )
 
 
 def merge_vectors(

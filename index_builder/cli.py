@@ -116,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         # Before CURRENT is written nothing a reader sees has changed; publish() finishes on its own after.
-        print("index_builder: interrupted; the published index is unchanged", file=sys.stderr)
+        # An interrupted progress bar leaves its line open: start ours on a fresh one.
+        start = "" if args.quiet else "\n"
+        print(f"{start}index_builder: interrupted; the published index is unchanged", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from image_search.checkpoints import DEMO_MARKER
 from tests.support import TINY, VIT_B_32, make_clip_checkpoint, write_image_folder
 
 
@@ -24,6 +25,8 @@ def main() -> int:
     args = parser.parse_args()
     write_image_folder(Path(args.images), args.count)
     make_clip_checkpoint(Path(args.model_dir), VIT_B_32 if args.full_size else TINY)
+    # The service reads this marker and says "demo data: random model, scores mean nothing" on /info and the page.
+    (Path(args.model_dir) / DEMO_MARKER).write_text("randomly initialised weights: search scores mean nothing\n")
     print(f"DEMO DATA: {args.count} generated images in {args.images}, a random CLIP in {args.model_dir}")
     return 0
 

@@ -26,6 +26,11 @@ class UploadLimits(BaseModel):
     max_pixels: int = Field(default=50_000_000, ge=1, description="width x height of one image")
     max_k: int = Field(default=100, ge=1, le=1000)
     default_k: int = Field(default=5, ge=1)
+    # Text queries: characters are counted before tokenising (CLIP reads 77 tokens at most; a
+    # longer text is truncated and says so, but nothing needs thousands of characters).
+    max_text_chars: int = Field(default=1000, ge=1, le=100_000, description="characters per text query")
+    max_texts: int = Field(default=16, ge=1, description="text queries per request")
+    max_queries: int = Field(default=16, ge=1, description="files and texts together per request")
 
     @model_validator(mode="after")
     def _default_k_within_max(self) -> UploadLimits:
@@ -105,6 +110,9 @@ class BatchingConfig(BaseModel):
     # batches form anyway (requests that arrive during a forward pass join the next one, see
     # serve_app/coalescing.py), so the default adds no latency to a lone request.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
+    # Text queries have their own queue and forward passes (a text forward pass costs a fraction of
+    # an image one, so its batches may be larger).
+    max_text_batch_size: int = Field(default=64, ge=1, le=1024)
 
 
 def check_batch_fits_concurrency(max_batch_size: int, max_ongoing_requests: int | None) -> None:

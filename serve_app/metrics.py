@@ -23,10 +23,25 @@ class EmbedderMetrics:
             description="Forward-pass time of one Embedder batch.",
             boundaries=LATENCY_MS_BUCKETS,
         )
+        # Text queries run in their own batches (their own queue in the Embedder).
+        self.text_batch_size = Histogram(
+            "image_search_embed_text_batch_size",
+            description="Texts per text forward pass of the Embedder.",
+            boundaries=BATCH_SIZE_BUCKETS,
+        )
+        self.text_batch_latency_ms = Histogram(
+            "image_search_embed_text_batch_latency_ms",
+            description="Forward-pass time of one Embedder text batch.",
+            boundaries=LATENCY_MS_BUCKETS,
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_latency_ms.observe(seconds * 1000)
+
+    def observe_text_batch(self, size: int, seconds: float) -> None:
+        self.text_batch_size.observe(size)
+        self.text_batch_latency_ms.observe(seconds * 1000)
 
 
 class SearcherMetrics:
@@ -53,12 +68,20 @@ class IngressMetrics:
             description="Query files received, by outcome (ok or an error code).",
             tag_keys=("outcome",),
         )
+        self.texts = Counter(
+            "image_search_query_texts",
+            description="Query texts received, by outcome (ok or an error code).",
+            tag_keys=("outcome",),
+        )
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
 
     def count_file(self, outcome: str) -> None:
         self.files.inc(tags={"outcome": outcome})
+
+    def count_text(self, outcome: str) -> None:
+        self.texts.inc(tags={"outcome": outcome})
 
 
 KNOWN_ROUTES = frozenset({"search", "images", "info", "healthz", "ui"})

@@ -51,6 +51,16 @@ class Upload:
 
 
 @dataclass
+class FormField:
+    """A non-file field the caller asked for (e.g. `text`). Past its byte limit the rest of its value
+    is read past, not kept, and `too_large` says so (`value` keeps what fit): the caller decides."""
+
+    name: str
+    value: bytearray = field(default_factory=bytearray)
+    too_large: bool = False
+
+
+@dataclass
 class _Part:
     disposition: bytes = b""
     content_type: bytes = b""
@@ -58,6 +68,7 @@ class _Part:
     upload: Upload | None = None
     field_bytes: int = 0
     is_file: bool = False
+    field: FormField | None = None
 
 
 def content_type_boundary(content_type: str | None) -> bytes:
@@ -77,9 +88,11 @@ def _clean_filename(raw: bytes) -> str:
 
 
 class _Reader:
-    def __init__(self, limits: UploadLimits) -> None:
+    def __init__(self, limits: UploadLimits, field_limits: dict[str, int] | None = None) -> None:
         self.limits = limits
+        self.field_limits = field_limits or {}
         self.uploads: list[Upload] = []
+        self.form_fields: list[FormField] = []
         self.files = 0
         self.fields = 0
         self.part = _Part()
@@ -127,6 +140,9 @@ class _Reader:
             self.fields += 1
             if self.fields > self.limits.max_fields:
                 raise TooManyFields(f"Send at most {self.limits.max_fields} form fields per request.")
+            name = options[b"name"].decode("latin-1")
+            if name in self.field_limits:
+                self.part.field = FormField(name)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         size = end - start
@@ -143,27 +159,53 @@ class _Reader:
                 upload.data = bytearray()
                 return
             upload.data += data[start:end]
+        elif self.part.field is not None:
+            self._keep_field_data(self.part.field, data[start:end])
         elif not self.part.is_file:
             self.part.field_bytes += size
             if self.part.field_bytes > MAX_FIELD_BYTES:
                 raise MalformedRequest(f"A form field is larger than {MAX_FIELD_BYTES} bytes.")
         # File parts under another field name are read past (and counted in the request total).
 
+    def _keep_field_data(self, form_field: FormField, data: bytes) -> None:
+        if form_field.too_large:
+            return  # read past; the request byte limit still bounds it
+        room = self.field_limits[form_field.name] - len(form_field.value)
+        form_field.value += data[:room]
+        form_field.too_large = len(data) > room
+
     def on_part_end(self) -> None:
         if self.part.upload is not None:
             self.uploads.append(self.part.upload)
+        if self.part.field is not None:
+            self.form_fields.append(self.part.field)
 
 
 async def read_uploads(
     content_type: str | None, content_length: str | None, body: AsyncIterator[bytes], limits: UploadLimits
 ) -> list[Upload]:
     """Parse a multipart body into the uploads of its `files` fields, in order."""
+    uploads, _ = await read_form(content_type, content_length, body, limits)
+    if not uploads:
+        raise NoFiles("Send at least one photo in a multipart field named 'files'.")
+    return uploads
+
+
+async def read_form(
+    content_type: str | None,
+    content_length: str | None,
+    body: AsyncIterator[bytes],
+    limits: UploadLimits,
+    field_limits: dict[str, int] | None = None,
+) -> tuple[list[Upload], list[FormField]]:
+    """Parse a multipart body into the uploads of its `files` fields and the values of the
+    non-file fields named in `field_limits` (name -> most bytes kept), each in request order."""
     boundary = content_type_boundary(content_type)
     too_large = RequestTooLarge(f"A request may carry at most {human_bytes(limits.max_request_bytes)}.")
     declared = parse_decimal(content_length) if content_length is not None else None
     if declared is not None and declared > limits.max_request_bytes:
         raise too_large
-    reader = _Reader(limits)
+    reader = _Reader(limits, field_limits)
     callbacks = {
         name: getattr(reader, name)
         for name in (
@@ -187,6 +229,4 @@ async def read_uploads(
         parser.finalize()
     except FormParserError as exc:
         raise MalformedRequest(f"The multipart body is malformed: {exc}") from None
-    if not reader.uploads:
-        raise NoFiles("Send at least one photo in a multipart field named 'files'.")
-    return reader.uploads
+    return reader.uploads, reader.form_fields

@@ -7,6 +7,7 @@ loaded back through the application's own loading code.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import requests
 import torch
 from PIL import Image, ImageDraw
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 # The real openai/clip-vit-base-patch32 preprocessor_config.json.
 PREPROCESSOR_CONFIG = {
@@ -63,15 +64,95 @@ VIT_B_32 = {
 }
 
 
-def make_clip_checkpoint(folder: Path, sizes: dict = TINY, seed: int = 0) -> Path:
-    """Save a randomly initialised CLIP checkpoint (weights + preprocessor config) into `folder`."""
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=sizes["text"], vision_config=sizes["vision"], projection_dim=sizes["projection_dim"]
+def make_clip_checkpoint(folder: Path, sizes: dict = TINY, seed: int = 0, tokenizer: bool = True) -> Path:
+    """Save a randomly initialised CLIP checkpoint (weights + preprocessor config + tokenizer) into `folder`.
+
+    `tokenizer=False` leaves the tokenizer out: the same weights (same seed), but no text search.
+    Unless `sizes` names them, the text config's start/end ids are the tokenizer's (the model finds
+    a text's end by that id).
+    """
+    text_sizes = dict(sizes["text"])
+    clip_tokenizer = make_clip_tokenizer(
+        text_sizes.get("vocab_size", 49408), max_length=text_sizes.get("max_position_embeddings", 77)
     )
+    text_sizes.setdefault("bos_token_id", clip_tokenizer.bos_token_id)
+    text_sizes.setdefault("eos_token_id", clip_tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=text_sizes, vision_config=sizes["vision"], projection_dim=sizes["projection_dim"])
     CLIPModel(config).save_pretrained(folder)
     (Path(folder) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    if tokenizer:
+        clip_tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+# Words the fixture tokenizer learns its merges from: enough to give real multi-byte tokens for
+# English queries, while anything else (other scripts, emoji) falls back to byte tokens.
+TOKENIZER_CORPUS = (
+    "a photo of the red blue green yellow black white dog cat bicycle car canal street night day people "
+    "person house tree river mountain beach sea sky city sunset snow rain boat train bird flower garden "
+    "picture image with and on in at by near under over two three small large old new running sitting "
+    "standing walking eating playing table chair kitchen window door road bridge field forest lake park "
+    "children woman man girl boy group crowd market shop food pizza cake coffee cup plate bowl water light"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable characters (byte-level BPE's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes), strict=True))
+
+
+def learn_merges(words: list[str], count: int) -> list[tuple[str, str]]:
+    """A tiny deterministic BPE trainer: merge the most frequent adjacent pair, `count` times at most."""
+    alphabet = bytes_to_unicode()
+    pieces = []
+    for word in words:
+        symbols = [alphabet[byte] for byte in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        pieces.append(symbols)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < count:
+        pairs: dict[tuple[str, str], int] = {}
+        for symbols in pieces:
+            for pair in itertools.pairwise(symbols):
+                pairs[pair] = pairs.get(pair, 0) + 1
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        for index, symbols in enumerate(pieces):
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            pieces[index] = merged
+    return merges
+
+
+def make_clip_tokenizer(vocab_size: int, max_length: int = 77) -> CLIPTokenizer:
+    """A byte-level BPE CLIP tokenizer laid out like the real one: 256 bytes, 256 word-final bytes,
+    the merges, then <|startoftext|> and <|endoftext|> as the two highest ids (checkpoints whose text
+    config says eos_token_id 2, like openai's, find the end of a text as the highest id)."""
+    alphabet = list(bytes_to_unicode().values())
+    merges = learn_merges(sorted(set(TOKENIZER_CORPUS.split())), vocab_size - 2 * len(alphabet) - 2)
+    tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    assert len(vocab) == len(tokens) <= vocab_size, "merges must yield new, distinct tokens"
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def synthetic_image(seed: int, size: tuple[int, int] = (320, 240), mode: str = "RGB") -> Image.Image:

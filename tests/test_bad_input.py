@@ -236,7 +236,7 @@ def test_bad_k(serve_base_url: str, k: str) -> None:
 def test_unknown_route_and_wrong_method_are_json(serve_base_url: str) -> None:
     response = requests.get(f"{serve_base_url}/nope", timeout=30)
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-    response = requests.get(f"{serve_base_url}/search", timeout=30)
+    response = requests.delete(f"{serve_base_url}/search", timeout=30)  # GET /search is a text query
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
 
 

@@ -177,10 +177,10 @@ def test_overload_gets_fast_503_with_retry_after(serve_port: int, index_dir: Pat
     serve.run(build_graph(args, tight), name="overload", route_prefix="/overload", blocking=False)
     base = f"http://127.0.0.1:{serve_port}/overload"
     wait_until_ok(f"{base}/healthz")
-    payload = [("files", ("q.jpg", images.jpeg(1, (200, 150)), "image/jpeg"))]
+    payload = [("q.jpg", images.jpeg(1, (200, 150)))]
     try:
         with ThreadPoolExecutor(max_workers=24) as pool:
-            responses = list(pool.map(lambda _: requests.post(f"{base}/search", files=payload, timeout=60), range(48)))
+            responses = list(pool.map(lambda _: post_search(base, payload), range(48)))
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, statuses
         assert 503 in statuses and 200 in statuses, statuses
@@ -220,8 +220,6 @@ def test_sigkilled_build_leaves_previous_index_serveable(tmp_path: Path, tiny_mo
     before = (out / "CURRENT").read_text()
     write_image_folder(images_dir / "more", 160, start_seed=1000)  # the next build has 160 images to embed
 
-    # --full: an unchanged collection would otherwise have nothing to embed (and publish nothing).
-    command.append("--full")
     builder = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert builder.stderr is not None
     # Killed once more than half of its images are embedded: mid-build, with vectors in memory.

@@ -172,3 +172,33 @@ def test_ctrl_c_leaves_the_published_index_and_exits_130(
     assert ours == ["index_builder: interrupted; the published index is unchanged"]
     assert (out / "CURRENT").read_text() == version
     assert [p.name for p in (out / "versions").iterdir()] == [version.strip()]
+
+
+def test_sigint_during_a_build_prints_one_line_and_exits_130(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A real Ctrl-C (SIGINT) to `python -m index_builder` while it embeds."""
+    import signal
+    import subprocess
+    import sys
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_image_folder(images, 300)
+    command = [sys.executable, "-m", "index_builder", "--images", str(images), "--out", str(out)]
+    command += ["--model", str(tiny_model_dir), "--batch-size", "4"]
+    builder = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert builder.stderr is not None
+    seen = b""
+    # Raw reads: tqdm redraws its bar with \r and ends the line only when done. Its first draw
+    # ("0/300 ... img/s]") means embedding has started; 300 images at batch 4 take seconds more.
+    while b"img/s" not in seen:
+        chunk = os.read(builder.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    assert b"300/300" not in seen
+    builder.send_signal(signal.SIGINT)
+    _, rest = builder.communicate(timeout=120)
+    stderr = (seen + rest).decode(errors="replace")
+    assert builder.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    ours = [line for line in stderr.splitlines() if line.startswith("index_builder")]
+    assert ours == ["index_builder: interrupted; the published index is unchanged"], repr(stderr[-600:])
+    assert not (out / "CURRENT").exists()

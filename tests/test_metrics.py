@@ -12,6 +12,7 @@ from serve_app.metrics import route_label
     [
         ("/", "page"),
         ("/search", "search"),
+        ("/search/combined", "search"),
         ("/images/17", "images"),
         ("/images/99999999", "images"),
         ("/ui/app.js", "ui"),

@@ -95,13 +95,14 @@ def test_a_damaged_valid_body_gives_uploads_or_a_client_error(
 
 
 @pytest.mark.parametrize("size", [1, 7, 64, 4096])
-def test_a_file_exactly_at_the_limit_passes_and_one_byte_more_fails(size: int) -> None:
+def test_a_file_exactly_at_the_limit_passes_and_one_byte_more_is_that_files_error(size: int) -> None:
     at_limit = b"x" * LIMITS.max_file_bytes
-    cuts = list(range(0, 3 * LIMITS.max_file_bytes, size))
+    cuts = list(range(0, 6 * LIMITS.max_file_bytes, size))
     assert bytes(read(encode([("a.jpg", at_limit)]), cuts)[0].data) == at_limit
-    with pytest.raises(FileTooLarge) as raised:
-        read(encode([("a.jpg", at_limit + b"x")]), cuts)
-    assert raised.value.filename == "a.jpg"
+    over, after = read(encode([("a.jpg", at_limit + b"x"), ("b.jpg", b"yz")]), cuts)
+    assert isinstance(over.error, FileTooLarge) and over.error.filename == "a.jpg"
+    assert over.data == b""  # nothing of a refused file is kept
+    assert (after.error, bytes(after.data)) == (None, b"yz")  # the next file is read as usual
 
 
 def test_the_request_limit_counts_every_byte_received() -> None:

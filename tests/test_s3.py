@@ -30,6 +30,7 @@ from image_search.manifest import Manifest
 from image_search.storage import CHUNK_BYTES, Entry, S3Store, Store, StoreError, open_store
 from tests.conftest import wait_until_ok
 from tests.s3_server import S3Server, moto_s3, upload_folder
+from tests.support import post_search
 
 BUCKET = "imgsearch-test"
 IMAGES = f"s3://{BUCKET}/images"
@@ -417,9 +418,7 @@ def test_served_app_searches_an_index_held_on_s3(s3_app_url: str, s3_index: str,
         record = manifest.record(expected_id)
         assert record is not None
         path = image_folder / record.key
-        response = requests.post(
-            f"{s3_app_url}/search", files=[("files", (path.name, path.read_bytes()))], params={"k": 3}, timeout=60
-        )
+        response = post_search(s3_app_url, [(path.name, path.read_bytes())], {"k": 3})
         assert response.status_code == 200, response.text
         top = response.json()["results"][0]["matches"][0]
         assert top["id"] == expected_id

@@ -36,7 +36,7 @@ import requests
 import yaml
 
 from tests.conftest import REPO_ROOT, wait_until_ok
-from tests.support import free_port
+from tests.support import free_port, post_search
 
 BIN = Path(sys.executable).parent
 APP = "image_search"
@@ -292,10 +292,35 @@ def test_token_authentication_is_on(cluster: LocalCluster) -> None:
     assert status.returncode == 0, status.stderr
 
 
+def test_serve_cli_finds_the_token_file_the_way_the_readme_says(cluster: LocalCluster, tmp_path: Path) -> None:
+    """README: `RAY_AUTH_MODE=token serve status` with the token in ~/.ray/auth_token (where a local Ray writes it)."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(cluster.token)
+    env = {key: value for key, value in cluster.env.items() if key not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env["HOME"] = str(home)
+
+    def status(extra: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "serve"), "status", "-a", cluster.dashboard_url],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    refused = status({})
+    assert refused.returncode != 0
+    assert "token" in (refused.stdout + refused.stderr).lower()
+    allowed = status({"RAY_AUTH_MODE": "token"})
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+
+
 def test_searches_answer_over_http(deployed: str, indexed_images: list[Path]) -> None:
     for expected_id in (0, 7, 19):
         path = indexed_images[expected_id]
-        response = requests.post(f"{deployed}/search", files=[("files", (path.name, path.read_bytes()))], timeout=60)
+        response = post_search(deployed, [(path.name, path.read_bytes())])
         assert response.status_code == 200, response.text
         top = response.json()["results"][0]["matches"][0]
         assert top["id"] == expected_id and top["score"] >= 0.99
@@ -353,5 +378,5 @@ def test_batching_changes_in_place_with_serve_deploy(
     pids_after = {replica["pid"] for replica in embedder()["replicas"] if replica["state"] == "RUNNING"}
     assert pids_after == pids_before
     path = indexed_images[3]
-    response = requests.post(f"{deployed}/search", files=[("files", (path.name, path.read_bytes()))], timeout=60)
+    response = post_search(deployed, [(path.name, path.read_bytes())])
     assert response.status_code == 200 and response.json()["results"][0]["matches"][0]["id"] == 3

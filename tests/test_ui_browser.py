@@ -476,3 +476,243 @@ def test_phone_width_layout(phone_ui: Ui, api_info: dict, indexed_images: list[P
     ui.page.evaluate("window.scrollTo(0, 0)")
     screenshot(ui, screenshots, "phone-results")
     assert_same_origin(ui)
+
+
+# ---------------------------------------------------------------- words and combined searches
+
+
+def search_words(ui: Ui, text: str) -> None:
+    box = ui.page.locator("#text-input")
+    box.fill(text)
+    box.press("Enter")
+
+
+def answered_queries(request: Request) -> list[dict]:
+    response = request.response()
+    assert response is not None, f"no response to {request.url}"
+    return response.json()["results"]
+
+
+def test_typing_words_and_enter_shows_a_row_of_matches(ui: Ui, api_info: dict, screenshots: Path):
+    assert api_info["text_search"] is True
+    search_words(ui, "a red bicycle by a canal")
+    rows = ui.rows()
+    expect(rows).to_have_count(1)
+    row = rows.nth(0)
+    expect(row).to_have_attribute("data-text", "a red bicycle by a canal")
+    expect(row.locator(".query-text")).to_have_text("a red bicycle by a canal")
+    per_row = expected_matches(api_info)
+    expect(row.locator(".match")).to_have_count(per_row)
+    scores = row_scores(row)
+    assert scores == sorted(scores, reverse=True)
+    wait_thumbnails_loaded(ui, per_row)
+    expect(ui.page.locator("#text-input")).to_have_value("")  # ready for the next phrase
+    expect(ui.page.locator("#search-status")).to_contain_text("1 phrase")
+    screenshot(ui, screenshots, "text")
+
+    (search,) = ui.search_requests()
+    assert [entry["text"] for entry in answered_queries(search)] == ["a red bicycle by a canal"]
+    assert_same_origin(ui)
+    assert_only_thumbnails_requested(ui, api_info["thumbnail_sizes"])
+    assert_no_page_errors(ui)
+
+
+def test_a_phrase_joins_the_photos_of_the_search_as_its_own_row(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    photo = indexed_images[0]
+    ui.upload(photo)
+    per_row = expected_matches(api_info)
+    expect(ui.rows().nth(0).locator(".match")).to_have_count(per_row)
+    search_words(ui, "東京の夜 🚲")
+    search_words(ui, "sunset over the sea")
+    rows = ui.rows()
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0).locator(".query-name")).to_have_text(photo.name)
+    expect(rows.nth(1)).to_have_attribute("data-text", "東京の夜 🚲")
+    expect(rows.nth(2)).to_have_attribute("data-text", "sunset over the sea")
+    for i in range(3):
+        expect(rows.nth(i).locator(".match")).to_have_count(per_row)
+        expect(rows.nth(i).locator(".result-error")).to_have_count(0)
+    wait_thumbnails_loaded(ui, 3 * per_row)
+    screenshot(ui, screenshots, "photo-and-text")
+
+    # The last search sent the photo and both phrases together; the server answered in that order.
+    last = ui.search_requests()[-1]
+    entries = answered_queries(last)
+    assert [entry.get("filename") or entry.get("text") for entry in entries] == [
+        photo.name,
+        "東京の夜 🚲",
+        "sunset over the sea",
+    ]
+    assert_same_origin(ui)
+    assert_no_page_errors(ui)
+
+
+def test_a_long_phrase_says_only_its_beginning_was_used(ui: Ui, api_info: dict):
+    search_words(ui, " ".join(["a red bicycle by the canal at night"] * 20))
+    row = ui.rows().nth(0)
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info))
+    expect(row).to_have_attribute("data-truncated", "true")
+    expect(row.locator(".row-status")).to_contain_text("only the beginning")
+
+
+def test_combine_mode_shows_chips_with_weights_and_one_row(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    page = ui.page
+    page.locator("#combine-input").check()
+    photo = indexed_images[4]
+    ui.upload(photo)
+    search_words(ui, "at night")
+    search_words(ui, "people")
+    rows = ui.rows()
+    expect(rows).to_have_count(1)
+    row = rows.nth(0)
+    chips = row.locator(".chip")
+    expect(chips).to_have_count(3)
+    expect(chips.nth(0)).to_have_attribute("data-kind", "file")
+    expect(chips.nth(1)).to_have_attribute("data-name", "at night")
+    per_row = expected_matches(api_info)
+    expect(row.locator(".match")).to_have_count(per_row)
+
+    # "people" down to -1: two steps of 0.5 from +1, each re-running the combined search.
+    people = chips.nth(2)
+    people.get_by_role("button", name="Lower the weight of people").click()
+    expect(people.locator(".chip-weight")).to_have_text("+0.5")
+    people.get_by_role("button", name="Lower the weight of people").click()
+    people.get_by_role("button", name="Lower the weight of people").click()
+    expect(people.locator(".chip-weight")).to_have_text("−0.5")
+    people.get_by_role("button", name="Lower the weight of people").click()
+    expect(people.locator(".chip-weight")).to_have_text("−1")
+    expect(people).to_have_class(re.compile(r"\bis-negative\b"))
+    page.wait_for_function(
+        """() => {
+            const row = document.querySelector('.combined-row');
+            return row && row.dataset.state === 'done';
+        }"""
+    )
+    expect(row.locator(".match")).to_have_count(per_row)
+    wait_thumbnails_loaded(ui, per_row)
+    screenshot(ui, screenshots, "combined")
+
+    combined = [r for r in ui.requests if r.method == "POST" and urlsplit(r.url).path == "/search/combined"]
+    assert combined, "combine mode must use POST /search/combined"
+    # Requests superseded by a newer click were aborted; the last one answered with these weights.
+    answered = [r for r in combined if r.response() is not None]
+    (entry,) = answered_queries(answered[-1])
+    assert entry["combined"] == [
+        {"filename": photo.name, "weight": 1.0},
+        {"text": "at night", "weight": 1.0},
+        {"text": "people", "weight": -1.0},
+    ]
+    assert [m["id"] for m in entry["matches"]] == [
+        int(link.get_attribute("data-id")) for link in row.locator(".match").all()
+    ]
+
+    # Leaving combine mode shows each query as its own row again.
+    page.locator("#combine-input").uncheck()
+    expect(ui.rows()).to_have_count(3)
+    for i in range(3):
+        expect(ui.rows().nth(i).locator(".match")).to_have_count(per_row)
+    assert_same_origin(ui)
+    assert_no_page_errors(ui, allowed=re.compile(r"net::ERR_ABORTED|aborted", re.I))
+
+
+def test_weights_that_cancel_out_are_explained(ui: Ui):
+    ui.page.locator("#combine-input").check()
+    search_words(ui, "a dog")
+    search_words(ui, "a dog")
+    second = ui.rows().nth(0).locator(".chip").nth(1)
+    for _ in range(4):  # +1 -> -1
+        second.get_by_role("button", name="Lower the weight of a dog").click()
+    expect(second.locator(".chip-weight")).to_have_text("−1")
+    assert_readable_error(ui.rows().nth(0), re.compile(r"cancel", re.I))
+    assert_no_page_errors(ui, allowed=re.compile(r"status of 422|net::ERR_ABORTED|aborted", re.I))
+
+
+def test_phone_width_with_words_and_combine(
+    phone_ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    ui = phone_ui
+    ui.upload(indexed_images[1])
+    search_words(ui, "a photo of two cats sitting on a table")
+    expect(ui.rows()).to_have_count(2)
+    expect(ui.rows().nth(1).locator(".match")).to_have_count(expected_matches(api_info))
+    ui.page.locator("#combine-input").check()
+    expect(ui.rows()).to_have_count(1)
+    expect(ui.rows().nth(0).locator(".match")).to_have_count(expected_matches(api_info))
+    overflow = ui.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
+    ui.page.evaluate("window.scrollTo(0, 0)")
+    screenshot(ui, screenshots, "phone-combined")
+    assert_same_origin(ui)
+
+
+def test_demo_data_is_announced_in_a_banner(browser: Browser, serve_base_url: str, api_info: dict, screenshots: Path):
+    """A service on the offline demo checkpoint says so on /info; the page must make it impossible to miss."""
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        demo_info = json.dumps({**api_info, "demo_data": True})
+        page.route("**/info", lambda route: route.fulfill(status=200, content_type="application/json", body=demo_info))
+        page.goto(serve_base_url + "/")
+        banner = page.locator("#demo-banner")
+        expect(banner).to_be_visible()
+        expect(banner).to_contain_text("random model, scores mean nothing")
+        page.screenshot(path=str(screenshots / "ui-demo-banner.png"))
+    finally:
+        context.close()
+    # The real (non-demo) service shows no banner.
+    real_context, real = open_page(browser, serve_base_url, DESKTOP)
+    try:
+        expect(real.page.locator("#demo-banner")).to_be_hidden()
+    finally:
+        real_context.close()
+
+
+def test_a_k_above_the_maximum_is_capped_and_the_page_says_so(ui: Ui, api_info: dict, indexed_images: list[Path]):
+    ui.page.locator("#k-input").fill(str(api_info["max_k"] + 50))
+    ui.upload(indexed_images[0])
+    expect(ui.rows()).to_have_count(1)
+    expect(ui.page.locator("#k-note")).to_contain_text(f"Capped at {api_info['max_k']}")
+    expect(ui.page.locator("#k-input")).to_have_value(str(api_info["max_k"]))
+    (search,) = ui.search_requests()
+    assert parse_qs(urlsplit(search.url).query)["k"] == [str(api_info["max_k"])]
+
+
+def test_matches_that_share_a_file_name_show_their_folders(ui: Ui, indexed_images: list[Path]):
+    photo = indexed_images[0]
+    twins = [
+        {"id": 1, "path": "holiday/IMG_0001.jpg", "score": 0.9},
+        {"id": 2, "path": "work/IMG_0001.jpg", "score": 0.8},
+        {"id": 3, "path": "work/other.jpg", "score": 0.7},
+    ]
+    for match in twins:
+        match.update(url=f"/images/{match['id']}", thumbnail_url=f"/images/{match['id']}?size=256")
+    body = json.dumps({"results": [{"filename": photo.name, "matches": twins}]})
+    ui.page.route("**/search?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
+    ui.upload(photo)
+    names = ui.rows().nth(0).locator(".match-name")
+    expect(names).to_have_text(["holiday/IMG_0001.jpg", "work/IMG_0001.jpg", "other.jpg"])
+
+
+def test_the_search_box_says_when_the_model_has_no_text_search(
+    browser: Browser, serve_base_url: str, api_info: dict, screenshots: Path
+):
+    """A checkpoint without a text tower reports text_search false on /info; photos still work."""
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        no_text_info = json.dumps({**api_info, "text_search": False})
+        page.route(
+            "**/info", lambda route: route.fulfill(status=200, content_type="application/json", body=no_text_info)
+        )
+        page.goto(serve_base_url + "/")
+        expect(page.locator("#text-hint")).to_contain_text("off")
+        expect(page.locator("#text-input")).to_be_disabled()
+        expect(page.locator("#text-button")).to_be_disabled()
+        expect(page.locator("#drop-zone")).to_be_visible()
+        page.screenshot(path=str(screenshots / "ui-no-text-search.png"), full_page=True)
+    finally:
+        context.close()

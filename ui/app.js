@@ -4,6 +4,9 @@
  * Flow: the person picks, drops or pastes photos -> each photo gets a result row at once
  * (preview from an object URL, no upload needed) -> all photos go to the server in ONE
  * POST /search (field `files` repeated) -> each row is filled with its matches or its error.
+ * Phrases typed in the search box (Enter) join the current search as rows of their own (field
+ * `text`, after the photos, as the server answers them). In "combine" mode the photos and phrases
+ * of the search are chips with weights, sent to POST /search/combined, answered as one row.
  *
  * Plain browser JavaScript, no build step, no third-party code, no requests to other origins.
  */
@@ -14,13 +17,22 @@
   const FALLBACK_INFO = {
     model: null, index_size: null, max_k: 100, default_k: 5,
     max_files: 16, max_file_bytes: 10 * 1024 * 1024,
+    text_search: true, max_text_chars: 1000, max_texts: 16,
   };
+  // Combined searches: weights move in these steps, within these bounds.
+  const WEIGHT_STEP = 0.5;
+  const MAX_WEIGHT = 5;
 
   const state = {
     info: { ...FALLBACK_INFO },
     infoLoaded: false,
-    // The current query photos: [{ file, previewUrl, row, clientError }]
+    // The current queries, photos first then phrases (the order the server answers them in):
+    // [{ kind: "file", file, previewUrl, row, clientError, weight }
+    //  | { kind: "text", text, row, clientError, weight }]
     queries: [],
+    // Combine mode: one row (combinedRow) for the weighted sum of all queries.
+    combine: false,
+    combinedRow: null,
     // Each search gets a number; answers of superseded searches are ignored.
     searchSeq: 0,
     searchedK: null,
@@ -36,7 +48,8 @@
       "drop-zone", "file-input", "k-input", "search-button", "clear-button", "search-status",
       "search-status-text", "results", "empty-state", "empty-index-info", "index-info", "limits-hint",
       "lightbox", "lightbox-image", "lightbox-caption", "lightbox-open", "lightbox-close",
-      "result-row-template",
+      "result-row-template", "demo-banner", "k-note", "combined-row-template", "chip-template", "text-form",
+      "text-input", "text-button", "text-hint", "combine-input",
     ]) {
       el[camel(id)] = document.getElementById(id);
     }
@@ -44,6 +57,8 @@
     bindDragAndDrop();
     bindPaste();
     bindControls();
+    bindTextSearch();
+    bindCombine();
     bindLightbox();
     setStatus("idle", "");
     loadInfo();
@@ -68,6 +83,8 @@
 
   function renderInfo() {
     const { index_size: size, model } = state.info;
+    // Offline demo data (random CLIP): say so plainly, or its 0.98 scores would look meaningful.
+    el.demoBanner.hidden = !state.info.demo_data;
     const count = formatCount(size, "image", "images");
     el.indexInfo.replaceChildren(
       strong(count), document.createTextNode(" indexed · model "), strong(model || "unknown"),
@@ -82,6 +99,19 @@
       : `The collection has ${count}, indexed with the ${model} model.`;
     el.limitsHint.textContent =
       `Up to ${state.info.max_files} photos at once, ${formatBytes(state.info.max_file_bytes)} each.`;
+    renderTextAvailability();
+  }
+
+  // A checkpoint without a text tower still serves photos; the search box says so instead.
+  function renderTextAvailability() {
+    const available = state.info.text_search !== false;
+    el.textInput.disabled = !available;
+    el.textButton.disabled = !available;
+    el.textForm.classList.toggle("is-disabled", !available);
+    el.textInput.maxLength = state.info.max_text_chars || FALLBACK_INFO.max_text_chars;
+    el.textHint.textContent = available
+      ? "Press Enter to search; each phrase gets its own row."
+      : "Search by words is off: this model has no text encoder. Photos still work.";
   }
 
   // The k control: default from /info, never more than max_k.
@@ -94,6 +124,10 @@
     const raw = parseInt(el.kInput.value, 10);
     const k = clamp(Number.isFinite(raw) ? raw : state.info.default_k, 1, state.info.max_k);
     el.kInput.value = String(k); // show the value actually used
+    // Say why the number changed, rather than silently searching with another one.
+    el.kNote.textContent = Number.isFinite(raw) && raw > state.info.max_k
+      ? `Capped at ${state.info.max_k}, the most this index answers.`
+      : "";
     return k;
   }
 
@@ -152,8 +186,8 @@
 
   function bindPaste() {
     document.addEventListener("paste", (event) => {
-      // Let people paste text into the k field as usual.
-      if (event.target === el.kInput) return;
+      // Let people paste text into the k field and the search box as usual.
+      if (event.target === el.kInput || event.target === el.textInput) return;
       const files = Array.from(event.clipboardData?.files || []);
       if (!files.length) return;
       event.preventDefault();
@@ -189,22 +223,71 @@
 
   // ---------------------------------------------------------------- rows
 
+  // New photos start a new search; in combine mode they join the current one instead.
   function startWithFiles(files) {
-    clearQueries();
-    let accepted = 0;
-    state.queries = files.map((file) => {
+    if (!state.combine) clearQueries();
+    let accepted = state.queries.filter((q) => q.kind === "file" && !q.clientError).length;
+    const added = files.map((file) => {
       const clientError = checkFileLocally(file, accepted);
       if (!clientError) accepted += 1;
-      return { file, previewUrl: URL.createObjectURL(file), row: null, clientError };
+      return { kind: "file", file, previewUrl: URL.createObjectURL(file), row: null, clientError, weight: 1 };
     });
-    for (const query of state.queries) {
-      query.row = createRow(query);
-      el.results.append(query.row);
-    }
-    el.emptyState.hidden = true;
-    el.searchButton.disabled = false;
-    el.clearButton.disabled = false;
+    // Photos before phrases: the order in which the server answers.
+    const firstText = state.queries.findIndex((q) => q.kind === "text");
+    state.queries.splice(firstText < 0 ? state.queries.length : firstText, 0, ...added);
+    showQueries();
     runSearch();
+  }
+
+  // A phrase joins the current search (photos and earlier phrases stay) as a row of its own.
+  function addText(text) {
+    const texts = state.queries.filter((q) => q.kind === "text" && !q.clientError).length;
+    state.queries.push({ kind: "text", text, row: null, clientError: checkTextLocally(text, texts), weight: 1 });
+    showQueries();
+    runSearch();
+  }
+
+  function bindTextSearch() {
+    el.textForm.addEventListener("submit", (event) => {
+      event.preventDefault(); // never a navigation: the page sends the search itself
+      const text = el.textInput.value;
+      if (!text.trim()) {
+        el.textInput.focus();
+        return;
+      }
+      el.textInput.value = "";
+      addText(text.trim());
+    });
+  }
+
+  function bindCombine() {
+    el.combineInput.addEventListener("change", () => {
+      state.combine = el.combineInput.checked;
+      if (!state.queries.length) return;
+      showQueries();
+      runSearch();
+    });
+  }
+
+  // (Re)builds the rows for the current queries: one per query, or one combined row.
+  function showQueries() {
+    abortSearch();
+    el.results.replaceChildren();
+    state.combinedRow = null;
+    for (const query of state.queries) query.row = null;
+    if (state.combine) {
+      state.combinedRow = createCombinedRow();
+      el.results.append(state.combinedRow);
+    } else {
+      for (const query of state.queries) {
+        query.row = createRow(query);
+        el.results.append(query.row);
+      }
+    }
+    const any = state.queries.length > 0;
+    el.emptyState.hidden = any;
+    el.searchButton.disabled = !any;
+    el.clearButton.disabled = !any;
   }
 
   // Checks worth doing before uploading (they save a doomed upload); the server still
@@ -217,8 +300,20 @@
     return null;
   }
 
+  function checkTextLocally(text, accepted) {
+    const { max_text_chars: maxChars, max_texts: maxTexts } = state.info;
+    if (maxChars && [...text].length > maxChars) return { code: "text_too_long" };
+    if (maxTexts && accepted >= maxTexts) return { code: "over_text_limit" };
+    return null;
+  }
+
+  function queryName(query) {
+    return query.kind === "text" ? query.text : query.file.name || "Pasted image";
+  }
+
   function createRow(query) {
     const row = el.resultRowTemplate.content.firstElementChild.cloneNode(true);
+    if (query.kind === "text") return fillTextRow(row, query.text);
     const name = query.file.name || "Pasted image";
     row.dataset.filename = name;
     const image = row.querySelector(".query-image");
@@ -233,10 +328,97 @@
     return row;
   }
 
+  // A phrase's row: the words where a photo's preview would be.
+  function fillTextRow(row, text) {
+    row.classList.add("text-row-result");
+    row.dataset.text = text;
+    row.querySelector(".query-image").remove();
+    row.querySelector(".query-placeholder").remove();
+    const quote = row.querySelector(".query-text");
+    quote.hidden = false;
+    const words = document.createElement("span"); // an inline box, so the quote marks wrap with the words
+    words.textContent = text;
+    quote.replaceChildren(words);
+    quote.title = text;
+    const caption = row.querySelector(".query-name");
+    caption.textContent = "Search by words";
+    return row;
+  }
+
+  function createCombinedRow() {
+    const row = el.combinedRowTemplate.content.firstElementChild.cloneNode(true);
+    const chips = row.querySelector(".chips");
+    for (const query of state.queries) chips.append(createChip(query));
+    return row;
+  }
+
+  // A query of a combined search: its preview or words, its weight with - and +, and a remove button.
+  function createChip(query) {
+    const chip = el.chipTemplate.content.firstElementChild.cloneNode(true);
+    const name = queryName(query);
+    chip.dataset.kind = query.kind;
+    chip.dataset.name = name;
+    const image = chip.querySelector(".chip-image");
+    const words = chip.querySelector(".chip-text");
+    if (query.kind === "file") {
+      image.src = query.previewUrl;
+      image.alt = `Your photo: ${name}`;
+      words.textContent = name;
+      words.classList.add("chip-filename");
+    } else {
+      image.remove();
+      words.textContent = `“${name}”`;
+    }
+    chip.title = name;
+    if (query.clientError) {
+      chip.classList.add("has-error");
+      chip.title = `${name}: ${friendlyMessage(query.clientError)}`;
+    }
+    const minus = chip.querySelector(".chip-minus");
+    const plus = chip.querySelector(".chip-plus");
+    minus.setAttribute("aria-label", `Lower the weight of ${name}`);
+    plus.setAttribute("aria-label", `Raise the weight of ${name}`);
+    chip.querySelector(".chip-remove").setAttribute("aria-label", `Remove ${name} from the search`);
+    minus.addEventListener("click", () => changeWeight(query, chip, -WEIGHT_STEP));
+    plus.addEventListener("click", () => changeWeight(query, chip, +WEIGHT_STEP));
+    chip.querySelector(".chip-remove").addEventListener("click", () => removeQuery(query));
+    showWeight(query, chip);
+    return chip;
+  }
+
+  function showWeight(query, chip) {
+    const output = chip.querySelector(".chip-weight");
+    output.textContent = formatWeight(query.weight);
+    output.setAttribute("aria-label", `Weight ${formatWeight(query.weight)}`);
+    chip.dataset.weight = String(query.weight);
+    chip.classList.toggle("is-negative", query.weight < 0);
+    chip.classList.toggle("is-zero", query.weight === 0);
+    chip.querySelector(".chip-minus").disabled = query.weight <= -MAX_WEIGHT;
+    chip.querySelector(".chip-plus").disabled = query.weight >= MAX_WEIGHT;
+  }
+
+  function changeWeight(query, chip, step) {
+    query.weight = clamp(Math.round((query.weight + step) / WEIGHT_STEP) * WEIGHT_STEP, -MAX_WEIGHT, MAX_WEIGHT);
+    showWeight(query, chip);
+    runSearch();
+  }
+
+  function removeQuery(query) {
+    if (query.previewUrl) URL.revokeObjectURL(query.previewUrl);
+    state.queries = state.queries.filter((q) => q !== query);
+    if (!state.queries.length) {
+      clearAll();
+      return;
+    }
+    showQueries();
+    runSearch();
+  }
+
   function clearQueries() {
     abortSearch();
-    for (const query of state.queries) URL.revokeObjectURL(query.previewUrl);
+    for (const query of state.queries) if (query.previewUrl) URL.revokeObjectURL(query.previewUrl);
     state.queries = [];
+    state.combinedRow = null;
     el.results.replaceChildren();
   }
 
@@ -256,14 +438,18 @@
     row.querySelector(".result-error")?.remove();
   }
 
-  function setRowMatches(row, matches) {
+  function setRowMatches(row, matches, truncated = false) {
     row.dataset.state = "done";
     row.querySelector(".result-error")?.remove();
     const status = row.querySelector(".row-status");
     status.textContent = matches.length
       ? `Top ${matches.length} ${matches.length === 1 ? "match" : "matches"}`
       : "No matches found.";
-    row.querySelector(".matches").replaceChildren(...matches.map(renderMatch));
+    // The model reads a limited number of words; say when the end of a phrase was left out.
+    row.dataset.truncated = String(Boolean(truncated));
+    if (truncated) status.textContent += " · only the beginning of this long text was used";
+    const labels = matchLabels(matches);
+    row.querySelector(".matches").replaceChildren(...matches.map((match, i) => renderMatch(match, i, labels[i])));
   }
 
   function setRowError(row, error) {
@@ -289,9 +475,21 @@
     row.querySelector(".row-body").append(box);
   }
 
-  function renderMatch(match, index) {
+  // A match is named by its file name; where two matches of a row share one, by enough of their
+  // folders to tell them apart (holiday/IMG_0001.jpg vs work/IMG_0001.jpg).
+  function matchLabels(matches) {
+    const parts = matches.map((match) => String(match.path || "").split(/[\\/]/).filter(Boolean));
+    return parts.map((mine, i) => {
+      let depth = 1;
+      const clashes = (d) => parts.some((other, j) => j !== i && other.slice(-d).join("/") === mine.slice(-d).join("/"));
+      while (depth < mine.length && clashes(depth)) depth += 1;
+      return mine.slice(-depth).join("/") || `Image ${matches[i].id}`;
+    });
+  }
+
+  function renderMatch(match, index, label) {
     const item = document.createElement("li");
-    const name = basename(match.path) || `Image ${match.id}`;
+    const name = label || basename(match.path) || `Image ${match.id}`;
     const score = Number(match.score);
 
     // A real link: works without JS, middle-click/ctrl-click opens a new tab; a plain
@@ -352,6 +550,10 @@
 
     const k = currentK();
     state.searchedK = k;
+    if (state.combine) {
+      await runCombined(seq, controller, k);
+      return;
+    }
     const toSend = [];
     for (const query of state.queries) {
       if (query.clientError) {
@@ -362,11 +564,11 @@
       }
     }
     if (!toSend.length) {
-      setBusy(false, "None of the chosen files can be searched.", true);
+      setBusy(false, "None of the chosen photos or phrases can be searched.", true);
       return;
     }
 
-    setBusy(true, `Searching ${formatCount(toSend.length, "photo", "photos")}…`);
+    setBusy(true, `Searching ${describeQueries(toSend)}…`);
     const started = performance.now();
     let outcome;
     try {
@@ -380,11 +582,32 @@
     applyOutcome(toSend, outcome, performance.now() - started);
   }
 
-  // One request for all photos: the field `files` is repeated, in row order.
+  function describeQueries(queries) {
+    const files = queries.filter((q) => q.kind === "file").length;
+    const texts = queries.length - files;
+    return [files && formatCount(files, "photo", "photos"), texts && formatCount(texts, "phrase", "phrases")]
+      .filter(Boolean).join(" and ");
+  }
+
+  // One request for all photos and phrases: the fields `files` and `text` are repeated, in row
+  // order (photos first, as state.queries keeps them).
   async function postSearch(queries, k, signal) {
+    return postForm(`/search?k=${encodeURIComponent(k)}`, queries, signal, false);
+  }
+
+  async function postForm(url, queries, signal, withWeights) {
     const form = new FormData();
-    for (const query of queries) form.append("files", query.file, query.file.name || "image");
-    const response = await fetch(`/search?k=${encodeURIComponent(k)}`, {
+    for (const query of queries) {
+      if (query.kind !== "file") continue;
+      form.append("files", query.file, query.file.name || "image");
+      if (withWeights) form.append("file_weight", String(query.weight));
+    }
+    for (const query of queries) {
+      if (query.kind !== "text") continue;
+      form.append("text", query.text);
+      if (withWeights) form.append("text_weight", String(query.weight));
+    }
+    const response = await fetch(url, {
       method: "POST",
       body: form,
       signal,
@@ -416,6 +639,41 @@
     }
   }
 
+  // Combine mode: all usable queries, with their weights, in one request; one row of results.
+  async function runCombined(seq, controller, k) {
+    const row = state.combinedRow;
+    const toSend = state.queries.filter((q) => !q.clientError);
+    if (!toSend.length) {
+      setRowError(row, state.queries[0]?.clientError || { code: "no_query" });
+      setBusy(false, "None of the chosen photos or phrases can be searched.", true);
+      return;
+    }
+    setRowPending(row);
+    setBusy(true, `Searching ${describeQueries(toSend)} combined…`);
+    const started = performance.now();
+    let outcome;
+    try {
+      outcome = await postForm(`/search/combined?k=${encodeURIComponent(k)}`, toSend, controller.signal, true);
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      outcome = { requestError: { code: "network_error" } };
+    }
+    if (seq !== state.searchSeq) return;
+    state.controller = null;
+    const entry = outcome.results && outcome.results[0];
+    if (entry && Array.isArray(entry.matches)) {
+      setRowMatches(row, entry.matches);
+      const skipped = state.queries.length - toSend.length;
+      setBusy(false, skipped
+        ? `Combined ${describeQueries(toSend)}; ${formatCount(skipped, "query", "queries")} left out (see the marked chips).`
+        : `Found matches for ${describeQueries(toSend)} combined in ${formatDuration(performance.now() - started)}.`);
+    } else {
+      const error = (entry && entry.error) || outcome.requestError || { code: "missing_result" };
+      setRowError(row, error);
+      setBusy(false, friendlyMessage(error), true);
+    }
+  }
+
   function statusToCode(status) {
     if (status === 503 || status === 429) return "overloaded";
     if (status === 413) return "request_too_large";
@@ -438,7 +696,7 @@
     queries.forEach((query, i) => {
       const entry = results[i];
       if (entry && Array.isArray(entry.matches)) {
-        setRowMatches(query.row, entry.matches);
+        setRowMatches(query.row, entry.matches, entry.truncated === true);
       } else {
         failed += 1;
         setRowError(query.row, (entry && entry.error) || { code: "missing_result" });
@@ -448,11 +706,11 @@
     const failedLocally = state.queries.length - queries.length;
     const problems = failed + failedLocally;
     if (problems === 0) {
-      setBusy(false, `Found matches for ${formatCount(queries.length, "photo", "photos")} in ${took}.`);
+      setBusy(false, `Found matches for ${describeQueries(queries)} in ${took}.`);
     } else if (problems < state.queries.length) {
-      setBusy(false, `${formatCount(problems, "photo", "photos")} could not be searched; the others are below.`);
+      setBusy(false, `${formatCount(problems, "query", "queries")} could not be searched; the others are below.`);
     } else {
-      setBusy(false, "None of the photos could be searched. See the messages below.", true);
+      setBusy(false, "Nothing could be searched. See the messages below.", true);
     }
   }
 
@@ -461,7 +719,7 @@
   function applyRequestError(queries, error) {
     const fileLevel = FILE_LEVEL_CODES.has(error.code) && queries.length > 1;
     const culprit = fileLevel && error.filename != null
-      ? queries.find((q) => q.file.name === error.filename)
+      ? queries.find((q) => q.kind === "file" && q.file.name === error.filename)
       : null;
     for (const query of queries) {
       if (!culprit || query === culprit) {
@@ -510,7 +768,26 @@
       case "over_file_limit":
         return `Not searched: up to ${info.max_files} photos are searched at once. Search this one separately.`;
       case "no_files":
-        return "No photo was received. Please choose a photo and try again.";
+      case "no_query":
+        return "No photo or phrase was received. Please choose a photo or type a few words.";
+      case "empty_text":
+        return "This phrase is empty. Type a few words to search for.";
+      case "invalid_text":
+        return "This phrase contains characters that can't be searched (such as control characters).";
+      case "text_too_long":
+        return `This phrase is too long. The limit is ${info.max_text_chars} characters.`;
+      case "too_many_texts":
+        return `Too many phrases at once. You can search up to ${info.max_texts} at a time.`;
+      case "over_text_limit":
+        return `Not searched: up to ${info.max_texts} phrases are searched at once. Clear some and try again.`;
+      case "too_many_queries":
+        return "Too many photos and phrases at once. Clear some and try again.";
+      case "text_search_unavailable":
+        return "Search by words is not available with this model. Search with a photo instead.";
+      case "invalid_weights":
+        return "A weight isn't a usable number. Reload the page and try again.";
+      case "zero_query":
+        return "The weights cancel each other out, so there is nothing to search for. Change a weight.";
       case "invalid_k":
         return `The number of matches must be between 1 and ${info.max_k}.`;
       case "not_multipart":
@@ -619,6 +896,10 @@
 
   function basename(path) {
     return String(path || "").split(/[\\/]/).pop();
+  }
+
+  function formatWeight(weight) {
+    return (weight > 0 ? "+" : weight < 0 ? "−" : "") + String(Math.abs(weight));
   }
 
   function formatScore(score) {

@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from image_search.checkpoints import is_demo_checkpoint, model_display_name
 from image_search.encoder import ClipImageEncoder
+from image_search.errors import TextSearchUnavailable
+from image_search.text_encoder import ClipTextEncoder, TextTowerUnavailable
 from serve_app.coalescing import ForwardCoalescer
 from serve_app.config import BatchingConfig, EmbedderOptions, check_batch_fits_concurrency
 from serve_app.metrics import EmbedderMetrics
@@ -47,7 +50,7 @@ def replica_max_ongoing_requests() -> int | None:
     """
     try:
         context = serve.get_replica_context()
-    except RuntimeError:
+    except RayServeException:  # not in a replica (what it raises there, with or without ray.init)
         return None
     config = getattr(context, "_deployment_config", None)
     value = getattr(config, "max_ongoing_requests", None)
@@ -76,6 +79,7 @@ class Embedder:
         self.coalescer = ForwardCoalescer(
             self.encoder.encode_pixels, DEFAULT_BATCHING.max_batch_size, observe=self._observe_forward
         )
+        self._init_text(model, options)
         logger.info(
             "Embedder ready: %s on %s, %s, %d threads",
             model,
@@ -89,6 +93,9 @@ class Embedder:
         check_batch_fits_concurrency(config.max_batch_size, replica_max_ongoing_requests())
         self.coalescer.max_batch_size = config.max_batch_size
         self.coalescer.batch_wait_timeout_s = config.batch_wait_timeout_s
+        if self.text_coalescer is not None:
+            self.text_coalescer.max_batch_size = config.max_text_batch_size
+            self.text_coalescer.batch_wait_timeout_s = config.batch_wait_timeout_s
 
     def identity(self) -> dict[str, Any]:
         """What the Ingress checks an index against, and shows on /info."""
@@ -127,6 +134,51 @@ class Embedder:
             return None
         vectors = await self.coalescer.run([pixels])
         return vectors[0]
+
+    # --- text queries: their own encoder, queue and forward passes --------------------------------
+
+    def _init_text(self, model: str, options: EmbedderOptions) -> None:
+        """Load the text tower when the checkpoint has one; without it image search still works."""
+        self.text_encoder: ClipTextEncoder | None = None
+        self.text_coalescer: ForwardCoalescer | None = None
+        self.text_batch_sizes: Counter[int] = Counter()
+        try:
+            self.text_encoder = ClipTextEncoder(model, device=options.device, precision=options.precision)
+        except TextTowerUnavailable as exc:
+            # The reason names the checkpoint's location: logged for operators, never sent to clients.
+            logger.warning("text search is off: %s", exc)
+            return
+        # A separate coalescer, so a burst of texts never waits behind a full image batch (and the
+        # reverse): its own queue, and its own model thread running beside the image one.
+        self.text_coalescer = ForwardCoalescer(
+            self.text_encoder.encode_rows, BatchingConfig().max_text_batch_size, observe=self._observe_text_forward
+        )
+
+    def text_search(self) -> dict[str, Any]:
+        """Whether this checkpoint embeds text, and the token limit it reads (for /info)."""
+        encoder = self.text_encoder
+        return {"available": encoder is not None, "max_tokens": encoder.max_tokens if encoder is not None else None}
+
+    async def embed_text(self, text: str) -> dict[str, Any]:
+        """One query text in (already checked by the Ingress), its unit vector and whether it was truncated out.
+
+        Tokenising is cheap and runs here, per request; the forward pass is shared with the texts
+        of other requests queued meanwhile.
+        """
+        if self.text_encoder is None or self.text_coalescer is None:
+            raise TextSearchUnavailable("Search by text is not available: the model has no text encoder.")
+        tokens = self.text_encoder.tokenize(text)
+        vectors = await self.text_coalescer.run([self.text_encoder.token_row(tokens)])
+        return {"vector": vectors[0], "truncated": tokens.truncated}
+
+    async def text_batch_size_counts(self) -> dict[int, int]:
+        """How many text forward passes of each batch size this replica ran (async: see batch_size_counts)."""
+        return dict(self.text_batch_sizes)
+
+    def _observe_text_forward(self, size: int, seconds: float) -> None:
+        # Called on the event loop by the text coalescer after each forward pass.
+        self.text_batch_sizes[size] += 1
+        self.metrics.observe_text_batch(size, seconds)
 
     def _observe_forward(self, size: int, seconds: float) -> None:
         # Called on the event loop by the coalescer after each forward pass.

@@ -3,9 +3,7 @@
 Every upload is decoded and cropped here, at the edge, so bad input never reaches a model and
 only 150 KB of pixels per image cross to the Embedder. The request-handling pieces live in their
 own modules (client_values, multipart, results, thumbnails, http_app, http_errors, downstream);
-this class wires them to the two collaborators it receives through `.bind()`. Which index version
-answers, and following newly published ones, is `served_index.ServedIndex`'s job; health is
-`health`'s.
+this class wires them to the two collaborators it receives through `.bind()`.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import asyncio
 import logging
 import mimetypes
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -23,20 +22,23 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable
+from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable, TextSearchUnavailable
 from image_search.manifest import ImageRecord, Manifest
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import Store, StoreError, open_store
 from serve_app.client_values import parse_image_id, parse_k, parse_thumbnail_size
+from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_part, parse_weights, weighted_sum
 from serve_app.config import AppArgs
 from serve_app.downstream import await_with_progress, downstream, retried
+from serve_app.forms import SearchForm, read_search_form
 from serve_app.health import StatusCache, health_report, unknown_report
 from serve_app.http_app import build_http_app
 from serve_app.http_errors import service_error_response
 from serve_app.metrics import IngressMetrics
-from serve_app.multipart import Upload, read_uploads
-from serve_app.results import Query, error_entries, result_entries
-from serve_app.served_index import ServedIndex
+from serve_app.multipart import Upload
+from serve_app.results import Query, error_entries, matches_for_row, result_entries
+from serve_app.served_index import ServedIndex, Version
+from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, make_thumbnail
 
 logger = logging.getLogger("ray.serve")
@@ -55,6 +57,11 @@ SEARCH_ATTEMPTS = 3
 # never outlive what the id means in the index being served (ids are stable, but an edited photo
 # keeps its id with new bytes, and a removed one becomes 404).
 IMAGE_CACHE_CONTROL = "no-cache"
+
+
+def text_result(query: TextQuery, answer: dict[str, Any]) -> Query:
+    """A text's entry: named by "text", with "truncated": true when the model read only its start."""
+    return Query("text", query.text, None, {"truncated": True} if answer["truncated"] else {})
 
 
 @serve.deployment(
@@ -81,6 +88,7 @@ class Ingress:
             embedder.identity.remote(), args.startup_timeout_s, "the Embedder to load its model and answer"
         )
         self.spec = PreprocessSpec.from_dict(self.model["preprocessing"])
+        self.text_search = bool((await embedder.text_search.remote())["available"])
         # Replicas start on what is published now (CURRENT), never on a version fixed at deploy time.
         self.index = ServedIndex(open_store(index_root), self.model, self._prepare_searcher, args.images)
         await await_with_progress(
@@ -96,6 +104,13 @@ class Ingress:
         count: int = await downstream(self.searcher.prepare.remote(version))
         return count
 
+    async def _search_version(self, vectors: np.ndarray, k: int, version: Version) -> tuple[np.ndarray, np.ndarray]:
+        """Search the version the request holds (the Searcher loads it if it lacks it)."""
+        result: tuple[np.ndarray, np.ndarray] = await retried(
+            lambda: self.searcher.search.remote(vectors, k, version.name), SEARCH_ATTEMPTS, "Searcher"
+        )
+        return result
+
     async def check_health(self) -> None:
         if not self.index.following_works():
             raise RuntimeError("the Ingress stopped following the published index version")
@@ -104,6 +119,8 @@ class Ingress:
         routes = [
             Route("/", self.page, methods=["GET"]),
             Route("/search", self.search, methods=["POST"]),
+            Route("/search", self.search_text, methods=["GET"]),
+            Route("/search/combined", self.search_combined, methods=["POST"]),
             Route("/images/{image_id}", self.image, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/info", self.info, methods=["GET"]),
@@ -141,46 +158,135 @@ class Ingress:
                 "default_k": self.limits.default_k,
                 "max_files": self.limits.max_files,
                 "max_file_bytes": self.limits.max_file_bytes,
+                "text_search": self.text_search,
+                "max_text_chars": self.limits.max_text_chars,
+                "max_texts": self.limits.max_texts,
+                "max_queries": self.limits.max_queries,
                 "thumbnail_sizes": list(self.args.thumbnail_sizes),
             }
         )
 
     async def search(self, request: Request) -> Response:
+        """Photos and texts: one entry per file, then per text, in request order."""
         k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
-        uploads = await read_uploads(
+        form = await self._read_form(request)
+        prepared = await self._prepare_all(form.uploads)
+        texts = [self._checked_text(query) for query in form.texts]
+        file_queries = [
+            Query("filename", upload.filename, item if isinstance(item, ClientError) else None)
+            for upload, item in zip(form.uploads, prepared, strict=True)
+        ]
+        pixels = [item for item in prepared if isinstance(item, np.ndarray)]
+        usable = [query.text for query in texts if query.error is None]
+        if not pixels and not usable:
+            queries = [*file_queries, *(Query("text", query.text, query.error) for query in texts)]
+            first = next(query.error for query in queries if query.error is not None)
+            return service_error_response(first, {"results": error_entries(queries)})
+        image_vectors, text_answers = await asyncio.gather(self._embed(pixels), self._embed_texts(usable))
+        answers = iter(text_answers)
+        text_queries = [
+            Query("text", query.text, query.error) if query.error is not None else text_result(query, next(answers))
+            for query in texts
+        ]
+        vectors = np.concatenate([image_vectors, self._stack([answer["vector"] for answer in text_answers])])
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        # One version for the whole answer: the Searcher searches the version this request holds,
+        # and that version's manifest turns the ids into records, whatever switches meanwhile.
+        with self.index.lease() as version:
+            scores, ids = await self._search_version(vectors, k, version)
+            entries = result_entries([*file_queries, *text_queries], scores, ids, version.manifest, root_path)
+        return JSONResponse({"index_version": version.name, "results": entries})
+
+    async def search_text(self, request: Request) -> Response:
+        """GET /search?q=...&k=...: one text query, for links and scripts."""
+        k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
+        query = self._checked_text(TextQuery(single_query_param(request.scope.get("query_string", b""), self.limits)))
+        if query.error is not None:
+            raise query.error
+        (answer,) = await self._embed_texts([query.text])
+        vectors = answer["vector"][None, :]
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        with self.index.lease() as version:
+            scores, ids = await self._search_version(vectors, k, version)
+            entries = result_entries([text_result(query, answer)], scores, ids, version.manifest, root_path)
+        return JSONResponse({"index_version": version.name, "results": entries})
+
+    async def search_combined(self, request: Request) -> Response:
+        """Photos and texts with weights -> one result list for the normalised weighted sum."""
+        k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
+        form = await self._read_form(request)
+        file_weights = parse_weights(form.file_weights, len(form.uploads), FILE_WEIGHT_FIELD, "file")
+        text_weights = parse_weights(form.text_weights, len(form.texts), TEXT_WEIGHT_FIELD, "text")
+        # One answer for all queries: any query that cannot be used fails the request.
+        texts = [self._checked_text(query) for query in form.texts]
+        for query in texts:
+            if query.error is not None:
+                raise query.error
+        prepared = await self._prepare_all(form.uploads)
+        for item in prepared:
+            if isinstance(item, ClientError):
+                raise item
+        pixels = [item for item in prepared if isinstance(item, np.ndarray)]
+        image_vectors, text_answers = await asyncio.gather(
+            self._embed(pixels), self._embed_texts([query.text for query in texts])
+        )
+        vectors = np.concatenate([image_vectors, self._stack([answer["vector"] for answer in text_answers])])
+        combined = weighted_sum(vectors, [*file_weights, *text_weights])[None, :]
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        with self.index.lease() as version:
+            scores, ids = await self._search_version(combined, k, version)
+            matches = matches_for_row(scores[0], ids[0], version.manifest, root_path)
+        parts = [
+            *(
+                combined_part("filename", upload.filename, w)
+                for upload, w in zip(form.uploads, file_weights, strict=True)
+            ),
+            *(
+                combined_part("text", query.text, w, bool(answer["truncated"]))
+                for query, w, answer in zip(texts, text_weights, text_answers, strict=True)
+            ),
+        ]
+        return JSONResponse({"index_version": version.name, "results": [{"combined": parts, "matches": matches}]})
+
+    async def _read_form(self, request: Request) -> SearchForm:
+        form = await read_search_form(
             request.headers.get("content-type"),
             request.headers.get("content-length"),
             request.stream(),
             self.limits,
         )
+        check_counts(len(form.uploads), len(form.texts), self.limits)
+        return form
+
+    async def _prepare_all(self, uploads: list[Upload]) -> list[np.ndarray | ClientError]:
         prepared = await asyncio.gather(*(asyncio.to_thread(self._prepare, upload) for upload in uploads))
-        queries = [
-            Query("filename", upload.filename, item if isinstance(item, ClientError) else None)
-            for upload, item in zip(uploads, prepared, strict=True)
-        ]
-        for query in queries:
-            self.metrics.count_file(query.error.code if query.error is not None else "ok")
-        pixels = [item for item in prepared if isinstance(item, np.ndarray)]
-        if not pixels:
-            first = next(query.error for query in queries if query.error is not None)
-            return service_error_response(first, {"results": error_entries(queries)})
-        vectors = await self._embed(pixels)
-        root_path = str(request.scope.get("root_path", "")).rstrip("/")
-        # One version for the whole answer: the Searcher searches the version this request holds,
-        # and that version's manifest turns the ids into records, whatever switches meanwhile.
-        with self.index.lease() as version:
-            scores, ids = await retried(
-                lambda: self.searcher.search.remote(vectors, k, version.name), SEARCH_ATTEMPTS, "Searcher"
-            )
-            results = result_entries(queries, scores, ids, version.manifest, root_path)
-        return JSONResponse({"index_version": version.name, "results": results})
+        for item in prepared:
+            self.metrics.count_file(item.code if isinstance(item, ClientError) else "ok")
+        return list(prepared)
+
+    def _stack(self, vectors: list[np.ndarray]) -> np.ndarray:
+        """(n, dim) float32, also for n = 0 (a request with photos only, or texts only)."""
+        if not vectors:
+            return np.empty((0, int(self.model["embedding_dim"])), dtype=np.float32)
+        return np.stack(vectors).astype(np.float32, copy=False)
 
     async def _embed(self, pixels: list[np.ndarray]) -> np.ndarray:
         """One Embedder call per image: batching then works across requests as well as within one."""
         vectors = await downstream(asyncio.gather(*(self.embedder.embed.remote(item) for item in pixels)))
         if any(vector is None for vector in vectors):
             raise RuntimeError("the Embedder rejected a crop the Ingress made")
-        return np.stack(vectors)
+        return self._stack(list(vectors))
+
+    def _checked_text(self, query: TextQuery) -> TextQuery:
+        """A usable text stays as it is; with a model that has no text tower, none is usable. Counted."""
+        if query.error is None and not self.text_search:
+            query = TextQuery(query.text, TextSearchUnavailable("Search by text is not available with this model."))
+        self.metrics.count_text(query.error.code if query.error is not None else "ok")
+        return query
+
+    async def _embed_texts(self, texts: list[str]) -> list[dict[str, Any]]:
+        """One Embedder call per text (batched there with other requests' texts, apart from images)."""
+        return list(await downstream(asyncio.gather(*(self.embedder.embed_text.remote(text) for text in texts))))
 
     def _prepare(self, upload: Upload) -> np.ndarray | ClientError:
         if upload.error is not None:
