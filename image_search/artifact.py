@@ -62,7 +62,7 @@ POINTER = "CURRENT"
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
 VERSIONS = "versions"
-VERSION_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S"  # then ".<microseconds>Z" (names without the fraction still read)
 DEFAULT_RETENTION_S = 24 * 3600.0
 DEFAULT_KEEP_VERSIONS = 3
 # Where S3 index files are cached on a node when the caller names no folder.
@@ -91,9 +91,12 @@ def store_sha256(store: Store, key: str) -> str:
 
 
 def new_version_name(now: float | None = None) -> str:
-    """Sortable by publish time; the suffix keeps two builds in the same second apart."""
-    stamp = time.strftime(VERSION_TIME_FORMAT, time.gmtime(time.time() if now is None else now))
-    return f"{stamp}-{uuid.uuid4().hex[:8]}"
+    """Sortable by publish time to the microsecond, so retention orders two builds of one second
+    correctly; the random suffix keeps names unique even then."""
+    moment = time.time() if now is None else now
+    stamp = time.strftime(VERSION_TIME_FORMAT, time.gmtime(moment))
+    micros = int(round((moment % 1) * 1_000_000)) % 1_000_000
+    return f"{stamp}.{micros:06d}Z-{uuid.uuid4().hex[:8]}"
 
 
 def version_folder(version: str) -> str:
@@ -156,10 +159,16 @@ class VersionInfo:
 
 
 def version_time(name: str) -> float | None:
+    """The publish time a version name carries (None if it carries none)."""
+    stamp = name.split("-", 1)[0].removesuffix("Z")
+    seconds, _, fraction = stamp.partition(".")
     try:
-        return float(calendar.timegm(time.strptime(name.split("-", 1)[0], VERSION_TIME_FORMAT)))
+        whole = calendar.timegm(time.strptime(seconds, VERSION_TIME_FORMAT))
     except ValueError:
         return None
+    if fraction and not (fraction.isascii() and fraction.isdigit()):
+        return None
+    return whole + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
 
 
 def list_versions(store: Store) -> list[VersionInfo]:

@@ -12,15 +12,9 @@ EXTRAS=${EXTRAS:-dev} bash scripts/setup.sh
 PY=.venv/bin/python
 read -r HOST PORT < <($PY -c 'import yaml; h = yaml.safe_load(open("serve_config.yaml"))["http_options"]; print(h.get("host", "127.0.0.1"), h.get("port", 8000))')
 
-# SO_REUSEADDR: connections of an earlier run left in TIME_WAIT do not count; a listener does.
-if ! $PY -c 'import socket, sys
-with socket.socket() as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], int(sys.argv[2])))' "$HOST" "$PORT" 2>/dev/null; then
-  echo "run.sh: $HOST:$PORT is already in use. If it is another 'serve run', stop it first (Ctrl-C in its" >&2
-  echo "terminal, or 'ray stop'): two Ray proxies on one port split the requests between them." >&2
-  exit 1
-fi
+# A second `serve run` would bind the same port without an error (Ray's proxy uses SO_REUSEPORT) and
+# the two would split the requests: refuse instead (scripts/check_port.py says what to do).
+$PY scripts/check_port.py serve_config.yaml || exit 1
 
 fetch_real_data() {
   # Into fresh folders first: a failed download never leaves half of it beside the old data.

@@ -4,7 +4,7 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
-from image_search.artifact import check_artifact, resolve_version
+from image_search.artifact import check_artifact, read_current, version_folder
 from image_search.compatibility import check_compatible
 from image_search.manifest import Manifest
 from image_search.storage import open_store
@@ -39,12 +39,11 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
     """The graph; `deployment_options` (by deployment name) does in code what a config's `deployments:` does."""
     options = deployment_options or {}
     store = open_store(args.index)
-    # Pin one version for every replica, so all of them serve the same artifact even if a
-    # rebuild publishes a new one while they start.
-    version_folder = resolve_version(store)
-    # Checked here (streamed), before any replica starts, so a broken artifact fails the deploy at once
-    # with its reason instead of after a round of replica restarts.
-    manifest = check_artifact(store, version_folder)
+    # Checked here, before any replica starts, so a broken artifact fails the deploy at once with
+    # its reason instead of after a round of replica restarts (the index is hashed as it streams,
+    # never held in memory). No version is pinned: replicas start on whatever CURRENT names when
+    # they start, and the Ingress follows later publishes (serve_app/versions.py).
+    manifest = check_artifact(store, version_folder(read_current(store)))
     check_model_dim(args.model, manifest)
 
     def deployment(cls: object, name: str) -> Deployment:
@@ -52,5 +51,5 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
         return cast(Deployment, cls).options(**options.get(name, {}))
 
     embedder = deployment(Embedder, "Embedder").bind(args.model, args.embedder)
-    searcher = deployment(Searcher, "Searcher").bind(store.uri, version_folder, args.searcher)
-    return deployment(Ingress, "Ingress").bind(embedder, searcher, args, store.uri, version_folder)
+    searcher = deployment(Searcher, "Searcher").bind(store.uri, args.searcher, args.cache_dir, args.reload_interval_s)
+    return deployment(Ingress, "Ingress").bind(embedder, searcher, args, store.uri)

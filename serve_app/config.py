@@ -59,6 +59,12 @@ class SearcherOptions(BaseModel):
     # Search-time knobs of approximate indexes (ignored by exact ones).
     nprobe: int | None = Field(default=None, ge=1)
     ef_search: int | None = Field(default=None, ge=1)
+    # Index versions one replica holds at once (mapped, not copied): during a handover the old one
+    # answers the requests that started before it and the new one the rest; 3 leaves room for a
+    # second publish while the first handover's requests finish.
+    max_versions: int = Field(default=3, ge=2, le=16)
+    # The health check runs one search on the search thread; longer than this means it is stuck.
+    health_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
 class AppArgs(BaseModel):
@@ -76,8 +82,22 @@ class AppArgs(BaseModel):
     # request_timeout_s can be lifted by a client (`x-request-timeout-seconds: 0` disables it);
     # this one cannot, so a slow upload or a stuck call never holds a slot longer than this.
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
-    # How long an Ingress replica waits at start for the Embedder to load its model and answer.
-    # Past it the replica fails (and Serve retries it) with a log line naming what it waited for.
+    # How often the Ingress looks at the published version (CURRENT) and, when it changed, loads,
+    # checks and switches to it without a restart. 0 turns following off (serve what ran at start).
+    # At most 30 s: the builder's retention keeps retired versions for hours on the promise that
+    # replicas look at CURRENT this often.
+    reload_interval_s: float = Field(default=10.0, ge=0, le=30)
+    # Where the collection's images live now (folder or s3://); default: where the index was built
+    # (the manifest's `source`). /images/{id} reads `<images>/<key>`.
+    images: str | None = Field(default=None, min_length=1)
+    # Per-node folder for S3 index artifacts (downloaded once per node, verified, then mapped);
+    # default: image_search-index-cache in the system's temporary folder.
+    cache_dir: str | None = Field(default=None, min_length=1)
+    # /healthz reads Serve's status at most this often (it asks Serve's controller each time).
+    health_status_ttl_s: float = Field(default=2.0, ge=0, le=60)
+    # How long an Ingress replica waits at start for the Embedder to load its model and answer (and,
+    # as long again, for a Searcher to load the index). Past it the replica fails (and Serve retries
+    # it) with a log line naming what it waited for.
     startup_timeout_s: float = Field(default=600.0, gt=0, le=3600)
 
 

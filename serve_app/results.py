@@ -36,11 +36,12 @@ def matches_for_row(
 ) -> list[dict[str, Any]]:
     """One query's hits, best first; FAISS pads with id -1 when fewer than k vectors exist.
 
+    Ids are the stable record ids of the manifest's version (the Searcher searched that version).
     `root_path` is the application's route prefix, so the URLs work when it is not served at /.
     """
     matches = []
     for score, image_id in zip(scores.tolist(), ids.tolist(), strict=True):
-        record = manifest.record(image_id)  # ids are stable record ids (FAISS IDMap2), not positions
+        record = manifest.record(int(image_id)) if image_id >= 0 else None
         if record is None:
             continue
         matches.append(

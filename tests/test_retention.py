@@ -66,7 +66,14 @@ def test_a_version_whose_name_has_no_time_is_never_deleted() -> None:
 
 def test_version_names_carry_their_publish_time() -> None:
     assert version_time(new_version_name(now=1_700_000_000.0)) == 1_700_000_000.0
+    assert version_time("20231114T221320Z-0123abcd") == 1_700_000_000.0  # names before microseconds
     assert version_time("not-a-version") is None
+
+
+def test_two_builds_in_one_second_are_ordered_by_their_publish_time() -> None:
+    earlier, later = new_version_name(now=1_700_000_000.25), new_version_name(now=1_700_000_000.75)
+    assert version_time(later) - version_time(earlier) == pytest.approx(0.5)  # type: ignore[operator]
+    assert sorted([later, earlier]) == [earlier, later]  # whatever their random suffixes
 
 
 def test_policy_refuses_settings_that_could_delete_current_or_its_predecessor() -> None:

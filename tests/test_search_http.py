@@ -73,7 +73,7 @@ def test_image_route_returns_the_indexed_bytes(serve_base_url: str, indexed_imag
         assert response.headers["content-type"].startswith("image/")
 
 
-def test_thumbnail_is_small_jpeg_with_cache_headers(serve_base_url: str) -> None:
+def test_thumbnail_is_small_jpeg_that_caches_revalidate_by_etag(serve_base_url: str) -> None:
     response = requests.get(f"{serve_base_url}/images/0?size=128", timeout=30)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/jpeg"
@@ -104,8 +104,21 @@ def test_info_reports_model_dim_and_count(serve_base_url: str, manifest: dict, t
     assert info["index_type"] == "Flat"
 
 
-def test_healthz(serve_base_url: str) -> None:
-    assert requests.get(f"{serve_base_url}/healthz", timeout=30).json() == {"status": "ok"}
+def test_healthz_reports_each_deployments_replicas_and_the_version(serve_base_url: str, index_dir: Path) -> None:
+    response = requests.get(f"{serve_base_url}/healthz", timeout=30)
+    body = response.json()
+    assert (response.status_code, body["status"]) == (200, "ok"), body
+    assert body["index_version"] == (index_dir / "CURRENT").read_text().strip()
+    assert set(body["deployments"]) == {"Embedder", "Searcher", "Ingress"}
+    assert body["deployments"]["Searcher"] == {"status": "HEALTHY", "healthy_replicas": 2, "replicas": 2}
+
+
+def test_search_answer_names_its_index_version(
+    serve_base_url: str, indexed_images: list[Path], index_dir: Path
+) -> None:
+    path = indexed_images[0]
+    response = post_files(serve_base_url, [(path.name, path.read_bytes())])
+    assert response.json()["index_version"] == (index_dir / "CURRENT").read_text().strip()
 
 
 def test_unseen_photo_gets_ranked_matches(serve_base_url: str) -> None:

@@ -22,22 +22,22 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from image_search.artifact import load_manifest
-from image_search.compatibility import check_compatible
 from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable, TextSearchUnavailable
 from image_search.manifest import ImageRecord, Manifest
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
-from image_search.storage import StoreError, open_store
+from image_search.storage import Store, StoreError, open_store
 from serve_app.client_values import parse_image_id, parse_k, parse_thumbnail_size
 from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_part, parse_weights, weighted_sum
 from serve_app.config import AppArgs
 from serve_app.downstream import await_with_progress, downstream, retried
 from serve_app.forms import SearchForm, read_search_form
+from serve_app.health import StatusCache, health_report, unknown_report
 from serve_app.http_app import build_http_app
 from serve_app.http_errors import service_error_response
 from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
+from serve_app.served_index import ServedIndex, Version
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, make_thumbnail
 
@@ -54,7 +54,8 @@ UI_DIR = find_ui_dir()
 THUMBNAIL_CACHE_ENTRIES = 1024
 SEARCH_ATTEMPTS = 3
 # Revalidate every time: the ETag (the content hash) makes that a cheap 304, and a cached copy can
-# never outlive what the id means in the index being served.
+# never outlive what the id means in the index being served (ids are stable, but an edited photo
+# keeps its id with new bytes, and a removed one becomes 404).
 IMAGE_CACHE_CONTROL = "no-cache"
 
 
@@ -78,29 +79,41 @@ class Ingress:
         searcher: DeploymentHandle,
         args: AppArgs,
         index_root: str,
-        version_folder: str,
     ) -> None:
         self.embedder = embedder
         self.searcher = searcher
         self.args = args
         self.limits = args.limits
-        self.manifest: Manifest = load_manifest(open_store(index_root), version_folder)
-        self.index_version = version_folder.rsplit("/", 1)[-1] or "unversioned"
-        self.images = open_store(self.manifest.source)
         self.model = await await_with_progress(
             embedder.identity.remote(), args.startup_timeout_s, "the Embedder to load its model and answer"
         )
-        check_compatible(
-            self.manifest,
-            model_name=self.model["model"],
-            embedding_dim=self.model["embedding_dim"],
-            fingerprint=self.model["fingerprint"],
-            preprocessing=self.model["preprocessing"],
-        )
         self.spec = PreprocessSpec.from_dict(self.model["preprocessing"])
         self.text_search = bool((await embedder.text_search.remote())["available"])
-        self.thumbnails: LRUBytes[tuple[int, int]] = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
+        # Replicas start on what is published now (CURRENT), never on a version fixed at deploy time.
+        self.index = ServedIndex(open_store(index_root), self.model, self._prepare_searcher, args.images)
+        await await_with_progress(
+            self.index.start(), args.startup_timeout_s, "a Searcher to load the published index version"
+        )
+        self.index.follow(args.reload_interval_s)
+        self.status = StatusCache(serve.get_replica_context().app_name, args.health_status_ttl_s)
+        # Keyed by content hash, not id: the bytes behind an id can change from one version to the next.
+        self.thumbnails: LRUBytes[tuple[str, int]] = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
         self.metrics = IngressMetrics()
+
+    async def _prepare_searcher(self, version: str) -> int:
+        count: int = await downstream(self.searcher.prepare.remote(version))
+        return count
+
+    async def _search_version(self, vectors: np.ndarray, k: int, version: Version) -> tuple[np.ndarray, np.ndarray]:
+        """Search the version the request holds (the Searcher loads it if it lacks it)."""
+        result: tuple[np.ndarray, np.ndarray] = await retried(
+            lambda: self.searcher.search.remote(vectors, k, version.name), SEARCH_ATTEMPTS, "Searcher"
+        )
+        return result
+
+    async def check_health(self) -> None:
+        if not self.index.following_works():
+            raise RuntimeError("the Ingress stopped following the published index version")
 
     def __serve_build_asgi_app__(self) -> Starlette:
         routes = [
@@ -120,18 +133,27 @@ class Ingress:
         return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        serving = self.index.describe()
+        try:
+            deployments = await self.status.deployments()
+        except Exception as exc:  # Serve's controller unreachable: say so instead of guessing
+            logger.warning("healthz cannot read Serve's status: %s", str(exc).splitlines()[0][:300])
+            status, body = unknown_report("cannot read Serve's status", serving)
+        else:
+            status, body = health_report(deployments, serving)
+        return JSONResponse(body, status_code=status)
 
     async def info(self, request: Request) -> Response:
+        manifest = self.index.current.manifest
         return JSONResponse(
             {
                 # A name, never a server path (the Embedder names its checkpoint; see checkpoints.py).
                 "model": self.model["name"],
-                "embedding_dim": self.manifest.embedding_dim,
+                "embedding_dim": manifest.embedding_dim,
                 "precision": self.model["precision"],  # what the Embedder runs, "auto" resolved
-                "index_size": self.manifest.count,
-                "index_version": self.index_version,
-                "index_type": self.manifest.index.get("factory"),
+                **self.index.describe(),
+                "reload_interval_s": self.args.reload_interval_s,
+                "index_type": manifest.index.get("factory"),
                 "demo_data": bool(self.model.get("demo", False)),
                 "max_k": self.limits.max_k,
                 "default_k": self.limits.default_k,
@@ -168,10 +190,13 @@ class Ingress:
             for query in texts
         ]
         vectors = np.concatenate([image_vectors, self._stack([answer["vector"] for answer in text_answers])])
-        scores, ids = await retried(lambda: self.searcher.search.remote(vectors, k), SEARCH_ATTEMPTS, "Searcher")
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
-        entries = result_entries([*file_queries, *text_queries], scores, ids, self.manifest, root_path)
-        return JSONResponse({"results": entries})
+        # One version for the whole answer: the Searcher searches the version this request holds,
+        # and that version's manifest turns the ids into records, whatever switches meanwhile.
+        with self.index.lease() as version:
+            scores, ids = await self._search_version(vectors, k, version)
+            entries = result_entries([*file_queries, *text_queries], scores, ids, version.manifest, root_path)
+        return JSONResponse({"index_version": version.name, "results": entries})
 
     async def search_text(self, request: Request) -> Response:
         """GET /search?q=...&k=...: one text query, for links and scripts."""
@@ -181,11 +206,11 @@ class Ingress:
             raise query.error
         (answer,) = await self._embed_texts([query.text])
         vectors = answer["vector"][None, :]
-        scores, ids = await retried(lambda: self.searcher.search.remote(vectors, k), SEARCH_ATTEMPTS, "Searcher")
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
-        return JSONResponse(
-            {"results": result_entries([text_result(query, answer)], scores, ids, self.manifest, root_path)}
-        )
+        with self.index.lease() as version:
+            scores, ids = await self._search_version(vectors, k, version)
+            entries = result_entries([text_result(query, answer)], scores, ids, version.manifest, root_path)
+        return JSONResponse({"index_version": version.name, "results": entries})
 
     async def search_combined(self, request: Request) -> Response:
         """Photos and texts with weights -> one result list for the normalised weighted sum."""
@@ -208,8 +233,10 @@ class Ingress:
         )
         vectors = np.concatenate([image_vectors, self._stack([answer["vector"] for answer in text_answers])])
         combined = weighted_sum(vectors, [*file_weights, *text_weights])[None, :]
-        scores, ids = await retried(lambda: self.searcher.search.remote(combined, k), SEARCH_ATTEMPTS, "Searcher")
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        with self.index.lease() as version:
+            scores, ids = await self._search_version(combined, k, version)
+            matches = matches_for_row(scores[0], ids[0], version.manifest, root_path)
         parts = [
             *(
                 combined_part("filename", upload.filename, w)
@@ -220,8 +247,7 @@ class Ingress:
                 for query, w, answer in zip(texts, text_weights, text_answers, strict=True)
             ),
         ]
-        matches = matches_for_row(scores[0], ids[0], self.manifest, root_path)
-        return JSONResponse({"results": [{"combined": parts, "matches": matches}]})
+        return JSONResponse({"index_version": version.name, "results": [{"combined": parts, "matches": matches}]})
 
     async def _read_form(self, request: Request) -> SearchForm:
         form = await read_search_form(
@@ -242,7 +268,7 @@ class Ingress:
     def _stack(self, vectors: list[np.ndarray]) -> np.ndarray:
         """(n, dim) float32, also for n = 0 (a request with photos only, or texts only)."""
         if not vectors:
-            return np.empty((0, self.manifest.embedding_dim), dtype=np.float32)
+            return np.empty((0, int(self.model["embedding_dim"])), dtype=np.float32)
         return np.stack(vectors).astype(np.float32, copy=False)
 
     async def _embed(self, pixels: list[np.ndarray]) -> np.ndarray:
@@ -273,7 +299,9 @@ class Ingress:
 
     async def image(self, request: Request) -> Response:
         image_id = parse_image_id(request.path_params["image_id"])
-        record = self._record(image_id)
+        with self.index.lease() as version:
+            record = self._record(image_id, version.manifest)
+            images = self.index.images(version)
         size_param = request.query_params.get("size")
         size = parse_thumbnail_size(size_param, self.args.thumbnail_sizes) if size_param is not None else None
         etag = f'"{record.sha256[:32]}"' if size is None else f'"{record.sha256[:32]}-{size}"'
@@ -281,31 +309,34 @@ class Ingress:
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         if size is None:
-            data = await asyncio.to_thread(self._read_image, record)
+            data = await asyncio.to_thread(self._read_image, images, record)
             media_type = mimetypes.guess_type(record.key)[0] or "application/octet-stream"
             return Response(data, media_type=media_type, headers=headers)
-        thumbnail = self.thumbnails.get((image_id, size))
+        thumbnail = self.thumbnails.get((record.sha256, size))
         if thumbnail is None:
-            thumbnail = await asyncio.to_thread(self._make_thumbnail, record, size)
-            self.thumbnails.put((image_id, size), thumbnail)
+            thumbnail = await asyncio.to_thread(self._make_thumbnail, images, record, size)
+            self.thumbnails.put((record.sha256, size), thumbnail)
         return Response(thumbnail, media_type="image/jpeg", headers=headers)
 
-    def _record(self, image_id: int) -> ImageRecord:
-        record = self.manifest.record(image_id)  # a stable id, not a position
+    @staticmethod
+    def _record(image_id: int, manifest: Manifest) -> ImageRecord:
+        """The record under this stable id in the served version; a removed id is 404, never another image."""
+        record = manifest.record(image_id)
         if record is None:
             raise ImageNotFound(f"There is no indexed image with id {image_id}.")
         return record
 
-    def _read_image(self, record: ImageRecord) -> bytes:
+    @staticmethod
+    def _read_image(images: Store, record: ImageRecord) -> bytes:
         try:
-            return self.images.read_bytes(record.key)
+            return images.read_bytes(record.key)
         except StoreError as exc:
             # The index lists it but the collection lost it: the server's problem, not the client's.
             logger.error("indexed image %s cannot be read: %s", record.key, exc)
             raise IndexedImageUnreadable("This indexed image cannot be read right now.") from None
 
-    def _make_thumbnail(self, record: ImageRecord, size: int) -> bytes:
-        data = self._read_image(record)
+    def _make_thumbnail(self, images: Store, record: ImageRecord, size: int) -> bytes:
+        data = self._read_image(images, record)
         try:
             return make_thumbnail(data, size, self.limits.max_pixels)
         except ClientError as exc:
