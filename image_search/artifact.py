@@ -93,9 +93,8 @@ def store_sha256(store: Store, key: str) -> str:
 def new_version_name(now: float | None = None) -> str:
     """Sortable by publish time to the microsecond, so retention orders two builds of one second
     correctly; the random suffix keeps names unique even then."""
-    moment = time.time() if now is None else now
-    stamp = time.strftime(VERSION_TIME_FORMAT, time.gmtime(moment))
-    micros = int(round((moment % 1) * 1_000_000)) % 1_000_000
+    seconds, micros = divmod(int((time.time() if now is None else now) * 1_000_000), 1_000_000)
+    stamp = time.strftime(VERSION_TIME_FORMAT, time.gmtime(seconds))
     return f"{stamp}.{micros:06d}Z-{uuid.uuid4().hex[:8]}"
 
 
