@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -89,6 +90,11 @@ def _exit_with(builder_pid: int) -> None:
 
 def _open_worker_store(uri: str, environment: dict[str, str] | None = None, builder_pid: int | None = None) -> None:
     global _worker_store
+    # Ctrl-C in a terminal reaches the whole process group: the builder handles it (one line, exit
+    # 130) and stops the pool; a worker interrupted mid-task would only add a traceback. (Only a
+    # process's main thread may set handlers; the tests' thread-pool stand-in runs this elsewhere.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if builder_pid is not None:
         threading.Thread(target=_exit_with, args=(builder_pid,), daemon=True, name="builder-watchdog").start()
     if environment is not None:
@@ -103,6 +109,33 @@ def _prepare_chunk(keys: Sequence[str], spec: PreprocessSpec) -> list[Prepared]:
     if _worker_store is None:
         raise RuntimeError("the worker's store was not opened")
     return [prepare_one(_worker_store, key, spec) for key in keys]
+
+
+def _started() -> None:
+    """A task that only proves its worker has started."""
+
+
+def _start_every_worker(pool: Executor, workers: int) -> None:
+    """Start the pool's workers before any work, with Ctrl-C held back until they have.
+
+    A worker still being handed over by the fork server when the builder exits prints a traceback
+    from inside multiprocessing (its semaphore is gone); started workers just end with the pool.
+    Submitting one task per worker while none is idle starts them all. (A handler, not a signal
+    mask: the kernel may deliver SIGINT to any thread, such as the progress bar's.)
+    """
+    interrupted: list[int] = []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = (
+        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum)) if in_main_thread else None
+    )
+    try:
+        for future in [pool.submit(_started) for _ in range(workers)]:
+            future.result()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _chunks(keys: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -154,6 +187,7 @@ def prepared_in_order(
         return
     chunk = max(1, min(CHUNK_IMAGES, window // max(1, 2 * workers)))
     with _process_pool(store, workers) as pool:
+        _start_every_worker(pool, workers)
         pending: deque[Future[list[Prepared]]] = deque()
         in_flight = 0
         chunks = _chunks(keys, chunk)
