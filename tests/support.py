@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+from image_search.manifest import Manifest
+
 # The real openai/clip-vit-base-patch32 preprocessor_config.json.
 PREPROCESSOR_CONFIG = {
     "crop_size": {"height": 224, "width": 224},
@@ -208,3 +210,20 @@ def post_search(
     """POST photos as the page and curl do: multipart, one `files` field per photo."""
     parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
     return requests.post(f"{base_url}{route}", files=parts, params=params, timeout=timeout)
+
+
+def sample_manifest(records: tuple = (), **fields: object) -> Manifest:
+    """A small valid manifest for tests of pure logic; `fields` override the defaults."""
+    defaults: dict[str, object] = {
+        "model": "m",
+        "model_fingerprint": "f",
+        "embedding_dim": 4,
+        "preprocessing": {},
+        "index": {"factory": "Flat", "params": {}},
+        "source": "/c",
+        "records": tuple(records),
+        "index_sha256": "x",
+        "created_at": "t",
+        "next_id": max((record.id for record in records), default=-1) + 1,
+    }
+    return Manifest(**{**defaults, **fields})  # type: ignore[arg-type]

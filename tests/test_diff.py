@@ -7,21 +7,11 @@ import pytest
 from image_search.manifest import ImageRecord, Manifest
 from image_search.storage import Entry
 from index_builder.diff import assign_ids, diff_collection, full_diff, keys_to_hash
+from tests.support import sample_manifest
 
 
 def published(*records: ImageRecord, next_id: int = 10) -> Manifest:
-    return Manifest(
-        model="m",
-        model_fingerprint="f",
-        embedding_dim=4,
-        preprocessing={},
-        index={"factory": "Flat", "params": {}},
-        source="/c",
-        records=records,
-        index_sha256="x",
-        created_at="t",
-        next_id=next_id,
-    )
+    return sample_manifest(records, next_id=next_id)
 
 
 PREVIOUS = published(

@@ -16,8 +16,8 @@ from image_search.faiss_index import (
     write_index_file,
 )
 from image_search.index_spec import IndexSpec
-from image_search.manifest import Manifest
 from index_builder.build import ModelInfo, full_rebuild_reason
+from tests.support import sample_manifest
 
 
 def unit_vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -46,19 +46,7 @@ def test_which_indexes_store_exact_vectors(factory: str, exact: bool) -> None:
 
 
 def test_full_rebuild_reasons() -> None:
-    published = Manifest(
-        model="m",
-        model_fingerprint="f1",
-        embedding_dim=32,
-        preprocessing={"size": 224},
-        index={"factory": "Flat", "params": {}},
-        source="/c",
-        records=(),
-        index_sha256="x",
-        created_at="t",
-        next_id=0,
-        precision="fp32",
-    )
+    published = sample_manifest(model_fingerprint="f1", embedding_dim=32, preprocessing={"size": 224}, precision="fp32")
     model = ModelInfo(name="m", fingerprint="f1", embedding_dim=32, preprocessing={"size": 224}, precision="fp32")
     assert full_rebuild_reason(published, model) is None
     assert "model changed (fingerprint f1 -> f2)" in str(

@@ -22,6 +22,7 @@ import requests
 from serve_app.config import AppArgs
 from tests import images
 from tests.conftest import APP_NAME, REQUEST_TIMEOUT_S, wait_until_ok
+from tests.living import poll
 from tests.support import post_search, write_image_folder
 
 LOAD_DEADLINE_S = 90
@@ -75,17 +76,6 @@ def load_while(url: str, payload: bytes, action_after: int, action: Any, after_a
     return outcomes
 
 
-def wait_for(check: Any, what: str, timeout_s: float = 60) -> Any:
-    """Poll `check()` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"no {what} within {timeout_s} s")
-
-
 def test_killed_embedder_is_replaced_and_in_flight_requests_get_503(
     serve_base_url: str, app_args: AppArgs, artifact_dir: Path
 ) -> None:
@@ -104,7 +94,7 @@ def test_killed_embedder_is_replaced_and_in_flight_requests_get_503(
         pid = replica_pid(actor)
         with ThreadPoolExecutor(max_workers=1) as pool:
             in_flight = pool.submit(post_search, serve_base_url, [("q.jpg", images.jpeg(11))])
-            wait_for(lambda: embedder.queued_requests.remote().result() == 1, "request waiting in the Embedder")
+            poll(lambda: embedder.queued_requests.remote().result() == 1, 60, "a request waiting in the Embedder")
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             answer = in_flight.result(timeout=REQUEST_TIMEOUT_S + 30)
@@ -114,7 +104,7 @@ def test_killed_embedder_is_replaced_and_in_flight_requests_get_503(
         def answered() -> bool:
             return post_search(serve_base_url, [("q.jpg", images.jpeg(11))]).status_code == 200
 
-        wait_for(answered, "answer from a replacement Embedder", timeout_s=120)
+        poll(answered, 120, "an answer from a replacement Embedder")
         recovery_s = time.monotonic() - killed_at
         (replacement,) = replica_actors(APP_NAME, "Embedder")
         assert replica_pid(replacement) != pid

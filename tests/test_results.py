@@ -8,14 +8,12 @@ import pytest
 from image_search.errors import CorruptImage, FileTooLarge
 from image_search.manifest import ImageRecord, Manifest
 from serve_app.results import Query, error_entries, result_entries
+from tests.support import sample_manifest
 
 
 def manifest(count: int) -> Manifest:
     records = tuple(ImageRecord(id=i, key=f"dir/img{i}.jpg", size=1, sha256=f"{i:064x}") for i in range(count))
-    return Manifest(
-        model="m", model_fingerprint="f", embedding_dim=2, preprocessing={}, index={"factory": "Flat"},
-        source="/x", records=records, index_sha256="0" * 64, created_at="now", next_id=count,
-    )  # fmt: skip
+    return sample_manifest(records, embedding_dim=2)
 
 
 def test_answered_and_refused_queries_keep_request_order() -> None:

@@ -24,6 +24,7 @@ from image_search.faiss_index import build_faiss_index, write_index_file
 from image_search.index_spec import IndexSpec
 from image_search.manifest import ImageRecord, Manifest
 from image_search.storage import LocalStore
+from tests.support import sample_manifest
 from tests.test_s3 import FailingStore
 
 HOUR = 3600.0
@@ -88,18 +89,8 @@ def tiny_artifact(tmp_path: Path) -> tuple[Path, Manifest]:
 
     index_file = tmp_path / "index.faiss"
     write_index_file(build_faiss_index(np.eye(4, dtype=np.float32), IndexSpec("Flat")), index_file)
-    manifest = Manifest(
-        model="m",
-        model_fingerprint="f",
-        embedding_dim=4,
-        preprocessing={},
-        index={"factory": "Flat", "params": {}},
-        source="/c",
-        records=tuple(ImageRecord(i, f"{i}.jpg", 1, "h") for i in range(4)),
-        index_sha256=file_sha256(index_file),
-        created_at="t",
-        next_id=4,
-    )
+    records = tuple(ImageRecord(i, f"{i}.jpg", 1, "h") for i in range(4))
+    manifest = sample_manifest(records, index_sha256=file_sha256(index_file))
     return index_file, manifest
 
 
