@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 # Reads and copies of large files (index artifacts) go in pieces of this size: never a whole file in memory.
 CHUNK_BYTES = 8 * 1024 * 1024
@@ -88,15 +88,23 @@ class LocalStore:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomic: written to a temporary file beside the target, flushed, then renamed over it."""
+        self._write_atomically(key, lambda handle: handle.write(data))
+
+    def _write_atomically(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
+        """`fill` writes a temporary file beside the target; it is synced, then renamed over the target,
+        so a reader sees the old file or the whole new one, never a part."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -129,22 +137,13 @@ class LocalStore:
             raise StoreError(f"cannot read {self._path(key)}: {exc.strerror or exc}") from exc
 
     def write_file(self, key: str, path: Path) -> None:
-        """Atomic like `write_bytes`, copied in chunks by the OS."""
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle, Path(path).open("rb") as source:
+        """Atomic like `write_bytes`, copied in chunks."""
+
+        def copy(handle: BinaryIO) -> None:
+            with Path(path).open("rb") as source:  # a missing source is a StoreError like any write failure
                 shutil.copyfileobj(source, handle, CHUNK_BYTES)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        self._write_atomically(key, copy)
 
     def delete_prefix(self, prefix: str) -> None:
         """Raises StoreError when something could not be deleted (the caller decides how much that matters)."""
