@@ -7,8 +7,11 @@ the performance work), and the current working tree. Both serve the same ViT-B/3
 checkpoint (benchmarks.common.vit_b32_checkpoint) in fp32 (the seed had only fp32) over an index of
 the same 48 photos, each built by its own index builder. Rounds alternate the order (seed, current,
 current, seed, ...) so drift on a shared machine hits both; consecutive measurements of one version
-share one deployment. The verdict is issue 10's target: current p99 <= half the seed's at 16
-clients, fp32; the throughput ratio is printed beside it for information.
+share one deployment. The verdicts are issue 10's targets: current p99 <= half the seed's at 16
+clients, fp32, and the Ingress's CPU per request at most a third of the code's when the issue was
+filed (`--against 090b0bf`: any commit can stand in for the seed); the throughput ratio is printed
+beside them for information. CPU per process role is sampled from /proc over this process's tree
+(the child's Ray cluster included), as in benchmarks.served.
 
 How the seed runs, and why in a separate process: the seed and the current code both have
 top-level packages named `serve_app` and `index_builder` (and the current one is installed
@@ -27,7 +30,8 @@ SIGTERM. The current app is deployed from this process through benchmarks.served
 own ray.init, after the seed's cluster is gone. RAY_worker_niceness=0 for both (benchmarks.served
 explains why). Everything listens on 127.0.0.1 only and stops by itself.
 
-    .venv/bin/python -m benchmarks.versus_seed [--duration S] [--rounds N] [--clients 16] [--warmup S]
+    .venv/bin/python -m benchmarks.versus_seed [--against COMMIT] [--duration S] [--rounds N] [--clients 16]
+                                               [--warmup S]
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ SEED_COMMIT = "00b2c70"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_LINE = "versus_seed: seed app ready"
 P99_RATIO_TARGET = 0.5  # issue 10: p99 at 16 clients <= half the seed's under the same load (fp32)
+# Issue 10: the Ingress's CPU per request at most a third of the code's when the issue was filed
+# (commit 090b0bf; `--against 090b0bf` measures exactly that pair).
+INGRESS_CPU_RATIO_TARGET = 1 / 3
 THROUGHPUT_RATIO_TARGET = 1.0  # informational
 START_TIMEOUT_S = 420.0
 STOP_TIMEOUT_S = 90.0
@@ -127,12 +134,10 @@ def serve_seed(seed_dir: Path, model: str, index: str, port: int) -> int:
 # --- this side (the parent) ----------------------------------------------------------------------
 
 
-def extract_seed(work: Path) -> Path:
+def extract_seed(work: Path, commit: str) -> Path:
     seed_dir = work / "seed"
     seed_dir.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", SEED_COMMIT], check=True, capture_output=True
-    ).stdout
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(seed_dir)], input=archive, check=True)
     return seed_dir
 
@@ -301,13 +306,29 @@ def report(
         rows,
     )
     verdict(
-        f"current p99 / seed p99 at {clients} clients (fp32)",
+        f"current p99 / {labels['seed']} p99 at {clients} clients (fp32)",
         med("current", "p99_ms") / med("seed", "p99_ms"),
         P99_RATIO_TARGET,
         higher_is_better=False,
     )
+    roles = sorted({role for version in results for run in results[version] for role in run["cpu"]})
+    print_table(
+        f"CPU per process role at {clients} clients (% of one core, median of rounds, from /proc)",
+        ["role", labels["seed"], labels["current"]],
+        [
+            [role, *(median([run["cpu"].get(role, 0.0) for run in results[v]]) for v in ("seed", "current"))]
+            for role in roles
+        ]
+        + [["Ingress CPU ms per request", med("seed", "ingress_ms"), med("current", "ingress_ms")]],
+    )
     verdict(
-        f"current img/s / seed img/s at {clients} clients (fp32; informational)",
+        f"current / {labels['seed']} Ingress CPU per request",
+        med("current", "ingress_ms") / med("seed", "ingress_ms"),
+        INGRESS_CPU_RATIO_TARGET,
+        higher_is_better=False,
+    )
+    verdict(
+        f"current img/s / {labels['seed']} img/s at {clients} clients (fp32; informational)",
         med("current", "img_s") / med("seed", "img_s"),
         THROUGHPUT_RATIO_TARGET,
     )
@@ -319,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds (seed, current), order alternating")
     parser.add_argument("--clients", type=int, default=16, help="closed-loop clients (issue 10's target: 16)")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
+    parser.add_argument(
+        "--against",
+        default=SEED_COMMIT,
+        help=f"commit to compare with (default: the seed, {SEED_COMMIT}; 090b0bf: the code when issue 10 was filed)",
+    )
     parser.add_argument("--serve-seed", action="store_true", help=argparse.SUPPRESS)  # the child's mode
     parser.add_argument("--seed-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -332,22 +358,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.duration <= 0 or args.clients < 1:
         parser.error("--rounds, --duration and --clients must be positive")
 
+    from benchmarks import proc_cpu
     from benchmarks.common import machine_note, photo_jpeg, vit_b32_checkpoint
     from benchmarks.served import QUERY_IMAGES, build_index, drive
 
     groups = schedule(args.rounds)
     print(
-        f"versus_seed: {machine_note()}, {args.rounds} rounds x (seed {SEED_COMMIT}, current) x "
+        f"versus_seed: {machine_note()}, {args.rounds} rounds x ({args.against}, current) x "
         f"{args.clients} clients x {args.duration:.0f}s (+{args.warmup:.0f}s warm-up), fp32",
         flush=True,
     )
-    labels = {"seed": f"seed {SEED_COMMIT}", "current": current_label()}
+    labels = {
+        "seed": f"{'seed' if args.against == SEED_COMMIT else 'baseline'} {args.against}",
+        "current": current_label(),
+    }
     model_dir = vit_b32_checkpoint()
     work = Path(tempfile.mkdtemp(prefix="versus-seed-", dir=model_dir.parent))
     results: dict[str, list[dict[str, Any]]] = {"seed": [], "current": []}
     try:
         index_dir = build_index(model_dir, work)  # the current builder; also writes work/collection
-        seed_dir = extract_seed(work)
+        seed_dir = extract_seed(work, args.against)
         seed_index = work / "seed-index"
         build_seed_index(seed_dir, work / "collection", model_dir, seed_index)
         jpegs = [photo_jpeg(seed) for seed in range(QUERY_IMAGES)]
@@ -367,12 +397,20 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 for _ in group:
+                    before, cpu_started = proc_cpu.sample(), time.monotonic()
                     result = asyncio.run(drive(base_url, jpegs, args.clients, args.duration, args.warmup))
+                    seconds = time.monotonic() - cpu_started
+                    result["cpu"] = proc_cpu.cpu_percent_by_role(
+                        before, proc_cpu.sample(), seconds, proc_cpu.ticks_per_second()
+                    )
+                    # Ingress CPU over every answered request of the measurement (warm-up included).
+                    result["ingress_ms"] = 10 * result["cpu"].get("Ingress", 0.0) * seconds / max(result["answered"], 1)
                     results[version].append(result)
                     print(
                         f"round {len(results[version])} {labels[version]}: {result['img_s']:.2f} img/s "
                         f"p50 {result['p50_ms']:.0f} ms p99 {result['p99_ms']:.0f} ms "
-                        f"({result['count']} requests, {result['errors']} errors)",
+                        f"({result['count']} requests, {result['errors']} errors), "
+                        f"Ingress {result['ingress_ms']:.2f} ms CPU per request",
                         flush=True,
                     )
     finally:

@@ -80,15 +80,18 @@ class Ingress:
         args: AppArgs,
         index_root: str,
     ) -> None:
-        self.embedder = embedder
-        self.searcher = searcher
+        # Calls go over Serve's inter-deployment gRPC rather than Ray actor calls: ~1 ms less of this
+        # replica's CPU per request (benchmarks/README.md, "Where the serving CPU goes"). A dead
+        # replica still surfaces as RayActorError (ActorUnavailableError), which `downstream` maps.
+        self.embedder = embedder.options(_by_reference=False)
+        self.searcher = searcher.options(_by_reference=False)
         self.args = args
         self.limits = args.limits
         self.model = await await_with_progress(
-            embedder.identity.remote(), args.startup_timeout_s, "the Embedder to load its model and answer"
+            self.embedder.identity.remote(), args.startup_timeout_s, "the Embedder to load its model and answer"
         )
         self.spec = PreprocessSpec.from_dict(self.model["preprocessing"])
-        self.text_search = bool((await embedder.text_search.remote())["available"])
+        self.text_search = bool((await self.embedder.text_search.remote())["available"])
         # Replicas start on what is published now (CURRENT), never on a version fixed at deploy time.
         self.index = ServedIndex(open_store(index_root), self.model, self._prepare_searcher, args.images)
         await await_with_progress(
