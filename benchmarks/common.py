@@ -131,7 +131,7 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
 def verdict(name: str, value: float, target: float, higher_is_better: bool = True, unit: str = "") -> str:
     ok = value >= target if higher_is_better else value <= target
     sign = ">=" if higher_is_better else "<="
-    line = f"{'PASS' if ok else 'MISS'}  {name}: {value:.3f}{unit} (target {sign} {target}{unit})"
+    line = f"{'PASS' if ok else 'MISS'}  {name}: {value:.3f}{unit} (target {sign} {target:g}{unit})"
     print(line, flush=True)
     return line
 

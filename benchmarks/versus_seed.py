@@ -207,7 +207,7 @@ def seed_app(seed_dir: Path, model_dir: Path, index_dir: Path, work: Path) -> It
 
 
 @contextmanager
-def current_app(model_dir: Path, index_dir: Path) -> Iterator[str]:
+def current_app(model_dir: Path, index_dir: Path, precision: str) -> Iterator[str]:
     """The current app from serve_config.yaml as shipped, fp32, in this process's own Ray; yields its base URL."""
     import ray
     import yaml
@@ -223,7 +223,9 @@ def current_app(model_dir: Path, index_dir: Path) -> Iterator[str]:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = deploy_config(model_dir, index_dir, port, embedder["user_config"]["max_batch_size"], precision="fp32")
+        config = deploy_config(
+            model_dir, index_dir, port, embedder["user_config"]["max_batch_size"], precision=precision
+        )
         apply(_get_global_client(), config)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -300,13 +302,13 @@ def report(
         for version in ("seed", "current")
     ]
     print_table(
-        f"Seed vs current, served fp32 (median of {rounds} rounds of {duration:.0f}s; "
+        f"Baseline (fp32) vs current, served (median of {rounds} rounds of {duration:.0f}s; "
         f"POST /search, one 640x480 JPEG per request; requests timed: summed over rounds, p99 needs ~100+)",
         ["version", "clients", "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "requests timed"],
         rows,
     )
     verdict(
-        f"current p99 / {labels['seed']} p99 at {clients} clients (fp32)",
+        f"current p99 / {labels['seed']} p99 at {clients} clients",
         med("current", "p99_ms") / med("seed", "p99_ms"),
         P99_RATIO_TARGET,
         higher_is_better=False,
@@ -328,7 +330,7 @@ def report(
         higher_is_better=False,
     )
     verdict(
-        f"current img/s / {labels['seed']} img/s at {clients} clients (fp32; informational)",
+        f"current img/s / {labels['seed']} img/s at {clients} clients (informational)",
         med("current", "img_s") / med("seed", "img_s"),
         THROUGHPUT_RATIO_TARGET,
     )
@@ -344,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         "--against",
         default=SEED_COMMIT,
         help=f"commit to compare with (default: the seed, {SEED_COMMIT}; 090b0bf: the code when issue 10 was filed)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="the current app's embedder.precision (default fp32, like the seed; auto: as shipped)",
     )
     parser.add_argument("--serve-seed", action="store_true", help=argparse.SUPPRESS)  # the child's mode
     parser.add_argument("--seed-dir", type=Path, help=argparse.SUPPRESS)
@@ -365,12 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     groups = schedule(args.rounds)
     print(
         f"versus_seed: {machine_note()}, {args.rounds} rounds x ({args.against}, current) x "
-        f"{args.clients} clients x {args.duration:.0f}s (+{args.warmup:.0f}s warm-up), fp32",
+        f"{args.clients} clients x {args.duration:.0f}s (+{args.warmup:.0f}s warm-up), "
+        f"{args.against} in fp32, current in {args.precision}",
         flush=True,
     )
     labels = {
         "seed": f"{'seed' if args.against == SEED_COMMIT else 'baseline'} {args.against}",
-        "current": current_label(),
+        "current": f"{current_label()}, {args.precision}",
     }
     model_dir = vit_b32_checkpoint()
     work = Path(tempfile.mkdtemp(prefix="versus-seed-", dir=model_dir.parent))
@@ -387,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             app = (
                 seed_app(seed_dir, model_dir, seed_index, work)
                 if version == "seed"
-                else current_app(model_dir, index_dir)
+                else current_app(model_dir, index_dir, args.precision)
             )
             with app as base_url:
                 info = asyncio.run(check_app(base_url, jpegs[0]))
