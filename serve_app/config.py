@@ -30,7 +30,9 @@ class UploadLimits(BaseModel):
     # longer text is truncated and says so, but nothing needs thousands of characters).
     max_text_chars: int = Field(default=1000, ge=1, le=100_000, description="characters per text query")
     max_texts: int = Field(default=16, ge=1, description="text queries per request")
-    max_queries: int = Field(default=16, ge=1, description="files and texts together per request")
+    # One Searcher call carries every query's vector and its k results, over gRPC whose messages are
+    # capped at 4 MiB: 256 queries x max_k 1000 results x 12 bytes = 3 MB fits.
+    max_queries: int = Field(default=16, ge=1, le=256, description="files and texts together per request")
 
     @model_validator(mode="after")
     def _default_k_within_max(self) -> UploadLimits:

@@ -116,6 +116,12 @@ def test_counts_are_checked_per_kind_and_together() -> None:
         check_counts(files=0, texts=0, limits=LIMITS)
 
 
+def test_max_queries_is_bounded_so_one_searcher_call_fits_a_grpc_message() -> None:
+    assert UploadLimits(max_queries=256).max_queries == 256
+    with pytest.raises(ValueError, match="max_queries"):
+        UploadLimits(max_queries=257)
+
+
 def test_query_values_percent_decode_and_keep_the_raw_bytes() -> None:
     raw = b"k=3&q=a+red%20bicycle&q=%E6%9D%B1%E4%BA%AC&other=1"
     assert query_values(raw, "q") == [b"a red bicycle", "東京".encode()]

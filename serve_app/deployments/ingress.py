@@ -83,6 +83,8 @@ class Ingress:
         # Calls go over Serve's inter-deployment gRPC rather than Ray actor calls: ~1 ms less of this
         # replica's CPU per request (benchmarks/README.md, "Where the serving CPU goes"). A dead
         # replica still surfaces as RayActorError (ActorUnavailableError), which `downstream` maps.
+        # Messages are capped at 4 MiB (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH): ours are one
+        # crop (~150 KB) or at most max_queries vectors (16 x 512 floats = 32 KB) each.
         self.embedder = embedder.options(_by_reference=False)
         self.searcher = searcher.options(_by_reference=False)
         self.args = args
