@@ -4,8 +4,9 @@ What it measures: p50/p95/p99 latency, images/s and errors of `POST /search` (on
 request, `--clients` closed-loop clients, default 16) against two deployments of the service, one
 after the other and never both at once: the seed, as of commit 00b2c70 (the state before any of
 the performance work), and the current working tree. Both serve the same ViT-B/32-sized random
-checkpoint (benchmarks.common.vit_b32_checkpoint) in fp32 (the seed had only fp32) over an index of
-the same 48 photos, each built by its own index builder. Rounds alternate the order (seed, current,
+checkpoint (benchmarks.common.vit_b32_checkpoint) over an index of the same 48 photos, the seed in
+fp32 (its default) and the current code in `--precision` (default fp32, like for like; `auto`: as
+shipped), each built by its own index builder. Rounds alternate the order (seed, current,
 current, seed, ...) so drift on a shared machine hits both; consecutive measurements of one version
 share one deployment. The verdicts are issue 10's targets: current p99 <= half the seed's at 16
 clients, fp32, and the Ingress's CPU per request at most a third of the code's when the issue was
@@ -26,12 +27,12 @@ does what `serve run serve_config.yaml` does with the seed's own serve_config.ya
 config), with only the HTTP port, `args.model` and `args.index` overridden and precision fp32 (the
 seed's setting), prints a ready line, and shuts Serve and Ray down when its stdin closes or on
 SIGTERM. The current app is deployed from this process through benchmarks.served's path
-(serve_config.yaml as shipped; only the port, model, index and precision fp32 overridden), in its
+(serve_config.yaml as shipped; only the port, model, index and precision overridden), in its
 own ray.init, after the seed's cluster is gone. RAY_worker_niceness=0 for both (benchmarks.served
 explains why). Everything listens on 127.0.0.1 only and stops by itself.
 
-    .venv/bin/python -m benchmarks.versus_seed [--against COMMIT] [--duration S] [--rounds N] [--clients 16]
-                                               [--warmup S]
+    .venv/bin/python -m benchmarks.versus_seed [--against COMMIT] [--precision P] [--duration S] [--rounds N]
+                                               [--clients 16] [--warmup S]
 """
 
 from __future__ import annotations

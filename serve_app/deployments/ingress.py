@@ -84,7 +84,7 @@ class Ingress:
         # replica's CPU per request (benchmarks/README.md, "Where the serving CPU goes"). A dead
         # replica still surfaces as RayActorError (ActorUnavailableError), which `downstream` maps.
         # Messages are capped at 4 MiB (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH): ours are one
-        # crop (~150 KB) or at most max_queries vectors (16 x 512 floats = 32 KB) each.
+        # crop (~150 KB) or one search of at most max_queries vectors (bounded for this in config.py).
         self.embedder = embedder.options(_by_reference=False)
         self.searcher = searcher.options(_by_reference=False)
         self.args = args
