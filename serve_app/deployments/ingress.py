@@ -19,13 +19,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute
 
 from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable, TextSearchUnavailable
 from image_search.manifest import ImageRecord, Manifest
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import Store, StoreError, open_store
+from serve_app.api_docs import API_DESCRIPTION, DOCS_PAGE, SERVICE_VERSION, swagger_assets
+from serve_app.api_table import endpoints, starlette_routes
 from serve_app.body import read_body
 from serve_app.client_values import parse_image_id, parse_k, parse_thumbnail_size
 from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_part, parse_weights, weighted_sum
@@ -37,6 +39,7 @@ from serve_app.http_app import build_http_app
 from serve_app.http_errors import service_error_response
 from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload
+from serve_app.openapi import openapi_document
 from serve_app.queries.vectors import parse_vector_body, vector_body_limit
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
 from serve_app.served_index import ServedIndex, Version
@@ -123,20 +126,19 @@ class Ingress:
             raise RuntimeError("the Ingress stopped following the published index version")
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        routes = [
-            Route("/", self.page, methods=["GET"]),
-            Route("/search", self.search, methods=["POST"]),
-            Route("/search", self.search_text, methods=["GET"]),
-            Route("/search/combined", self.search_combined, methods=["POST"]),
-            Route("/search/vectors", self.search_vectors, methods=["POST"]),
-            Route("/embed", self.embed, methods=["POST"]),
-            Route("/images/{image_id}", self.image, methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/info", self.info, methods=["GET"]),
-        ]
+        # Routes and /openapi.json come from one table (serve_app/api_table.py): they cannot drift.
+        self.api = endpoints(self.args, int(self.model["embedding_dim"]))
+        self.schema = openapi_document(self.api, "Image search", SERVICE_VERSION, API_DESCRIPTION)
+        routes: list[BaseRoute] = [*starlette_routes(self.api, self), swagger_assets()]
         return build_http_app(routes, self.metrics, self.args.request_timeout_s, UI_DIR)
 
     # --- routes -------------------------------------------------------------------------------
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self.schema)
+
+    async def docs(self, request: Request) -> Response:
+        return HTMLResponse(DOCS_PAGE, headers={"Cache-Control": "no-cache"})
 
     async def page(self, request: Request) -> Response:
         return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
