@@ -153,7 +153,7 @@ def test_rebuild_of_an_unchanged_collection_publishes_nothing(
     capsys.readouterr()
     assert build(image_folder, out, tiny_model_dir) == 0
     printed = capsys.readouterr().out
-    assert "added 0, changed 0, removed 0, reused 24" in printed
+    assert "added 0, changed 0, removed 0, moved 0, reused 24" in printed
     assert f"nothing changed: 24 images, {out} still serves version {first}" in printed
     assert (out / "CURRENT").read_text().strip() == first
     assert [p.name for p in (out / "versions").iterdir()] == [first]

@@ -337,7 +337,7 @@ def test_incremental_build_on_s3_uses_size_and_last_modified(
     client.put_object(Bucket=BUCKET, Key="living/extra/new.png", Body=(image_folder / "img_0001.png").read_bytes())
     capsys.readouterr()
     assert main(argv) == 0
-    assert "added 1, changed 0, removed 1, reused 23" in capsys.readouterr().out
+    assert "added 1, changed 0, removed 1, moved 0, reused 23" in capsys.readouterr().out
     after = load_artifact(open_store(out)).manifest
     assert after.record(before["img_0002.jpg"]) is None
     assert {r.key: r.id for r in after.records if r.key != "extra/new.png"} == {
