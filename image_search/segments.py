@@ -69,7 +69,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -400,7 +400,7 @@ def build_segment(
         return upload_segment(store, name, folder, files, len(ids), dim, spec)
 
 
-def commit_version(store: Store, version: Version) -> None:
+def commit_version(store: Store, version: Version, before_pointer: Callable[[], None] | None = None) -> None:
     """Write the version file (read back), check CURRENT still names `version.parent`, then write CURRENT.
 
     The parent check keeps a build planned on an older version from hiding another's publish; it is a
@@ -412,6 +412,8 @@ def commit_version(store: Store, version: Version) -> None:
     store.write_bytes(version_file(version.name), text.encode())
     if store.read_bytes(version_file(version.name)).decode() != text:
         raise ArtifactError(f"{store.uri}/{version_file(version.name)} does not read back as written")
+    if before_pointer is not None:
+        before_pointer()
     current = read_pointer(store)
     if current != version.parent:
         raise ArtifactError(
