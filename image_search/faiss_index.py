@@ -1,14 +1,13 @@
-"""Building, tuning, writing and mapping FAISS indexes; no storage, no versions (see artifact.py).
+"""Building, tuning, writing and mapping FAISS indexes; no storage, no versions (see segments.py).
 
-Every index is an `IndexIDMap2` around the factory's index: `search` returns the manifest's stable
-record ids, not positions, and `reconstruct(id)` gives back a record's vector (the incremental
-builder reuses vectors that way).
+Every index is an `IndexIDMap2` around the factory's index: `search` returns the records' stable
+ids, not positions. A segment keeps its raw vectors beside its index (segments.py), so nothing
+needs to get vectors back out of an index; `reconstruct_vectors` remains for tests and tools.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,25 @@ TRAINING_SAMPLE_SEED = 0
 MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC
 
 
-def build_faiss_index(vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | None = None) -> faiss.Index:
-    """An IDMap2 index of `vectors` under `ids` (default 0..n-1), rows added in the given order."""
+def build_faiss_index(
+    vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | None = None, centroids: np.ndarray | None = None
+) -> faiss.Index:
+    """An IDMap2 index of `vectors` under `ids` (default 0..n-1), rows added in the given order.
+
+    `centroids`: an IVF's coarse centroids to reuse instead of training (compaction keeps those of the
+    largest segment it merges, trained on most of the same vectors); ignored unless they fit the spec.
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
     inner = faiss.index_factory(vectors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+    reuse = centroids is not None and ivf_centroids_fit(inner, centroids)
+    if reuse:
+        assert centroids is not None
+        ivf = faiss.extract_index_ivf(inner)
+        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        ivf.is_trained = True
     if not inner.is_trained:
         rows = spec.training_rows(len(vectors))
         # A fixed seed: the same collection gives the same index, build after build.
@@ -45,9 +56,22 @@ def build_faiss_index(vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | No
     return index
 
 
-def stores_exact_vectors(spec: IndexSpec) -> bool:
-    """Whether `reconstruct` gives back the added vectors unchanged (Flat storage, no PQ/SQ coding)."""
-    return re.fullmatch(r"(IVF\d+,)?Flat|HNSW\d+(,Flat)?", spec.factory) is not None
+def ivf_centroids_fit(index: faiss.Index, centroids: np.ndarray) -> bool:
+    """Whether `centroids` can be an untrained IVF-Flat index's coarse quantiser (same list count and dim)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return bool(centroids.shape == (ivf.nlist, ivf.d) and ivf.quantizer.ntotal == 0 and not ivf.is_trained)
+
+
+def ivf_centroids(index: faiss.Index) -> np.ndarray | None:
+    """The coarse centroids of an IVF index (None for other indexes)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    return np.asarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
 
 
 def reconstruct_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
@@ -70,7 +94,7 @@ def map_index_file(path: Path) -> faiss.Index:
 
 
 def read_index_file(path: Path) -> faiss.Index:
-    """Read an index file into memory (the builder, which reconstructs vectors from it)."""
+    """Read an index file into memory (benchmarks/search_at_scale.py compares it with the mapped one)."""
     return faiss.read_index(str(path))
 
 
@@ -81,11 +105,3 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
             faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     if params.get("ef_search") is not None and hasattr(index, "hnsw"):
         index.hnsw.efSearch = int(params["ef_search"])
-
-
-def serialize_index(index: faiss.Index) -> bytes:
-    return faiss.serialize_index(index).tobytes()
-
-
-def deserialize_index(data: bytes) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

@@ -1,4 +1,4 @@
-"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--full] [--engine local|ray] ...`.
+"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--full] [--compact] [--engine local|ray] ...`.
 
 Incremental by default: only images that are new or whose bytes changed since the published
 version are embedded (see index_builder.build).
@@ -46,6 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--actors", type=int, default=1, help="encoder actors (ray engine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--full", action="store_true", help="embed every image again (default: only what changed)")
+    parser.add_argument("--compact", action="store_true", help="merge every segment into one after publishing")
     parser.add_argument(
         "--retention-hours",
         type=float,
@@ -107,7 +108,7 @@ def run_local(args: argparse.Namespace) -> BuildReport:
     )
     # From here on every file is read after this moment: stamps newer than it cannot be trusted.
     collection = trusted_stat_only(collection)
-    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
+    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
     check_removals(plan, args)
     announce(plan)
     keys = list(plan.diff.to_embed)
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(no new version published)"
         )
         return 0
+    if report.compacted is not None:
+        print(f"compacted into {report.segments} segment(s): version {report.compacted}")
     spec = report.index.factory if report.index else "?"
     print(
         f"indexed {report.count} images ({len(report.skipped)} skipped) into {args.out} "

@@ -202,9 +202,9 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         device, gpus, precision = plan_device(args.device, args.precision, cluster_gpus, host_cpu_flags())
         model = driver_model_info(args.model, precision)
-        # Every file is read after this moment: stamps newer than it cannot be trusted.
+        # From here on every file is read after this moment: stamps newer than it cannot be trusted.
         collection = trusted_stat_only(collection)
-        plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
+        plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
         check_removals(plan, args)
         announce(plan)
         keys = list(plan.diff.to_embed)

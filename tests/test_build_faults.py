@@ -18,6 +18,7 @@ from image_search.artifact import load_artifact
 from image_search.storage import LocalStore, Store, StoreError
 from index_builder import build as build_module
 from index_builder.cli import main
+from tests.living import manifest_of
 
 
 def build(images: Path, out: Path, model: Path, *extra: str) -> int:
@@ -201,8 +202,8 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_the_reason(
     captured = capsys.readouterr()
     assert "skipped caf\\xe9.png: file name is not valid UTF-8" in captured.err
     version = (out / "CURRENT").read_text().strip()
-    manifest_text = (out / "versions" / version / "manifest.json").read_text(encoding="utf-8")
-    manifest = json.loads(manifest_text)
+    (out / "versions" / version / "version.json").read_text(encoding="utf-8")  # what the service parses
+    manifest = manifest_of(out, version)
     assert {"path": "caf\\xe9.png", "reason": "file name is not valid UTF-8: rename it (to UTF-8) to index it"} in (
         manifest["skipped"]
     )
