@@ -13,6 +13,11 @@ but the raw vectors the index was built from:
 - recall@k counts a returned id as a hit when its exact score reaches the k-th true score, so ties
   (duplicate images) do not count as misses whichever duplicate the index returns.
 
+A value meets the target when the recall measured on the sample is above it by a margin: the lower
+end of a one-sided confidence interval, recall - z * sqrt(recall * (1 - recall) / (k * queries)) with
+z = `CONFIDENCE_Z` (1.28: 90%), must reach the target, so that a value that only just met it on
+this sample does not run below it on new queries half the time.
+
 Latency is single-query, one thread (how a Searcher replica runs a request), p50 and p99 over the
 sample, at the chosen value only. When the target cannot be met (a lossy PQ code bounds recall, or
 the knob is at its maximum), the result says so (`met` False) with the best value found: it is never
@@ -38,6 +43,7 @@ SAMPLE_SEED = 0
 MAX_EF_SEARCH = 4096
 SCORE_TOLERANCE = 1e-5  # float32 inner products of unit vectors: ties within rounding count as ties
 SEARCH_BATCH = 4096
+CONFIDENCE_Z = 1.28  # one-sided 90%
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,9 @@ class TuningResult:
     param: str | None  # "nprobe", "ef_search" or None (an exact index: nothing to tune)
     value: int | None  # the chosen value of `param`
     recall: float  # measured recall@k at `value`, on the held-out sample
+    lower_bound: float  # recall minus the confidence margin: what `met` compares with the target
     target: float
-    met: bool  # recall >= target; False: `value` is the best found, still below the target
+    met: bool  # lower_bound >= target; False: `value` is the best found, still short of the target
     k: int
     queries: int
     p50_ms: float  # single-query latency at `value`, one thread
@@ -68,6 +75,7 @@ class TuningResult:
             param=data["param"],
             value=None if data["value"] is None else int(data["value"]),
             recall=float(data["recall"]),
+            lower_bound=float(data["lower_bound"]),
             target=float(data["target"]),
             met=bool(data["met"]),
             k=int(data["k"]),
@@ -142,7 +150,8 @@ def _recall_at(index: faiss.Index, sample: HeldOutSample) -> float:
     return sample.recall(found)
 
 
-def _latencies_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[float, float]:
+def single_query_latency_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[float, float]:
+    """(p50, p99) ms of one query per call on one thread, as a Searcher replica runs a request."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
@@ -154,6 +163,11 @@ def _latencies_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[floa
     finally:
         faiss.omp_set_num_threads(threads)
     return 1000 * float(np.percentile(seconds, 50)), 1000 * float(np.percentile(seconds, 99))
+
+
+def recall_lower_bound(recall: float, hits_possible: int, z: float = CONFIDENCE_Z) -> float:
+    """The one-sided lower confidence bound of a recall measured over `hits_possible` (k x queries)."""
+    return recall - z * float(np.sqrt(max(recall * (1 - recall), 0.0) / hits_possible))
 
 
 def smallest_meeting(measure: Callable[[int], float], low: int, high: int, target: float) -> tuple[int, bool]:
@@ -194,18 +208,20 @@ def tune_recall(
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
     sample = HeldOutSample(vectors, ids, k, sample_queries, seed)
+    count = len(sample.queries)
     param, high = search_knob(index)
     tried: dict[int, float] = {}
     if param is None:
         recall = _recall_at(index, sample)
-        p50, p99 = _latencies_ms(index, sample.queries, k)
-        return TuningResult(None, None, recall, target, recall >= target, k, len(sample.queries), p50, p99, tried)
+        bound = recall_lower_bound(recall, k * count)
+        p50, p99 = single_query_latency_ms(index, sample.queries, k)
+        return TuningResult(None, None, recall, bound, target, bound >= target, k, count, p50, p99, tried)
 
     def measure(value: int) -> float:
         if value not in tried:
             set_knob(index, param, value)
             tried[value] = _recall_at(index, sample)
-        return tried[value]
+        return recall_lower_bound(tried[value], k * count)
 
     low = 1 if param == "nprobe" else k
     value, met = smallest_meeting(measure, low, max(low, high), target)
@@ -213,5 +229,6 @@ def tune_recall(
         best = max(tried.values())
         value = min(v for v, recall in tried.items() if recall == best)
     set_knob(index, param, value)
-    p50, p99 = _latencies_ms(index, sample.queries, k)
-    return TuningResult(param, value, tried[value], target, met, k, len(sample.queries), p50, p99, tried)
+    p50, p99 = single_query_latency_ms(index, sample.queries, k)
+    bound = recall_lower_bound(tried[value], k * count)
+    return TuningResult(param, value, tried[value], bound, target, met, k, count, p50, p99, tried)

@@ -11,7 +11,14 @@ import pytest
 from benchmarks.clip_like_data import ClipLikeMixture, ClipLikeSampler
 from image_search.faiss_index import build_faiss_index
 from image_search.index_spec import IndexSpec
-from image_search.recall_tuning import HeldOutSample, TuningResult, set_knob, smallest_meeting, tune_recall
+from image_search.recall_tuning import (
+    HeldOutSample,
+    TuningResult,
+    recall_lower_bound,
+    set_knob,
+    smallest_meeting,
+    tune_recall,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +33,10 @@ def test_ivf_tuning_reaches_the_target_with_the_smallest_nprobe(clustered: np.nd
     index = build_faiss_index(clustered, IndexSpec("IVF256,Flat", {"nprobe": 1}), ids)
     result = tune_recall(index, clustered, ids, target=0.95, sample_queries=300)
     assert (result.param, result.met, result.k) == ("nprobe", True, 10)
-    assert result.recall >= 0.95
+    assert result.recall > result.lower_bound >= 0.95  # met with the confidence margin, not just on the sample
     assert result.value is not None and 1 < result.value < 256
     # The value just below it misses (measured during the search: it is the smallest).
-    assert result.tried[result.value - 1] < 0.95
+    assert recall_lower_bound(result.tried[result.value - 1], 10 * 300) < 0.95
     assert faiss.extract_index_ivf(index).nprobe == result.value
     assert result.p99_ms >= result.p50_ms > 0
 
@@ -56,8 +63,9 @@ def test_hnsw_tuning_sets_the_smallest_ef_search(clustered: np.ndarray) -> None:
     index = build_faiss_index(vectors, IndexSpec("HNSW32"))
     result = tune_recall(index, vectors, target=0.995, sample_queries=300)
     assert (result.param, result.met) == ("ef_search", True)
-    assert result.recall >= 0.995 and result.value is not None
-    assert result.value == 10 or result.tried[result.value - 1] < 0.995  # efSearch starts at k
+    assert result.lower_bound >= 0.995 and result.value is not None
+    below = result.value - 1
+    assert result.value == 10 or recall_lower_bound(result.tried[below], 10 * 300) < 0.995  # starts at k
     assert faiss.downcast_index(index.index).hnsw.efSearch == result.value
 
 
@@ -67,7 +75,7 @@ def test_unreachable_target_is_flagged_not_hidden(clustered: np.ndarray) -> None
     index = build_faiss_index(vectors, IndexSpec("IVF16,PQ8x4"))
     result = tune_recall(index, vectors, target=0.99, sample_queries=200)
     assert (result.param, result.met) == ("nprobe", False)
-    assert result.recall < 0.99
+    assert result.lower_bound < result.recall < 0.99
     assert result.recall == max(result.tried.values())
     assert 16 in result.tried  # it went all the way to nprobe = nlist before giving up
 
@@ -92,6 +100,11 @@ def test_duplicates_count_whichever_copy_is_returned() -> None:
     # Answer each query with the *other* copies in reverse order of what an exact scan might pick.
     found = np.array([[q, (q + 100) % 150, (q + 50) % 150] for q in sample.query_ids.tolist()])
     assert sample.recall(found) == 1.0
+
+
+def test_the_margin_shrinks_with_more_queries() -> None:
+    assert recall_lower_bound(1.0, 100) == 1.0
+    assert recall_lower_bound(0.95, 10 * 100) < recall_lower_bound(0.95, 10 * 1000) < 0.95
 
 
 @pytest.mark.parametrize(
