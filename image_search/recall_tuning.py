@@ -37,6 +37,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from image_search.index_spec import IndexSpec
+
 DEFAULT_K = 10
 DEFAULT_SAMPLE_QUERIES = 500  # standard error of recall ~0.003 at 0.95 with k=10
 SAMPLE_SEED = 0
@@ -232,3 +234,9 @@ def tune_recall(
     p50, p99 = single_query_latency_ms(index, sample.queries, k)
     bound = recall_lower_bound(tried[value], k * count)
     return TuningResult(param, value, tried[value], bound, target, met, k, count, p50, p99, tried)
+
+
+def with_tuned_params(spec: IndexSpec, result: TuningResult) -> IndexSpec:
+    """`spec` with the tuned knob in its params (what the version file records and Searchers apply)."""
+    params = {name: value for name, value in spec.params.items() if name not in ("nprobe", "ef_search")}
+    return IndexSpec(spec.factory, {**params, **result.params()}, reason=spec.reason)

@@ -18,6 +18,7 @@ from image_search.recall_tuning import (
     set_knob,
     smallest_meeting,
     tune_recall,
+    with_tuned_params,
 )
 
 
@@ -128,3 +129,20 @@ def test_result_round_trips_through_json(clustered: np.ndarray) -> None:
     again = TuningResult.from_dict(json.loads(json.dumps(result.to_dict())))
     assert again == result
     assert again.params() == {"nprobe": result.value}
+
+
+def test_tuned_params_replace_the_starting_knob(clustered: np.ndarray) -> None:
+    spec = IndexSpec("IVF16,Flat", {"nprobe": 32}, reason="planned")
+    index = build_faiss_index(clustered[:3000], spec)
+    result = tune_recall(index, clustered[:3000], target=0.9, sample_queries=100)
+    tuned = with_tuned_params(spec, result)
+    assert (tuned.factory, tuned.params, tuned.reason) == ("IVF16,Flat", {"nprobe": result.value}, "planned")
+    assert (
+        with_tuned_params(
+            IndexSpec("Flat"),
+            tune_recall(
+                build_faiss_index(clustered[:500], IndexSpec("Flat")), clustered[:500], target=0.9, sample_queries=50
+            ),
+        ).params
+        == {}
+    )
