@@ -23,7 +23,8 @@ formula at N, 10M, 100M and 1B for a few budgets, and a rough time for the same 
 
     .venv/bin/python -m benchmarks.search_at_scale [--n 1000000] [--types ivf_flat,ivf_sq8,...]
         [--nprobe 8 --nprobe 64 ...] [--target 0.95] [--budget BYTES]
-    .venv/bin/python -m benchmarks.search_at_scale --n 50000          # ~2-4 min on 2 cores: a check
+    .venv/bin/python -m benchmarks.search_at_scale --n 50000   # a check: ~12 min on 2 cores, 8 of them OPQ training
+    .venv/bin/python -m benchmarks.search_at_scale --n 50000 --types flat,ivf_flat,ivf_sq8,hnsw   # ~2 min
     .venv/bin/python -m benchmarks.search_at_scale --memory-only [--n 1000000]
 """
 
