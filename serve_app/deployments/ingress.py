@@ -31,7 +31,7 @@ from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_pa
 from serve_app.config import AppArgs
 from serve_app.downstream import await_with_progress, downstream, retried
 from serve_app.forms import SearchForm, read_search_form
-from serve_app.health import StatusCache, health_report, unknown_report
+from serve_app.health import ServeMessageLog, StatusCache, health_report, unknown_report
 from serve_app.http_app import build_http_app
 from serve_app.http_errors import service_error_response
 from serve_app.metrics import IngressMetrics
@@ -101,6 +101,7 @@ class Ingress:
         )
         self.index.follow(args.reload_interval_s)
         self.status = StatusCache(serve.get_replica_context().app_name, args.health_status_ttl_s)
+        self.serve_messages = ServeMessageLog()
         # Keyed by content hash, not id: the bytes behind an id can change from one version to the next.
         self.thumbnails: LRUBytes[tuple[str, int]] = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
         self.metrics = IngressMetrics()
@@ -145,7 +146,7 @@ class Ingress:
             logger.warning("healthz cannot read Serve's status: %s", str(exc).splitlines()[0][:300])
             status, body = unknown_report("cannot read Serve's status", serving)
         else:
-            status, body = health_report(deployments, serving)
+            status, body = health_report(deployments, serving, self.serve_messages)
         return JSONResponse(body, status_code=status)
 
     async def info(self, request: Request) -> Response:
