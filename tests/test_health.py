@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass, field
 
 import pytest
-
 from ray.serve.schema import DeploymentStatus, ReplicaState
 
 from serve_app.health import ServeMessageLog, health_report
