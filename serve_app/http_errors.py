@@ -95,8 +95,18 @@ class InternalErrorMiddleware:
             await self.app(scope, receive, send)
             return
         tracker = ResponseStartTracker(send)
+
+        async def receive_or_closed() -> Message:
+            # Serve's replica reads the body from its proxy: when the client goes, that read raises
+            # (ray.exceptions.TaskCancelledError), not Starlette's ClientDisconnect. Either way the
+            # client closed the request; a failed read of its body is never our error.
+            try:
+                return await receive()
+            except Exception as exc:
+                raise ClientDisconnect() from exc
+
         try:
-            await self.app(scope, receive, tracker)
+            await self.app(scope, receive_or_closed, tracker)
         except ClientDisconnect:
             # The client left mid-upload (the page does this when a newer search supersedes one).
             logger.info("client closed the connection before its request was read: %s", scope.get("path"))

@@ -312,9 +312,16 @@ def test_a_client_that_leaves_mid_upload_is_logged_in_one_line_not_as_a_500(serv
         f"Content-Length: 200000\r\n\r\n"
         f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="half.jpg"\r\n\r\n'
     ).encode()
+    (ingress,) = replica_actors(APP_NAME, "Ingress")
     before = ingress_log_text()
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(head + images.jpeg(3)[:50_000])  # about a quarter of the declared body
+        # Close only once the Ingress is reading this body (else the proxy drops it before routing).
+        poll(
+            lambda: ray.get(ingress.get_num_ongoing_requests.remote(), timeout=30) >= 1,
+            timeout_s=60,
+            what="the Ingress reading the upload",
+        )
     poll(
         lambda: ingress_log_text().count("client closed the connection") > before.count("client closed the connection"),
         timeout_s=60,

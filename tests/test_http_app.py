@@ -60,7 +60,11 @@ ROUTES = [
 
 
 def call(
-    path: str, method: str = "GET", timeout_s: float = 5.0, disconnect_after: int | None = None
+    path: str,
+    method: str = "GET",
+    timeout_s: float = 5.0,
+    disconnect_after: int | None = None,
+    receive_error: Exception | None = None,
 ) -> tuple[int, dict[str, str], Any, Counts]:
     """One request through the real Starlette stack, driven as an ASGI server would."""
     counts = Counts()
@@ -75,6 +79,8 @@ def call(
             return {"type": "http.request", "body": b"", "more_body": False}
         received += 1
         if received > disconnect_after:  # the client went away mid-body
+            if receive_error is not None:
+                raise receive_error  # how Serve's replica reports it: the read from its proxy fails
             return {"type": "http.disconnect"}
         return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
 
@@ -127,10 +133,17 @@ def test_a_normal_answer_is_counted_once() -> None:
     assert call("/info")[3].seen == [("info", 200)]
 
 
-def test_a_client_that_leaves_mid_upload_is_not_our_error(caplog: pytest.LogCaptureFixture) -> None:
+class TaskCancelledError(Exception):
+    """Stands for ray.exceptions.TaskCancelledError, what Serve's receive raises when the client left."""
+
+
+@pytest.mark.parametrize("receive_error", [None, TaskCancelledError("Task: 8cf5 was cancelled.")])
+def test_a_client_that_leaves_mid_upload_is_not_our_error(
+    caplog: pytest.LogCaptureFixture, receive_error: Exception | None
+) -> None:
     """Counted as 499 client_closed, logged in one line without a traceback, never a 500."""
     with caplog.at_level(logging.INFO, logger="ray.serve"):
-        status, _, body, counts = call("/upload", "POST", disconnect_after=3)
+        status, _, body, counts = call("/upload", "POST", disconnect_after=3, receive_error=receive_error)
     assert (status, body["error"]["code"]) == (499, "client_closed")
     assert counts.seen == [("other", 499)]
     assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]

@@ -315,9 +315,11 @@ class Ingress:
 
     def _check_pixel_budget(self, uploads: list[Upload]) -> None:
         """All files of a request together decode to at most max_request_pixels (read from headers)."""
-        total = sum(
+        sizes = [
             decoded_pixels(bytes(upload.data), self.spec.shortest_edge) for upload in uploads if upload.error is None
-        )
+        ]
+        # A file over max_pixels is never decoded (that file's own 413): it costs the request nothing.
+        total = sum(size for size in sizes if size <= self.limits.max_pixels)
         if total > self.limits.max_request_pixels:
             raise TooManyRequestPixels(
                 f"The files of this request would decode to {total:,} pixels; a request may use at most "
