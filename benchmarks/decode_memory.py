@@ -95,7 +95,7 @@ def now_pixels(data: bytes) -> np.ndarray:
     return pixels_from_bytes(data, PreprocessSpec())
 
 
-def _measure(path: str, kind: str, megapixels: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _measure(path: str, kind: str, megapixels: float, queue: multiprocessing.Queue) -> None:
     data = make_upload(kind, megapixels)
     run = before_pixels if path == "before" else now_pixels
     run(make_upload(kind, 0.01))  # imports and first-call setup outside the measurement
@@ -113,7 +113,7 @@ def measure(path: str, kind: str, megapixels: float) -> tuple[int, float, np.nda
     child.start()
     result = queue.get(timeout=600)
     child.join()
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
