@@ -304,3 +304,37 @@ class S3Store:
 
     def local_path(self, key: str) -> Path | None:
         return None
+
+
+class OutsideStore(StoreError):
+    """A key names (through a symbolic link) something outside the store's root."""
+
+
+def open_inside(root: Path, key: str) -> BinaryIO:
+    """Open `root/key` for reading only if what it names, links resolved, lies inside `root`.
+
+    Links that stay inside the root are followed (a collection may link its own files); one that
+    leads out raises OutsideStore. The resolved path is then opened one component at a time without
+    following links (O_NOFOLLOW), so a link swapped in after the check is refused, not followed.
+    """
+    root = Path(root).resolve()
+    try:
+        target = (root / _check_key(key)).resolve(strict=True)
+    except OSError as exc:
+        raise StoreError(f"cannot read {root / key}: {exc.strerror or exc}") from exc
+    if not target.is_relative_to(root) or target == root:
+        raise OutsideStore(f"{root / key} leads outside {root} (to {target})")
+    parts = target.relative_to(root).parts
+    try:
+        directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+                os.close(directory)
+                directory = inner
+            handle = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        raise StoreError(f"cannot read {root / key} without following links: {exc.strerror or exc}") from exc
+    return os.fdopen(handle, "rb")

@@ -62,7 +62,8 @@ def index_vectors(index_dir: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def text_encoder(tiny_model_dir: Path) -> ClipTextEncoder:
-    return ClipTextEncoder(str(tiny_model_dir), device="cpu")
+    # The precision the Embedder runs (its default `auto`, resolved on this CPU as for the image tower).
+    return ClipTextEncoder(str(tiny_model_dir), device="cpu", precision="auto")
 
 
 @pytest.fixture(scope="module")
