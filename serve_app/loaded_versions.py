@@ -30,7 +30,7 @@ class LoadedVersions(Generic[T]):
         self.capacity = capacity
         self.load = load
         self.items: OrderedDict[str, T] = OrderedDict()
-        self.loading: dict[str, asyncio.Future[T]] = {}
+        self.loading: dict[str, asyncio.Task[T]] = {}
 
     def names(self) -> list[str]:
         """Held versions, most recently used last."""
@@ -40,31 +40,32 @@ class LoadedVersions(Generic[T]):
         return next(reversed(self.items.values()), None)
 
     async def get(self, name: str) -> T:
-        """The loaded version `name`, loading it (off the event loop) if this replica lacks it."""
+        """The loaded version `name`, loading it (off the event loop) if this replica lacks it.
+
+        The load runs as its own task, shared by everyone asking meanwhile; each caller waits on it
+        through `asyncio.shield`, so a caller that is cancelled (client gone, deadline) stops waiting
+        without cancelling the load the others (and the Preloader) are waiting on.
+        """
         item = self.items.get(name)
         if item is not None:
             self.items.move_to_end(name)
             return item
-        pending = self.loading.get(name)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self.loading[name] = pending
-            try:
-                loaded = await asyncio.to_thread(self.load, name)
-            except Exception as exc:
-                # Everyone waiting gets the same error; the next request tries again.
-                pending.set_exception(exc)
-                pending.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-                raise
-            except BaseException:  # cancelled: the waiters are cancelled with it
-                pending.cancel()
-                raise
-            finally:
-                del self.loading[name]
-            pending.set_result(loaded)
-            self.put(name, loaded)
-            return loaded
-        return await asyncio.shield(pending)
+        task = self.loading.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(name), name=f"load {name}")
+            # Retrieved even when every caller was cancelled: no "exception was never retrieved" warning.
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self.loading[name] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, name: str) -> T:
+        try:
+            loaded = await asyncio.to_thread(self.load, name)
+        finally:
+            # Failed or not, the next request after this one tries again.
+            del self.loading[name]
+        self.put(name, loaded)
+        return loaded
 
     def put(self, name: str, item: T) -> None:
         self.items[name] = item

@@ -71,6 +71,68 @@ def test_a_failed_load_fails_its_waiters_and_is_tried_again_later() -> None:
     assert attempts == ["v1", "v1"]
 
 
+class GatedLoader:
+    """A loader that blocks (in its thread) until the test opens the gate; counts its loads."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.loads: list[str] = []
+
+    def __call__(self, name: str) -> str:
+        self.loads.append(name)
+        self.started.set()
+        assert self.gate.wait(10)
+        return f"index-{name}"
+
+    async def until_started(self) -> None:
+        for _ in range(10_000):  # bounded: 10 s at most
+            if self.started.is_set():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the load never started")
+
+
+def test_cancelling_the_caller_that_started_a_load_leaves_the_load_running() -> None:
+    loader = GatedLoader()
+
+    async def scenario() -> tuple[str, str]:
+        held = LoadedVersions(3, loader)
+        first = asyncio.create_task(held.get("v2"))
+        await loader.until_started()
+        second = asyncio.create_task(held.get("v2"))  # joins the running load
+        first.cancel()  # the client that asked first went away
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        loader.gate.set()
+        later = await held.get("v2")  # may find the load running or done: either way its result
+        return await second, later
+
+    assert asyncio.run(scenario()) == ("index-v2", "index-v2")
+    assert loader.loads == ["v2"]  # one load, not restarted by the cancellation
+
+
+def test_the_preloader_survives_the_cancellation_of_the_search_that_started_the_load() -> None:
+    loader = GatedLoader()
+    pointer = Pointer("v2")
+
+    async def scenario() -> tuple[str | None, list[str]]:
+        held = LoadedVersions(3, loader)
+        preloader = Preloader(held, pointer.read)
+        search = asyncio.create_task(held.get("v2"))
+        await loader.until_started()
+        preloading = asyncio.create_task(preloader.preload_once())  # waits on the search's load
+        await asyncio.sleep(0)  # let it join the load before the search goes away
+        search.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await search
+        loader.gate.set()
+        return await preloading, held.names()
+
+    assert asyncio.run(scenario()) == ("v2", ["v2"])
+    assert loader.loads == ["v2"]
+
+
 class Pointer:
     def __init__(self, name: str) -> None:
         self.name = name
