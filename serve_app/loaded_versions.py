@@ -18,9 +18,16 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from image_search.errors import ArtifactError
+
 logger = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
+
+
+def first_line(exc: BaseException) -> str:
+    """Ray's wrapped errors carry the remote traceback after the first line: keep the first only."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:500]
 
 
 class LoadedVersions(Generic[T]):
@@ -80,14 +87,16 @@ class Preloader(Generic[T]):
     The Ingress's `prepare` reaches one Searcher replica; the others would load the new version on
     the first search that names it (hashing the whole index file first). Each replica watching
     CURRENT itself has it ready by the time the Ingress switches. Switching stays the Ingress's
-    decision: this only loads. A version that fails to load is not retried (it is logged once;
-    a search naming it still tries, and reports the error).
+    decision: this only loads. A version refused for what it is (ArtifactError: checksum, format)
+    is not tried again (it is logged once; a search naming it still tries, and reports the error);
+    any other failure (the store unreadable for a moment) is logged once and tried at the next poll.
     """
 
     def __init__(self, versions: LoadedVersions[T], read_current: Callable[[], Awaitable[str]]) -> None:
         self.versions = versions
         self.read_current = read_current
         self.failed: set[str] = set()
+        self.last_transient: str | None = None
 
     async def preload_once(self) -> str | None:
         """Load CURRENT if this replica lacks it; the name loaded, or None."""
@@ -99,10 +108,17 @@ class Preloader(Generic[T]):
             return None
         try:
             await self.versions.get(name)
-        except Exception as exc:
+        except ArtifactError as exc:
             self.failed.add(name)
-            logger.warning("Searcher could not preload index version %s: %s", name, str(exc).splitlines()[0][:500])
+            logger.warning("Searcher could not preload index version %s: %s", name, first_line(exc))
             return None
+        except Exception as exc:
+            reason = first_line(exc)
+            if reason != self.last_transient:
+                logger.warning("Searcher could not preload index version %s (will retry): %s", name, reason)
+                self.last_transient = reason
+            return None
+        self.last_transient = None
         return name
 
     async def run(self, interval_s: float) -> None:

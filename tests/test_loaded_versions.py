@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from image_search.errors import ArtifactError
 from serve_app.loaded_versions import LoadedVersions, Preloader
 
 
@@ -147,7 +148,7 @@ def test_preloader_loads_each_new_published_version_once() -> None:
     def load(name: str) -> str:
         loads.append(name)
         if name == "broken":
-            raise OSError("checksum")
+            raise ArtifactError("index.faiss: its checksum does not match")
         return f"index-{name}"
 
     pointer = Pointer("v1")

@@ -21,13 +21,14 @@ import numpy as np
 from ray import serve
 
 from image_search.artifact import DEFAULT_CACHE_DIR, load_manifest, open_index, read_current, version_folder
-from image_search.errors import ArtifactError
+from image_search.errors import ArtifactError, IndexUnavailable, StoreUnavailable
 from image_search.faiss_index import apply_search_params
 from image_search.storage import Store, open_store
 from serve_app.config import SearcherOptions
 from serve_app.loaded_versions import LoadedVersions, Preloader
 from serve_app.metrics import SearcherMetrics
 from serve_app.search_thread import SearchThread
+from serve_app.store_faults import io_failures_are_transient
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,10 +46,14 @@ class LoadedIndex:
 
 
 def load_index_version(store: Store, version: str, options: SearcherOptions, cache_dir: Path) -> LoadedIndex:
-    """One published version, verified and mapped, with the configured search-time knobs applied."""
+    """One published version, verified and mapped, with the configured search-time knobs applied.
+
+    ArtifactError when the version is unusable; StoreUnavailable when its files cannot be read now.
+    """
     folder = version_folder(version)
-    manifest = load_manifest(store, folder)
-    index = open_index(store, folder, manifest, cache_dir)
+    with io_failures_are_transient(f"index version {version} at {store.uri}"):
+        manifest = load_manifest(store, folder)
+        index = open_index(store, folder, manifest, cache_dir)
     if index.d != manifest.embedding_dim:
         raise ArtifactError(
             f"{store.uri}/{folder}: the index holds {index.d}-d vectors but its manifest says "
@@ -114,7 +119,8 @@ class Searcher:
         return loaded
 
     async def prepare(self, version: str) -> int:
-        """Load (or find) `version`; its vector count. Raises ArtifactError when it fails its checks."""
+        """Load (or find) `version`; its vector count. Raises ArtifactError when it fails its checks,
+        StoreUnavailable when its files cannot be read just now."""
         return (await self.versions.get(version)).count
 
     async def search(self, vectors: np.ndarray, k: int, version: str) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +128,11 @@ class Searcher:
 
         Ids are the index's stable record ids (-1 pads when fewer than k vectors exist).
         """
-        loaded = await self.versions.get(version)
+        try:
+            loaded = await self.versions.get(version)
+        except StoreUnavailable as exc:
+            logger.warning("a search needed index version %s, which cannot be read just now: %s", version, exc)
+            raise IndexUnavailable("The index cannot be read right now; try again in a moment.") from None
         queries = check_queries(vectors, loaded.dim)
         started = time.perf_counter()
         result: tuple[np.ndarray, np.ndarray] = await self.thread.run(
