@@ -142,9 +142,9 @@ class ServedIndex:
                 await asyncio.sleep(delay)  # a back-off between attempts, not a synchronisation
 
     def follow(self, interval_s: float) -> None:
-        """Poll CURRENT every `interval_s` on this event loop (0: do not follow)."""
+        """Poll CURRENT every `interval_s` on this event loop (always on: see AppArgs.reload_interval_s)."""
         if interval_s <= 0:
-            return
+            raise ValueError("reload_interval_s must be above 0: the served version must follow CURRENT")
         book = self._book()
 
         async def read() -> str:
@@ -154,8 +154,8 @@ class ServedIndex:
         self.task = asyncio.get_running_loop().create_task(self.follower.run(interval_s))
 
     def following_works(self) -> bool:
-        """False when the follow loop ended (it never should): the health check then fails."""
-        return self.task is None or not self.task.done()
+        """False when the follow loop ended or never started: the health check then fails."""
+        return self.task is not None and not self.task.done()
 
     def _book(self) -> VersionBook[Manifest]:
         if self.book is None:

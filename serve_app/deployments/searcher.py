@@ -99,9 +99,7 @@ class Searcher:
         preloader = Preloader(self.versions, self._read_current)
         if await preloader.preload_once() is None and not self.versions.names():
             logger.error("Searcher starts without an index: CURRENT is missing or not serveable")
-        self.preloading: asyncio.Task[None] | None = None
-        if reload_interval_s > 0:
-            self.preloading = asyncio.get_running_loop().create_task(preloader.run(reload_interval_s))
+        self.preloading = asyncio.get_running_loop().create_task(preloader.run(reload_interval_s))
 
     async def _read_current(self) -> str:
         return await asyncio.to_thread(read_current, self.store)
@@ -151,7 +149,7 @@ class Searcher:
 
     async def check_health(self) -> None:
         """The search thread answers: a stuck FAISS call or a dead thread makes the replica unhealthy."""
-        if self.preloading is not None and self.preloading.done():
+        if self.preloading.done():
             raise RuntimeError("the Searcher stopped watching for new index versions")
         newest = self.versions.newest()
         if newest is None:
