@@ -1,25 +1,40 @@
-"""Build an index artifact from a collection of images: list, diff, embed what changed, index, publish.
+"""Build an index from a collection of images: list, diff, embed what changed, publish one segment, compact.
 
 Shared by both engines; an engine only turns keys into (records, vectors, skipped):
 
     collection = open_collection(images, out)           list the images (key, size, mtime)
-    plan = plan_build(collection, model, full=...)      diff against the published manifest, reuse vectors
+    plan = plan_build(collection, model, full=...)      diff against the published version's records
     records, vectors, skipped = <engine>(plan.diff.to_embed)
     report = finish_build(plan, records, vectors, skipped, started)
 
-Builds are incremental by default: unchanged images keep their stored vectors, reconstructed from
-the published index (every index this project builds stores vectors uncompressed, Flat or
-IVF-Flat, so the reconstruction is exact and nothing has to be stored beside the index; the
-service maps the index and nothing else). A lossy index, another model (fingerprint), embedding
-dim, preprocessing, precision or manifest format forces a complete rebuild, said in
-`BuildPlan.full_reason`. Even a complete rebuild keeps the published ids of the images still there.
+The index is stored as segments (image_search/segments.py). An incremental build reads the published
+version file and its segments' records.json (no vectors, no index), embeds what is new or edited, and
+publishes ONE new segment with those vectors plus deletions ("id X of segment S is dead": removed
+images, and the old copies of edited ones) and record overrides (moved or re-stat'ed images whose
+vector did not change). Its cost follows the change, not the collection. Ids are stable: an edited
+image keeps its id, a new one gets `next_id`.
 
-When nothing changed (no image added, changed or removed, the same skipped files) no version is
-published: the service has nothing to swap to and retention has nothing to do.
+`--full` (or another model fingerprint, embedding dim, preprocessing or precision: said in
+`BuildPlan.full_reason`) embeds everything again and publishes one fresh segment, still keeping the
+published ids (a format-2 index is read for its ids only then; without --full it is refused).
+
+If CURRENT exists but its version cannot be read (an I/O error, an S3 503, a newer format), the build
+fails with the reason: ids restart at 0 only when nothing was ever published.
+
+When nothing changed (no image added, changed, removed, moved or re-stat'ed, the same skipped files
+and the same collection root) no version is published. An empty collection with a published version
+publishes an empty version (everything removed).
+
+After publishing, the merge policy (image_search/merge_policy.py) may call for a compaction: the
+chosen segments' live vectors are read (downloaded on S3), merged into one segment with the index its
+size calls for, and published as a new version with the same ids. `--compact` merges everything.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -29,27 +44,42 @@ import numpy as np
 
 from image_search.artifact import (
     RetentionPolicy,
-    file_sha256,
     load_manifest,
-    open_index,
+    new_version_name,
     publish,
-    read_current,
     store_sha256,
     version_folder,
+    version_manifest,
 )
 from image_search.decoding import IMAGE_EXTENSIONS
 from image_search.errors import ArtifactError
-from image_search.faiss_index import (
-    build_faiss_index,
-    map_index_file,
-    reconstruct_vectors,
-    stores_exact_vectors,
-    write_index_file,
-)
 from image_search.index_spec import IndexSpec, choose_index_spec
 from image_search.manifest import ImageRecord, Manifest
+from image_search.merge_policy import MergePolicy, SegmentStats, full_merge, plan_merges
+from image_search.segments import (
+    LegacyFormatError,
+    SegmentInfo,
+    Version,
+    VersionContents,
+    build_segment,
+    open_segment_vectors,
+    read_contents,
+    read_pointer,
+    read_version,
+    with_changes,
+)
 from image_search.storage import Entry, Store, StoreError, open_store
 from index_builder.diff import CollectionDiff, assign_ids, diff_collection, full_diff, keys_to_hash
+
+# Test hook: the builder stops itself (SIGSTOP) at the named point so a test can SIGKILL it exactly there.
+STOP_AT_ENV = "INDEX_BUILDER_STOP_AT"
+
+
+def checkpoint(point: str) -> None:
+    """A named point of a publish; see STOP_AT_ENV."""
+    if os.environ.get(STOP_AT_ENV) == point:
+        print(f"index_builder: stopped at {point}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class BuildError(Exception):
@@ -80,11 +110,10 @@ class Collection:
 
 
 def open_collection(images: str, out: str) -> Collection:
-    """Both locations of a build (folders or s3:// prefixes) and the images found; none is an error."""
+    """Both locations of a build (folders or s3:// prefixes) and the images found (maybe none: plan_build
+    refuses an empty collection only when nothing was published; otherwise it is a removal of everything)."""
     source = open_store(images)
     entries = discover_images(source)
-    if not entries:
-        raise BuildError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {source.uri}")
     return Collection(source=source, out=open_store(out), entries=entries)
 
 
@@ -100,6 +129,16 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Published:
+    """What `out` serves now, as the diff needs it: the version and its segments' records (no vectors)."""
+
+    pointer: str  # the version CURRENT named
+    version: Version | None  # None: a format-2 index (only --full reads it, for its ids)
+    manifest: Manifest  # the live records (overrides applied) and the model fields, manifest-shaped
+    contents: VersionContents | None = None
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     collection: Collection
     model: ModelInfo
@@ -107,39 +146,60 @@ class BuildPlan:
     previous: Manifest | None
     previous_version: str | None
     next_id: int
-    reused_vectors: np.ndarray  # of diff.unchanged, in that order
     full_reason: str | None  # why everything is embedded again (None: incremental)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    published: Published | None = None
+    compact: bool = False  # --compact: merge every segment into one after publishing
+    merge_policy: MergePolicy = field(default_factory=MergePolicy)
 
 
 @dataclass
 class BuildReport:
-    version: str | None  # None: nothing changed, nothing published
+    version: str | None  # what CURRENT names after the build; None: nothing changed, nothing published
     count: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    index: IndexSpec | None = None
+    index: IndexSpec | None = None  # of the new segment (or of the largest one)
     added: int = 0
     changed: int = 0
     removed: int = 0
     reused: int = 0
     full_reason: str | None = None
     previous_version: str | None = None
+    compacted: str | None = None  # the version a compaction published (then also `version`)
+    segments: int = 0  # segments of the final version
 
     @property
     def images_per_second(self) -> float:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
-def read_published(out: Store) -> tuple[str | None, Manifest | None, str | None]:
-    """(version, manifest, why it cannot be reused) of what `out` serves now; all None if nothing."""
+def read_published(out: Store, full: bool = False) -> Published | None:
+    """What `out` serves now; None only when nothing was ever published (no CURRENT).
+
+    Any error reading what CURRENT names fails the build: starting over would give ids from 0 again
+    and `/images/0` would show another picture.
+    """
     try:
-        if not out.exists("CURRENT"):
-            return None, None, None
-        version = read_current(out)
-        return version, load_manifest(out, version_folder(version)), None
+        name = read_pointer(out)
+        if name is None:
+            return None
+        try:
+            version = read_version(out, name)
+        except LegacyFormatError:
+            if not full:
+                raise
+            # --full on a format-2 index: its records keep their ids in the new format.
+            return Published(name, None, load_manifest(out, version_folder(name)))
+        contents = read_contents(out, version)
+        return Published(name, version, version_manifest(version, contents.live()), contents)
+    except LegacyFormatError as exc:
+        raise BuildError(str(exc)) from exc
     except (ArtifactError, StoreError) as exc:
-        return None, None, f"the published index cannot be reused ({exc})"
+        raise BuildError(
+            f"the published index at {out.uri} cannot be read ({exc}); nothing was built, so that ids keep "
+            "their meaning: fix the store or its access and run again"
+        ) from exc
 
 
 def full_rebuild_reason(previous: Manifest, model: ModelInfo) -> str | None:
@@ -152,8 +212,6 @@ def full_rebuild_reason(previous: Manifest, model: ModelInfo) -> str | None:
         return "the preprocessing changed"
     if previous.precision != model.precision:
         return f"the precision changed ({previous.precision} -> {model.precision})"
-    if not stores_exact_vectors(IndexSpec.from_dict(previous.index)):
-        return f"the published index ({previous.index.get('factory')}) does not store exact vectors"
     return None
 
 
@@ -169,48 +227,44 @@ def hash_keys(store: Store, keys: list[str]) -> dict[str, str]:
 
 
 def plan_build(
-    collection: Collection, model: ModelInfo, full: bool = False, retention: RetentionPolicy | None = None
+    collection: Collection,
+    model: ModelInfo,
+    full: bool = False,
+    retention: RetentionPolicy | None = None,
+    compact: bool = False,
+    merge_policy: MergePolicy | None = None,
 ) -> BuildPlan:
-    """Diff the collection against the published version and fetch the vectors to reuse."""
-    version, previous, unusable = read_published(collection.out)
-    reason = unusable
-    if previous is not None:
-        reason = "--full was given" if full else full_rebuild_reason(previous, model)
-    reused = np.zeros((0, model.embedding_dim), dtype=np.float32)
+    """Diff the collection against the published version's records (reading no vectors)."""
+    published = read_published(collection.out, full)
+    previous = published.manifest if published is not None else None
+    if previous is None and not collection.entries:
+        raise BuildError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {collection.source.uri}")
+    reason = None
+    if published is not None:
+        if full:
+            reason = "--full was given"
+        elif published.version is None:
+            reason = "the published index is format 2"
+        else:
+            reason = full_rebuild_reason(published.manifest, model)
     if previous is None or reason is not None:
         diff = full_diff(collection.entries, previous)
     else:
         hashes = hash_keys(collection.source, keys_to_hash(collection.entries, previous))
         diff = diff_collection(collection.entries, previous, hashes)
-        assert version is not None
-        try:
-            reused = fetch_vectors(collection.out, version, previous, [record.id for record in diff.unchanged])
-        except ArtifactError as exc:
-            reason = f"the published index cannot be reused ({exc})"
-            diff = full_diff(collection.entries, previous)
     return BuildPlan(
         collection=collection,
         model=model,
         diff=diff,
         previous=previous,
-        previous_version=version,
+        previous_version=published.pointer if published is not None else None,
         next_id=previous.next_id if previous is not None else 0,
-        reused_vectors=reused,
         full_reason=reason,
         retention=retention or RetentionPolicy(),
+        published=published,
+        compact=compact,
+        merge_policy=merge_policy or MergePolicy(),
     )
-
-
-def fetch_vectors(out: Store, version: str, manifest: Manifest, ids: list[int]) -> np.ndarray:
-    """The published vectors of these ids, checked against the manifest on the way (streamed sha256)."""
-    if not ids:
-        return np.zeros((0, manifest.embedding_dim), dtype=np.float32)
-    # A remote index is downloaded into a folder of this build only, deleted once the vectors are copied out.
-    with tempfile.TemporaryDirectory(prefix="index-builder-") as cache:
-        index = open_index(out, version_folder(version), manifest, Path(cache))
-        vectors = reconstruct_vectors(index, np.asarray(ids, dtype=np.int64))
-        del index
-    return vectors
 
 
 def finish_build(
@@ -220,8 +274,8 @@ def finish_build(
     skipped: list[tuple[str, str]],
     started: float,
 ) -> BuildReport:
-    """Merge reused and new vectors under stable ids, index them and publish (unless nothing changed)."""
-    diff, source = plan.diff, plan.collection.source
+    """Publish the change as one new segment plus deletions (unless nothing changed), then compact if due."""
+    diff, source, out = plan.diff, plan.collection.source, plan.collection.out
     records, next_id = assign_ids(diff, embedded, plan.next_id)
     added_keys = set(diff.added)
     changed = sum(1 for record in embedded if record.key not in added_keys)
@@ -232,90 +286,192 @@ def finish_build(
         "removed": len(diff.removed) + len(diff.changed) - changed,
         "reused": len(diff.unchanged),
     }
-    if not records:
+    if not records and plan.collection.entries:
         raise BuildError(f"no image in {source.uri} could be read ({len(skipped)} skipped)")
-    previous = plan.previous
-    previous_skipped = {entry.get("path", "") for entry in previous.skipped} if previous is not None else set()
-    if (
-        previous is not None
-        and plan.full_reason is None
-        and counts["added"] == counts["changed"] == counts["removed"] == 0
-        and {key for key, _ in skipped} == previous_skipped
-    ):
-        return BuildReport(
-            version=None,
-            count=len(records),
-            skipped=skipped,
-            seconds=time.perf_counter() - started,
-            index=IndexSpec.from_dict(previous.index),
-            reused=counts["reused"],
-            previous_version=plan.previous_version,
-        )
-    all_vectors = merge_vectors(diff, plan.reused_vectors, embedded, vectors, records, plan.model.embedding_dim)
     mtimes = {entry.key: entry.mtime_ns for entry in plan.collection.entries}
-    records = [replace(record, mtime_ns=mtimes.get(record.key)) for record in records]
-    spec = choose_index_spec(len(records), plan.model.embedding_dim)
-    index = build_faiss_index(all_vectors, spec, np.array([record.id for record in records], dtype=np.int64))
-    with tempfile.TemporaryDirectory(prefix="index-builder-") as work:
-        index_file = Path(work) / "index.faiss"
-        write_index_file(index, index_file)
-        del index
-        check_written(index_file, len(records), plan.model.embedding_dim)
-        manifest = Manifest(
-            model=plan.model.name,
-            model_fingerprint=plan.model.fingerprint,
-            embedding_dim=plan.model.embedding_dim,
-            preprocessing=plan.model.preprocessing,
-            index=spec.to_dict(),
-            source=source.uri,
-            records=tuple(records),
-            index_sha256=file_sha256(index_file),
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            next_id=next_id,
-            precision=plan.model.precision,
-            skipped=tuple({"path": path, "reason": reason} for path, reason in skipped),
+    records = [replace(record, mtime_ns=mtimes.get(record.key, record.mtime_ns)) for record in records]
+    published = plan.published
+    skipped_entries = tuple({"path": path, "reason": reason} for path, reason in sorted(skipped))
+    row_of = {record.key: row for row, record in enumerate(embedded)}
+    new_ids = {record.id for record in records if record.key in row_of}
+    new_records = sorted((r for r in records if r.key in row_of), key=lambda r: r.id)
+    new_vectors = np.asarray(vectors, dtype=np.float32)
+    if new_records:
+        new_vectors = new_vectors[[row_of[r.key] for r in new_records]]
+
+    if published is None or published.version is None or plan.full_reason is not None:
+        version = fresh_version(plan, next_id, source.uri, skipped_entries)
+        overrides: list[ImageRecord] = []
+        deletions: dict[str, list[int]] = {}
+        drop = list(version.segment_names)
+    else:
+        assert published.contents is not None
+        version = published.version
+        segment_of = published.contents.segment_of()
+        final_ids = {record.id for record in records}
+        deletions = {}
+        for image_id, segment in segment_of.items():
+            if image_id not in final_ids or image_id in new_ids:
+                deletions.setdefault(segment, []).append(image_id)
+        stored = {r.id: r for seg, rs in published.contents.records.items() for r in rs if segment_of.get(r.id) == seg}
+        overrides = [r for r in records if r.id not in new_ids and stored.get(r.id) != r]
+        dead = {seg: set(version.deleted_ids(seg)) | set(deletions.get(seg, ())) for seg in version.segment_names}
+        # A segment with nothing live left is dropped from the version (retention deletes its files).
+        drop = [s.name for s in version.segments if len(dead[s.name]) >= s.count]
+    added: list[SegmentInfo] = []
+    spec = None
+    if new_records:
+        spec = choose_index_spec(len(new_records), plan.model.embedding_dim)
+        added.append(
+            build_segment(
+                out,
+                np.array([r.id for r in new_records], dtype=np.int64),
+                new_vectors,
+                new_records,
+                plan.model.embedding_dim,
+                spec,
+            )
         )
-        version = publish(plan.collection.out, index_file, manifest, plan.retention)
+    checkpoint("segment-written")
+    changed_version = with_changes(
+        version,
+        name=new_version_name(),
+        add=added,
+        drop=drop,
+        delete=deletions,
+        overrides=overrides,
+        next_id=next_id,
+        source=source.uri,
+        skipped=skipped_entries,
+        model=plan.model.name,
+    )
+    changed_version = replace(changed_version, parent=plan.previous_version)
+    previous = published.version if published is not None else None
+    if previous is not None and plan.full_reason is None and same_content(changed_version, previous):
+        if not plan.compact:
+            return BuildReport(
+                version=None,
+                count=len(records),
+                skipped=skipped,
+                seconds=time.perf_counter() - started,
+                index=largest_spec(previous),
+                reused=counts["reused"],
+                previous_version=plan.previous_version,
+                segments=len(previous.segments),
+            )
+        final = previous  # --compact with nothing changed: only the compaction is published
+    else:
+        publish(out, changed_version, plan.retention, before_pointer=lambda: checkpoint("version-written"))
+        checkpoint("published")
+        final = changed_version
+    compacted = compact(out, final, plan.retention, plan.merge_policy, force=plan.compact)
+    if compacted is not None:
+        final = compacted
     return BuildReport(
-        version=version,
+        version=final.name,
         count=len(records),
         skipped=skipped,
         seconds=time.perf_counter() - started,
-        index=spec,
+        index=spec or largest_spec(final),
         full_reason=plan.full_reason,
         previous_version=plan.previous_version,
+        compacted=compacted.name if compacted is not None else None,
+        segments=len(final.segments),
         **counts,
     )
 
 
-def check_written(index_file: Path, count: int, dim: int) -> None:
-    """FAISS reports a failed write (a full disk) only on stderr: map the file back before it is published."""
-    try:
-        written = map_index_file(index_file)
-    except RuntimeError as exc:
-        raise BuildError(f"the index file written to {index_file} does not read back: {exc}") from exc
-    if written.ntotal != count or written.d != dim:
-        raise BuildError(
-            f"the index file written to {index_file} holds {written.ntotal} x {written.d}, not {count} x {dim}"
-        )
+def same_content(new: Version, old: Version) -> bool:
+    """Whether a planned version would serve exactly what `old` serves (then nothing is published)."""
+    return (
+        new.segments == old.segments
+        and new.deleted == old.deleted
+        and new.overrides == old.overrides
+        and new.source == old.source
+        and tuple(new.skipped) == tuple(old.skipped)
+    )
 
 
-def merge_vectors(
-    diff: CollectionDiff,
-    reused: np.ndarray,
-    embedded: list[ImageRecord],
-    vectors: np.ndarray,
-    records: list[ImageRecord],
-    dim: int,
-) -> np.ndarray:
-    """One (n, dim) matrix in the order of `records` (by key), from the reused and the new vectors."""
-    row_of: dict[str, tuple[np.ndarray, int]] = {}
-    for row, record in enumerate(diff.unchanged):
-        row_of[record.key] = (reused, row)
-    for row, record in enumerate(embedded):
-        row_of[record.key] = (vectors, row)
-    merged = np.empty((len(records), dim), dtype=np.float32)
-    for position, record in enumerate(records):
-        matrix, row = row_of[record.key]
-        merged[position] = matrix[row]
-    return merged
+def fresh_version(plan: BuildPlan, next_id: int, source: str, skipped: tuple[dict[str, str], ...]) -> Version:
+    """The base of a full rebuild: the previous version's segments (all dropped by the caller) or none."""
+    model = plan.model
+    previous = plan.published.version if plan.published is not None else None
+    return Version(
+        name=plan.previous_version or "",
+        model=model.name,
+        model_fingerprint=model.fingerprint,
+        embedding_dim=model.embedding_dim,
+        preprocessing=model.preprocessing,
+        precision=model.precision,
+        source=source,
+        segments=previous.segments if previous is not None else (),
+        deleted=dict(previous.deleted) if previous is not None else {},
+        next_id=next_id,
+        skipped=skipped,
+        parent=plan.previous_version,
+    )
+
+
+def largest_spec(version: Version) -> IndexSpec | None:
+    largest = max(version.segments, key=lambda s: s.count, default=None)
+    return largest.spec if largest is not None else None
+
+
+def segment_stats(version: Version) -> list[SegmentStats]:
+    return [SegmentStats(s.name, s.count, len(version.deleted_ids(s.name))) for s in version.segments]
+
+
+def compact(
+    out: Store, version: Version, retention: RetentionPolicy, policy: MergePolicy, force: bool = False
+) -> Version | None:
+    """Merge what the policy (or `force`: everything) calls for and publish it; the new version, or None.
+
+    Ids, records and live vectors are unchanged; dead vectors are dropped; overrides are folded into the
+    merged segment's records. Reads the chosen segments' raw vectors (an S3 store: downloaded into a
+    folder of this build only).
+    """
+    stats = segment_stats(version)
+    groups = full_merge(stats) if force else plan_merges(stats, policy)
+    if not groups:
+        return None
+    contents = read_contents(out, version)
+    overrides = {record.id: record for record in version.overrides}
+    folded: set[int] = set()
+    merged: list[SegmentInfo] = []
+    by_name = {s.name: s for s in version.segments}
+    with tempfile.TemporaryDirectory(prefix="index-builder-compact-") as cache:
+        for group in groups:
+            ids: list[int] = []
+            records: list[ImageRecord] = []
+            parts: list[np.ndarray] = []
+            for name in group:
+                segment = by_name[name]
+                dead = set(version.deleted_ids(name))
+                rows = [row for row, r in enumerate(contents.records[name]) if r.id not in dead]
+                if not rows:
+                    continue
+                parts.append(np.asarray(open_segment_vectors(out, segment, Path(cache))[rows]))
+                for row in rows:
+                    record = contents.records[name][row]
+                    ids.append(record.id)
+                    records.append(overrides.get(record.id, record))
+            if not ids:
+                continue
+            order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+            matrix = np.concatenate(parts)[order]
+            ordered = [records[i] for i in order]
+            folded.update(ids)
+            checkpoint("compaction-started")
+            merged.append(
+                build_segment(out, np.asarray(ids, dtype=np.int64)[order], matrix, ordered, version.embedding_dim)
+            )
+    checkpoint("compaction-segment-written")
+    compacted = with_changes(
+        version,
+        name=new_version_name(),
+        add=merged,
+        drop=[name for group in groups for name in group],
+        overrides=[r for r in version.overrides if r.id not in folded],
+    )
+    publish(out, compacted, retention, before_pointer=lambda: checkpoint("compaction-version-written"))
+    return compacted

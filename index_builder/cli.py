@@ -44,6 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--actors", type=int, default=1, help="encoder actors (ray engine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--full", action="store_true", help="embed every image again (default: only what changed)")
+    parser.add_argument("--compact", action="store_true", help="merge every segment into one after publishing")
     parser.add_argument(
         "--retention-hours",
         type=float,
@@ -95,7 +96,7 @@ def run_local(args: argparse.Namespace) -> BuildReport:
         preprocessing=encoder.spec.to_dict(),
         precision=encoder.precision,  # what runs: "auto" resolved
     )
-    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
+    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
     announce(plan.full_reason, len(collection.entries))
     keys = list(plan.diff.to_embed)
     with tqdm(total=len(keys), unit="img", disable=args.quiet, file=sys.stderr) as progress:
@@ -149,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(no new version published)"
         )
         return 0
+    if report.compacted is not None:
+        print(f"compacted into {report.segments} segment(s): version {report.compacted}")
     spec = report.index.factory if report.index else "?"
     print(
         f"indexed {report.count} images ({len(report.skipped)} skipped) into {args.out} "

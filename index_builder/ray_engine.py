@@ -202,7 +202,7 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         device, gpus, precision = plan_device(args.device, args.precision, cluster_gpus, host_cpu_flags())
         model = driver_model_info(args.model, precision)
-        plan = plan_build(collection, model, full=args.full, retention=retention_policy(args))
+        plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
         announce(plan.full_reason, len(collection.entries))
         keys = list(plan.diff.to_embed)
         if not keys:  # nothing to embed

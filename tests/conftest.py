@@ -74,8 +74,11 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny
 
 @pytest.fixture(scope="session")
 def manifest(index_dir: Path) -> dict:
-    version = (index_dir / "CURRENT").read_text().strip()
-    return json.loads((index_dir / "versions" / version / "manifest.json").read_text())
+    """The published version as one manifest-shaped dict (its live records, model fields, next_id)."""
+    from image_search.artifact import load_artifact
+    from image_search.storage import LocalStore
+
+    return json.loads(load_artifact(LocalStore(index_dir)).manifest.to_json())
 
 
 @pytest.fixture(scope="session")

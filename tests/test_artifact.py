@@ -1,24 +1,26 @@
-"""Opening a published version from a local store: checked, memory-mapped, refused with the reason."""
+"""Opening a published version's segments from a local store: checked, memory-mapped, refused with the reason."""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from image_search.artifact import (
-    INDEX_FILE,
-    check_artifact,
-    list_versions,
-    load_manifest,
-    open_index,
-    read_current,
-    version_folder,
-)
+from image_search.artifact import list_versions, read_current, version_folder
 from image_search.errors import ArtifactError
-from image_search.storage import LocalStore
+from image_search.segments import (
+    INDEX_FILE,
+    VECTORS_FILE,
+    SegmentInfo,
+    open_segment_index,
+    open_segment_vectors,
+    read_version,
+    segment_folder,
+)
+from image_search.storage import LocalStore, StoreError
 
 
 def mapped_files() -> set[str]:
@@ -26,48 +28,51 @@ def mapped_files() -> set[str]:
 
 
 @pytest.fixture
-def published(tmp_path: Path, index_dir: Path) -> tuple[LocalStore, str]:
-    """A private copy of the session's index (so tests may damage it) and its CURRENT folder."""
+def published(tmp_path: Path, index_dir: Path) -> tuple[LocalStore, SegmentInfo]:
+    """A private copy of the session's index (so tests may damage it) and its one segment."""
     shutil.copytree(index_dir, tmp_path / "index")
     store = LocalStore(tmp_path / "index")
-    return store, version_folder(read_current(store))
+    (segment,) = read_version(store, read_current(store)).segments
+    return store, segment
 
 
-def test_open_index_maps_the_local_file_and_answers_with_stable_ids(
-    published: tuple[LocalStore, str], tmp_path: Path
+def test_open_segment_index_maps_the_local_file_and_answers_with_stable_ids(
+    published: tuple[LocalStore, SegmentInfo], tmp_path: Path
 ) -> None:
-    store, folder = published
-    manifest = check_artifact(store, folder)
-    index = open_index(store, folder, manifest, tmp_path / "cache")
-    path = store.local_path(f"{folder}/{INDEX_FILE}")
+    store, segment = published
+    index = open_segment_index(store, segment, tmp_path / "cache")
+    path = store.local_path(f"{segment_folder(segment.name)}/{INDEX_FILE}")
     assert str(path) in mapped_files()  # the codes are mapped, not copied
     assert not (tmp_path / "cache").exists()  # a local store needs no cache
-    assert index.ntotal == manifest.count == 24
+    assert index.ntotal == segment.count == 24
     vector = index.reconstruct(5)
     _, ids = index.search(vector[None, :], 1)
     assert ids[0, 0] == 5
+    vectors = open_segment_vectors(store, segment, tmp_path / "cache")
+    np.testing.assert_array_equal(vectors[5], vector)  # the raw vectors are the indexed ones
 
 
-def test_list_versions_names_the_published_version(published: tuple[LocalStore, str]) -> None:
-    store, folder = published
+def test_list_versions_names_the_published_version(published: tuple[LocalStore, SegmentInfo]) -> None:
+    store, _ = published
     (info,) = list_versions(store)
-    assert version_folder(info.name) == folder and info.published is not None
+    assert info.name == read_current(store) and info.published is not None
+    assert version_folder(info.name) == f"versions/{info.name}"
 
 
 @pytest.mark.parametrize(
-    ("damage", "message"),
+    ("damage", "error", "message"),
     [
-        ("flip_byte", "checksum does not match"),
-        ("truncate", "checksum does not match"),
-        ("remove", "incomplete"),
+        ("flip_byte", ArtifactError, "checksum does not match"),
+        ("truncate", ArtifactError, "checksum does not match"),
+        ("remove", StoreError, "cannot read"),  # missing: an I/O error, retried, not "broken"
     ],
 )
-def test_a_damaged_index_file_is_refused_with_the_reason(
-    published: tuple[LocalStore, str], tmp_path: Path, damage: str, message: str
+@pytest.mark.parametrize("file", [INDEX_FILE, VECTORS_FILE])
+def test_a_damaged_segment_file_is_refused_with_the_reason(
+    published: tuple[LocalStore, SegmentInfo], tmp_path: Path, damage: str, error: type, message: str, file: str
 ) -> None:
-    store, folder = published
-    manifest = load_manifest(store, folder)
-    path = store.local_path(f"{folder}/{INDEX_FILE}")
+    store, segment = published
+    path = store.local_path(f"{segment_folder(segment.name)}/{file}")
     assert path is not None
     data = bytearray(path.read_bytes())
     if damage == "flip_byte":
@@ -77,18 +82,17 @@ def test_a_damaged_index_file_is_refused_with_the_reason(
         path.write_bytes(bytes(data[:100]))
     else:
         path.unlink()
-    with pytest.raises(ArtifactError, match=message):
-        check_artifact(store, folder)
-    with pytest.raises(ArtifactError, match=message):
-        open_index(store, folder, manifest, tmp_path / "cache")
+    with pytest.raises(error, match=message):
+        if file == INDEX_FILE:
+            open_segment_index(store, segment, tmp_path / "cache")
+        else:
+            open_segment_vectors(store, segment, tmp_path / "cache")
 
 
-def test_a_manifest_that_disagrees_with_its_index_is_refused(published: tuple[LocalStore, str], tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    store, folder = published
-    manifest = load_manifest(store, folder)
-    fewer = replace(manifest, records=manifest.records[:-1])
-    with pytest.raises(ArtifactError, match="holds 24 vectors of dim 32, but its manifest lists 23"):
-        open_index(store, folder, fewer, tmp_path / "cache")
-    assert np.asarray(open_index(store, folder, manifest, tmp_path / "cache").reconstruct(0)).shape == (32,)
+def test_a_version_that_disagrees_with_its_segment_is_refused(
+    published: tuple[LocalStore, SegmentInfo], tmp_path: Path
+) -> None:
+    store, segment = published
+    with pytest.raises(ArtifactError, match="holds 24 vectors of dim 32, its version lists 23"):
+        open_segment_index(store, replace(segment, count=23), tmp_path / "cache")
+    assert np.asarray(open_segment_index(store, segment, tmp_path / "cache").reconstruct(0)).shape == (32,)

@@ -18,8 +18,8 @@ from tests.support import write_image_folder
 
 
 def read_manifest(out: Path) -> dict:
-    version = (out / "CURRENT").read_text().strip()
-    return json.loads((out / "versions" / version / "manifest.json").read_text())
+    """The published version as one manifest-shaped dict (see artifact.version_manifest)."""
+    return json.loads(load_artifact(LocalStore(out)).manifest.to_json())
 
 
 def content(records: tuple[ImageRecord, ...]) -> list[tuple[int, str, int, str]]:
@@ -55,7 +55,7 @@ def test_batch_size_changes_no_record_and_vectors_only_by_rounding(
 def test_manifest_records_every_image_with_hash(index_dir: Path, image_folder: Path, manifest: dict) -> None:
     import hashlib
 
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["embedding_dim"] == 32
     assert manifest["index"]["factory"] == "Flat"
     # The fixture builds with the default precision, auto, resolved on this CPU (bf16 or fp32).

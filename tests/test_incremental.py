@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import pytest
 
 from image_search.artifact import LoadedArtifact, load_artifact
 from image_search.faiss_index import reconstruct_vectors
+from image_search.manifest import Manifest
 from image_search.storage import LocalStore
 from index_builder.cli import main
 from tests.support import make_clip_checkpoint, synthetic_image, write_image_folder
@@ -130,21 +131,36 @@ def test_full_flag_and_other_precision_force_a_full_rebuild(
     assert "the precision changed (fp32 -> bf16)" in capsys.readouterr().out
 
 
-def test_a_version_1_index_is_rebuilt_with_the_reason(
+def write_format_2_index(out: Path, manifest: Manifest) -> None:
+    """A format-2 index root (one whole index per version) holding `manifest`'s records."""
+    folder = out / "versions" / "20260101T000000.000000Z-00000000"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(replace(manifest, format_version=2, index_sha256="0" * 64).to_json())
+    (folder / "index.faiss").write_bytes(b"not read")
+    (out / "CURRENT").write_text(folder.name + "\n")
+
+
+def test_a_format_2_index_is_refused_and_full_keeps_its_ids(
     collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert build(collection, tmp_path / "v3", tiny_model_dir) == 0
+    view = load_artifact(LocalStore(tmp_path / "v3")).manifest
+    # Ids as an older build gave them: not the ones a fresh build would give (key order).
+    shuffled = tuple(replace(r, id=100 + i) for i, r in enumerate(reversed(view.records)))
     out = tmp_path / "out"
-    assert build(collection, out, tiny_model_dir) == 0
-    version = (out / "CURRENT").read_text().strip()
-    manifest_file = out / "versions" / version / "manifest.json"
-    old = json.loads(manifest_file.read_text())
-    old["format_version"] = 1
-    manifest_file.write_text(json.dumps(old))
+    write_format_2_index(out, replace(view, records=shuffled, next_id=200))
     capsys.readouterr()
-    assert build(collection, out, tiny_model_dir) == 0
-    printed = capsys.readouterr().out
-    assert "full rebuild of 25 images: the published index cannot be reused (manifest format_version 1" in printed
-    assert load_artifact(LocalStore(out)).manifest.format_version == 2
+    assert build(collection, out, tiny_model_dir) == 1
+    error = capsys.readouterr().err
+    assert "is format 2" in error and "--full" in error
+    assert (out / "CURRENT").read_text().startswith("20260101T")  # nothing published, ids not restarted
+
+    assert build(collection, out, tiny_model_dir, "--full") == 0
+    assert "full rebuild of 25 images: --full was given" in capsys.readouterr().out
+    rebuilt = load_artifact(LocalStore(out)).manifest
+    assert rebuilt.format_version == 3
+    assert {r.key: r.id for r in rebuilt.records} == {r.key: r.id for r in shuffled}
+    assert rebuilt.next_id == 200
 
 
 def test_ctrl_c_leaves_the_published_index_and_exits_130(

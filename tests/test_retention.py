@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +15,24 @@ from image_search.artifact import (
     VersionInfo,
     list_versions,
     new_version_name,
+    prune,
     prune_versions,
     publish,
     read_current,
     version_time,
     versions_to_delete,
 )
-from image_search.faiss_index import build_faiss_index, write_index_file
-from image_search.index_spec import IndexSpec
-from image_search.manifest import ImageRecord, Manifest
+from image_search.manifest import ImageRecord
+from image_search.segments import (
+    SEGMENTS,
+    SegmentInfo,
+    Version,
+    build_segment,
+    new_segment_name,
+    read_version,
+    with_changes,
+)
 from image_search.storage import LocalStore
-from tests.support import sample_manifest
 from tests.test_s3 import FailingStore
 
 HOUR = 3600.0
@@ -84,38 +92,93 @@ def test_policy_refuses_settings_that_could_delete_current_or_its_predecessor() 
         RetentionPolicy(retention_s=-1)
 
 
-def tiny_artifact(tmp_path: Path) -> tuple[Path, Manifest]:
-    from image_search.artifact import file_sha256
+def publish_versions(store: LocalStore, count: int, start: float, step_s: float, policy: RetentionPolicy,
+                     store_for_last: object | None = None) -> tuple[list[str], list[str], str]:  # fmt: skip
+    """`count` versions `step_s` apart, each sharing the first segment and replacing the one before:
+    v_i = [base, s_i]. Returns (version names, segment names s_i, the base segment's name)."""
+    base = one_segment(store, 0, start)
+    version = Version("", "m", "f", 4, {}, "fp32", "/c", (base,), {}, 4)
+    names, segments = [], []
+    for i in range(count):
+        now = start + i * step_s
+        segment = one_segment(store, i + 1, now)
+        drop = [segments[-1]] if segments else []
+        version = with_changes(version, name=new_version_name(now), add=[segment], drop=drop)
+        version = replace(version, parent=names[-1] if names else None)
+        target = store_for_last if (store_for_last is not None and i == count - 1) else store
+        names.append(publish(target, version, policy, now=now))  # type: ignore[arg-type]
+        segments.append(segment.name)
+    return names, segments, base.name
 
-    index_file = tmp_path / "index.faiss"
-    write_index_file(build_faiss_index(np.eye(4, dtype=np.float32), IndexSpec("Flat")), index_file)
-    records = tuple(ImageRecord(i, f"{i}.jpg", 1, "h") for i in range(4))
-    manifest = sample_manifest(records, index_sha256=file_sha256(index_file))
-    return index_file, manifest
+
+def one_segment(store: LocalStore, seed: int, now: float) -> SegmentInfo:
+    vectors = np.eye(4, dtype=np.float32)
+    records = [ImageRecord(i, f"{seed}/{i}.jpg", 1, "h") for i in range(4)]
+    return build_segment(store, np.arange(4), vectors, records, 4, name=new_segment_name(now))
 
 
-def test_publish_prunes_by_the_rule(tmp_path: Path) -> None:
-    index_file, manifest = tiny_artifact(tmp_path)
+def segment_folders(root: Path) -> set[str]:
+    return {p.name for p in (root / SEGMENTS).iterdir()}
+
+
+def test_publish_prunes_by_the_rule_and_keeps_every_segment_a_kept_version_names(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "out")
-    policy = RetentionPolicy(retention_s=DAY, keep_versions=2)
-    start = 1_700_000_000.0
+    policy = RetentionPolicy(retention_s=DAY, keep_versions=2, segment_grace_s=HOUR)
     # Seven builds 10 days apart: each retired long before the next but one.
-    names = [publish(store, index_file, manifest, policy, now=start + i * 10 * DAY) for i in range(7)]
+    names, segments, base = publish_versions(store, 7, 1_700_000_000.0, 10 * DAY, policy)
     assert [v.name for v in list_versions(store)] == names[-2:]
     assert read_current(store) == names[-1]
+    # The kept versions name base, s5 and s6: exactly those remain; s1..s4 are gone.
+    assert segment_folders(tmp_path / "out") == {base, segments[-2], segments[-1]}
+    for name in names[-2:]:
+        for segment in read_version(store, name).segments:
+            assert (tmp_path / "out" / SEGMENTS / segment.name / "index.faiss").is_file()
+
+
+def test_an_unreferenced_segment_younger_than_the_grace_is_kept(tmp_path: Path) -> None:
+    """A build in progress has written its segment but not its version yet: pruning must not take it."""
+    store = LocalStore(tmp_path / "out")
+    policy = RetentionPolicy(retention_s=0, keep_versions=2, segment_grace_s=HOUR)
+    start = 1_700_000_000.0
+    in_progress = one_segment(store, 99, start + 3 * DAY - 60)  # written a minute before the last publish
+    abandoned = one_segment(store, 98, start)  # a crashed build's segment, three days old
+    _names, _segments, _base = publish_versions(store, 3, start + DAY, DAY, policy)
+    assert in_progress.name in segment_folders(tmp_path / "out")
+    assert abandoned.name not in segment_folders(tmp_path / "out")
+
+
+def test_an_unreadable_kept_version_stops_segment_deletion(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = LocalStore(tmp_path / "out")
+    policy = RetentionPolicy(retention_s=0, keep_versions=2, segment_grace_s=0)
+    names, _segments, _base = publish_versions(store, 2, 1_700_000_000.0, DAY, policy)
+    (tmp_path / "out" / "versions" / names[0] / "version.json").write_text("{")
+    orphan = one_segment(store, 50, 1_600_000_000.0)
+    with caplog.at_level(logging.WARNING, logger="image_search.artifact"):
+        prune(store, names[-1], policy, now=1_800_000_000.0)
+    assert orphan.name in segment_folders(tmp_path / "out")
+    assert "no segment is deleted" in caplog.text
+
+
+def test_the_newest_version_of_each_model_is_kept(tmp_path: Path) -> None:
+    """Item 8: a service that refused newer publishes of another model still finds its own after a restart."""
+    now = 1_000_000.0
+    infos = versions(600, 500, 400, 300, 200, 100, now=now)
+    identities = {"v0": "A", "v1": "A", "v2": "B", "v3": "B", "v4": "B", "v5": "B"}
+    policy = RetentionPolicy(keep_versions=2)
+    assert versions_to_delete(infos, "v5", now, policy) == ["v0", "v1", "v2", "v3"]
+    assert versions_to_delete(infos, "v5", now, policy, identities) == ["v0", "v2", "v3"]
 
 
 def test_a_failing_delete_is_a_warning_and_the_build_is_published(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    index_file, manifest = tiny_artifact(tmp_path)
     inner = LocalStore(tmp_path / "out")
-    policy = RetentionPolicy(retention_s=0, keep_versions=2)
-    old = [publish(inner, index_file, manifest, policy, now=1_700_000_000.0 + i) for i in range(2)]
+    policy = RetentionPolicy(retention_s=0, keep_versions=2, segment_grace_s=0)
     failing = FailingStore(inner, fail_deletes=True)
     with caplog.at_level(logging.WARNING, logger="image_search.artifact"):
-        newest = publish(failing, index_file, manifest, policy, now=1_700_000_010.0)
-    assert failing.delete_attempts == [f"versions/{old[0]}"]
-    assert inner.read_bytes(POINTER).decode().strip() == newest
-    assert f"could not delete old index version {old[0]}" in caplog.text
-    assert prune_versions(inner, newest, policy, now=1_700_000_020.0) == [old[0]]
+        names, segments, _ = publish_versions(inner, 3, 1_700_000_000.0, 1.0, policy, store_for_last=failing)
+    assert failing.delete_attempts[0] == f"versions/{names[0]}"
+    assert inner.read_bytes(POINTER).decode().strip() == names[-1]
+    assert f"could not delete old index version {names[0]}" in caplog.text
+    assert prune_versions(inner, names[-1], policy, now=1_700_000_020.0) == [names[0]]
+    assert segments[0] not in segment_folders(tmp_path / "out")  # its only version is gone now

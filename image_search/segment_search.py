@@ -1,0 +1,105 @@
+"""Exact top-k over a version's segments: each segment searched with its dead ids filtered inside the scan.
+
+A version is several immutable segments plus, per segment, the ids that are dead there (removed, or
+edited: the live copy is in a newer segment). Each segment is searched for k with a FAISS
+`IDSelectorNot(IDSelectorBatch(dead ids))` in its search parameters, so the scan itself skips dead
+vectors and a segment still gives k live results when it has them (a post-filter would return fewer
+than k). The per-segment top-k lists are then merged: highest score first, ties broken by the lower
+id, so the answer does not depend on segment order. On exact (Flat) segments the result equals one
+flat index over the same live vectors.
+
+API summary:
+- `SearchableSegment(name, index, deleted)`: one loaded segment; `searchable(name, index, deleted_ids)`
+  builds it (the id selector is built once per segment and version, the search parameters per call,
+  because FAISS's IDMap swaps the selector of the parameters it is given during a search and so a
+  parameters object must not be shared by concurrent searches).
+- `search_segments(segments, queries, k) -> (scores (n, k) float32, ids (n, k) int64)`, padded with
+  score -inf and id -1 where fewer than k live vectors exist.
+- `merge_top_k(parts, k)`: the pure merge of per-segment (scores, ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+MISSING_ID = -1
+
+
+@dataclass(frozen=True)
+class SearchableSegment:
+    name: str
+    index: faiss.Index
+    deleted: np.ndarray  # int64, sorted: the ids dead in this segment
+    selector: faiss.IDSelector | None  # keeps live ids only; None when nothing is dead here
+    live_count: int
+    keepalive: tuple[object, ...] = ()  # the C++ selector points into these: they live as long as it
+
+    def search_parameters(self) -> faiss.SearchParameters | None:
+        """Fresh parameters for one search call (see the module docstring for why not shared)."""
+        if self.selector is None:
+            return None
+        params: faiss.SearchParameters
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:  # not IVF: Flat (HNSW is not built by this project)
+            params = faiss.SearchParameters()
+        else:
+            # Parameters replace the index's own knobs for the call: carry its nprobe (the default is 1).
+            params = faiss.SearchParametersIVF()
+            params.nprobe = int(ivf.nprobe)
+        params.sel = self.selector
+        return params
+
+
+def searchable(name: str, index: faiss.Index, deleted_ids: Sequence[int] | np.ndarray) -> SearchableSegment:
+    deleted = np.unique(np.asarray(deleted_ids, dtype=np.int64))
+    if not len(deleted):
+        return SearchableSegment(name, index, deleted, None, int(index.ntotal))
+    batch = faiss.IDSelectorBatch(len(deleted), faiss.swig_ptr(deleted))
+    selector = faiss.IDSelectorNot(batch)
+    return SearchableSegment(name, index, deleted, selector, int(index.ntotal) - len(deleted), (batch,))
+
+
+def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-segment (scores (n, k_i), ids (n, k_i)) into the top k per query: score desc, then id asc."""
+    if not parts:
+        return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), MISSING_ID, dtype=np.int64)
+    scores = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32, copy=False)
+    ids = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64, copy=False)
+    scores = np.where(ids == MISSING_ID, -np.inf, scores).astype(np.float32)
+    # lexsort: the last key is the primary one; missing entries (-inf) sort last.
+    order = np.lexsort((np.where(ids == MISSING_ID, np.iinfo(np.int64).max, ids), -scores), axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    if top_scores.shape[1] < k:
+        pad = k - top_scores.shape[1]
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=MISSING_ID)
+    return top_scores, top_ids
+
+
+def search_segments(
+    segments: Sequence[SearchableSegment], queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top k live vectors over all segments for each query row (inner product on unit vectors)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2:
+        raise ValueError("queries must be a (n, dim) matrix")
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    parts = []
+    for segment in segments:
+        if segment.live_count <= 0:
+            continue
+        params = segment.search_parameters()
+        kk = min(k, segment.live_count)
+        if params is None:
+            scores, ids = segment.index.search(queries, kk)
+        else:
+            scores, ids = segment.index.search(queries, kk, params=params)
+        parts.append((scores, ids))
+    return merge_top_k(parts, k, len(queries))
