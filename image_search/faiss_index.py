@@ -1,14 +1,13 @@
-"""Building, tuning, writing and mapping FAISS indexes; no storage, no versions (see artifact.py).
+"""Building, tuning, writing and mapping FAISS indexes; no storage, no versions (see segments.py).
 
-Every index is an `IndexIDMap2` around the factory's index: `search` returns the manifest's stable
-record ids, not positions, and `reconstruct(id)` gives back a record's vector (the incremental
-builder reuses vectors that way).
+Every index is an `IndexIDMap2` around the factory's index: `search` returns the records' stable
+ids, not positions. A segment keeps its raw vectors beside its index (segments.py), so nothing
+needs to get vectors back out of an index; `reconstruct_vectors` remains for tests and tools.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +44,6 @@ def build_faiss_index(vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | No
     return index
 
 
-def stores_exact_vectors(spec: IndexSpec) -> bool:
-    """Whether `reconstruct` gives back the added vectors unchanged (Flat storage, no PQ/SQ coding)."""
-    return re.fullmatch(r"(IVF\d+,)?Flat|HNSW\d+(,Flat)?", spec.factory) is not None
-
-
 def reconstruct_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
     """The stored vectors of these record ids, in that order (an IVF index gets a direct map first)."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -70,7 +64,7 @@ def map_index_file(path: Path) -> faiss.Index:
 
 
 def read_index_file(path: Path) -> faiss.Index:
-    """Read an index file into memory (the builder, which reconstructs vectors from it)."""
+    """Read an index file into memory (benchmarks/search_at_scale.py compares it with the mapped one)."""
     return faiss.read_index(str(path))
 
 
@@ -81,11 +75,3 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
             faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     if params.get("ef_search") is not None and hasattr(index, "hnsw"):
         index.hnsw.efSearch = int(params["ef_search"])
-
-
-def serialize_index(index: faiss.Index) -> bytes:
-    return faiss.serialize_index(index).tobytes()
-
-
-def deserialize_index(data: bytes) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

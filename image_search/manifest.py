@@ -1,4 +1,9 @@
-"""The index artifact's manifest: what was indexed, with which model, under which stable ids.
+"""Image records, and the manifest: a whole index's records and model fields in one object.
+
+Format 3 (image_search/segments.py) stores records per segment and a version file; `Manifest` is
+then the manifest-shaped view of a version (`artifact.version_manifest`: live records sorted by key,
+the model fields, next_id), which the builder's diff and tools use. `Manifest.from_json` reads the
+format-2 manifest.json of older indexes (the builder's --full keeps their ids).
 
 Pure data and validation, no I/O. `format_version` is bumped on any incompatible change and a
 reader refuses versions it does not know, with a message saying to rebuild.

@@ -431,7 +431,10 @@ def compact(
     folder of this build only).
     """
     stats = segment_stats(version)
-    groups = full_merge(stats) if force else plan_merges(stats, policy)
+    groups = plan_merges(stats, policy)
+    if force:
+        # One segment already, but with record overrides: rewritten too, so they are folded in.
+        groups = full_merge(stats) or ([version.segment_names] if version.overrides and version.segments else [])
     if not groups:
         return None
     contents = read_contents(out, version)

@@ -12,7 +12,6 @@ from image_search.faiss_index import (
     build_faiss_index,
     map_index_file,
     reconstruct_vectors,
-    stores_exact_vectors,
     write_index_file,
 )
 from image_search.index_spec import IndexSpec
@@ -37,14 +36,6 @@ def test_search_returns_record_ids_and_mapped_files_reconstruct_exactly(factory:
     np.testing.assert_array_equal(reconstruct_vectors(mapped, np.array([26, 5])), vectors[[7, 0]])
 
 
-@pytest.mark.parametrize(
-    ("factory", "exact"),
-    [("Flat", True), ("IVF4096,Flat", True), ("HNSW32", True), ("IVF256,PQ16", False), ("SQ8", False)],
-)
-def test_which_indexes_store_exact_vectors(factory: str, exact: bool) -> None:
-    assert stores_exact_vectors(IndexSpec(factory)) is exact
-
-
 def test_full_rebuild_reasons() -> None:
     published = sample_manifest(model_fingerprint="f1", embedding_dim=32, preprocessing={"size": 224}, precision="fp32")
     model = ModelInfo(name="m", fingerprint="f1", embedding_dim=32, preprocessing={"size": 224}, precision="fp32")
@@ -54,5 +45,6 @@ def test_full_rebuild_reasons() -> None:
     )
     assert "preprocessing" in str(full_rebuild_reason(published, replace(model, preprocessing={"size": 336})))
     assert "precision changed (fp32 -> bf16)" in str(full_rebuild_reason(published, replace(model, precision="bf16")))
+    # A lossy published index no longer forces a rebuild: segments keep their raw vectors beside it.
     lossy = replace(published, index={"factory": "IVF256,PQ16", "params": {}})
-    assert "does not store exact vectors" in str(full_rebuild_reason(lossy, model))
+    assert full_rebuild_reason(lossy, model) is None
