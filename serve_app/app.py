@@ -4,9 +4,11 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
-from image_search.artifact import check_artifact, read_current, version_folder
+from image_search.artifact import version_manifest
 from image_search.compatibility import check_compatible
+from image_search.errors import ArtifactError
 from image_search.manifest import Manifest
+from image_search.segments import read_current_version
 from image_search.storage import open_store
 from serve_app.config import AppArgs
 from serve_app.deployments.embedder import Embedder
@@ -39,12 +41,16 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
     """The graph; `deployment_options` (by deployment name) does in code what a config's `deployments:` does."""
     options = deployment_options or {}
     store = open_store(args.index)
-    # Checked here, before any replica starts, so a broken artifact fails the deploy at once with
-    # its reason instead of after a round of replica restarts (the index is hashed as it streams,
-    # never held in memory). No version is pinned: replicas start on whatever CURRENT names when
-    # they start, and the Ingress follows later publishes (serve_app/versions.py).
-    manifest = check_artifact(store, version_folder(read_current(store)))
-    check_model_dim(args.model, manifest)
+    # Checked here, before any replica starts, so an index of another format or dimension fails the
+    # deploy at once with its reason instead of after a round of replica restarts (Searchers verify
+    # each segment's checksum as they load it). No version is pinned: replicas start on whatever
+    # CURRENT names when they start, and the Ingress follows later publishes (serve_app/versions.py).
+    version = read_current_version(store)
+    if version is None:
+        raise ArtifactError(
+            f"no published index at {store.uri}: build one with `python -m index_builder --images SRC --out DST`"
+        )
+    check_model_dim(args.model, version_manifest(version, ()))
 
     def deployment(cls: object, name: str) -> Deployment:
         # @serve.deployment turns the classes into Deployments; type checkers still see the classes.

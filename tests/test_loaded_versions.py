@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from image_search.errors import ArtifactError
-from serve_app.loaded_versions import LoadedVersions, Preloader
+from serve_app.loaded_versions import LoadedVersions, Preloader, in_thread
 
 
 def test_loads_on_demand_and_drops_the_least_recently_used() -> None:
@@ -19,7 +19,7 @@ def test_loads_on_demand_and_drops_the_least_recently_used() -> None:
         return f"index-{name}"
 
     async def scenario() -> LoadedVersions[str]:
-        held = LoadedVersions(2, load)
+        held = LoadedVersions(2, in_thread(load))
         assert await held.get("v1") == "index-v1"
         assert await held.get("v2") == "index-v2"
         await held.get("v1")  # v1 used last: v2 is now the oldest
@@ -41,7 +41,7 @@ def test_concurrent_requests_for_a_missing_version_load_it_once() -> None:
         return f"index-{name}"
 
     async def scenario() -> list[str]:
-        held = LoadedVersions(3, load)
+        held = LoadedVersions(3, in_thread(load))
         waiting = [asyncio.create_task(held.get("v2")) for _ in range(8)]
         while not loads:  # the first request's load is running in its thread
             await asyncio.sleep(0.001)
@@ -62,7 +62,7 @@ def test_a_failed_load_fails_its_waiters_and_is_tried_again_later() -> None:
         return f"index-{name}"
 
     async def scenario() -> str:
-        held = LoadedVersions(2, load)
+        held = LoadedVersions(2, in_thread(load))
         with pytest.raises(OSError):
             await held.get("v1")
         assert held.names() == []
@@ -98,7 +98,7 @@ def test_cancelling_the_caller_that_started_a_load_leaves_the_load_running() -> 
     loader = GatedLoader()
 
     async def scenario() -> tuple[str, str]:
-        held = LoadedVersions(3, loader)
+        held = LoadedVersions(3, in_thread(loader))
         first = asyncio.create_task(held.get("v2"))
         await loader.until_started()
         second = asyncio.create_task(held.get("v2"))  # joins the running load
@@ -118,7 +118,7 @@ def test_the_preloader_survives_the_cancellation_of_the_search_that_started_the_
     pointer = Pointer("v2")
 
     async def scenario() -> tuple[str | None, list[str]]:
-        held = LoadedVersions(3, loader)
+        held = LoadedVersions(3, in_thread(loader))
         preloader = Preloader(held, pointer.read)
         search = asyncio.create_task(held.get("v2"))
         await loader.until_started()
@@ -154,7 +154,7 @@ def test_preloader_loads_each_new_published_version_once() -> None:
     pointer = Pointer("v1")
 
     async def scenario() -> list[str | None]:
-        preloader = Preloader(LoadedVersions(3, load), pointer.read)
+        preloader = Preloader(LoadedVersions(3, in_thread(load)), pointer.read)
         outcomes = [await preloader.preload_once(), await preloader.preload_once()]
         pointer.name = "broken"
         outcomes += [await preloader.preload_once(), await preloader.preload_once()]

@@ -3,8 +3,8 @@
 The faults are the ones production meets: an S3 `503 SlowDown` answered to the real S3 path
 (boto3 against the moto server on 127.0.0.1, the answer injected into botocore's send step so the
 real parser raises the real `ClientError`, which S3Store turns into StoreError), for the manifest
-the Ingress reads and for the index file a Searcher downloads. No Ray: the Ingress's ServedIndex
-runs here with a Searcher's real loader (`load_index_version`) behind its prepare call.
+the Ingress reads and for the segment file a Searcher downloads. No Ray: the Ingress's ServedIndex
+runs here with a Searcher's real holdings (`SegmentHoldings`) behind its prepare call.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from image_search.artifact import load_manifest, version_folder
 from image_search.errors import ArtifactError, StoreUnavailable
+from image_search.segments import read_version, version_file
 from image_search.storage import S3Store, StoreError
 from serve_app.config import SearcherOptions
-from serve_app.deployments.searcher import LoadedIndex, load_index_version
-from serve_app.loaded_versions import LoadedVersions, Preloader
+from serve_app.deployments.searcher import SegmentHoldings
+from serve_app.loaded_versions import Preloader
 from serve_app.served_index import ServedIndex, StartRetry
 from serve_app.store_faults import io_failures_are_transient
 from serve_app.versions import VersionBook, VersionFollower
@@ -118,17 +118,16 @@ class Setup:
         self.store = s3_store(server, prefix, slow_down=self.slow_down)
         self.new = current_version(local)
         self.old = sorted(p.name for p in (local / "versions").iterdir() if p.name != self.new)[-1]
-        manifest = load_manifest(self.store, version_folder(self.new))
+        version = read_version(self.store, self.new)
+        (self.added,) = set(version.segment_names) - set(read_version(self.store, self.old).segment_names)
         self.identity = {
-            "model": manifest.model,
-            "embedding_dim": manifest.embedding_dim,
-            "fingerprint": manifest.model_fingerprint,
-            "preprocessing": manifest.preprocessing,
+            "model": version.model,
+            "embedding_dim": version.embedding_dim,
+            "fingerprint": version.model_fingerprint,
+            "preprocessing": version.preprocessing,
         }
         # A Searcher's holdings with its real loader (download to the node cache, verify, map).
-        self.searcher: LoadedVersions[LoadedIndex] = LoadedVersions(
-            3, lambda name: load_index_version(self.store, name, SearcherOptions(), cache_dir)
-        )
+        self.searcher = SegmentHoldings(self.store, SearcherOptions(), cache_dir)
 
     async def prepare_searcher(self, name: str) -> int:
         return (await self.searcher.get(name)).count
@@ -142,21 +141,22 @@ def setup(s3: S3Server, two_versions: Path, tmp_path: Path, request: pytest.Fixt
     return Setup(s3, two_versions, request.node.name, tmp_path / "cache")
 
 
-def manifest_of(version: str) -> str:
-    return f"versions/{version}/manifest.json"
+def version_file_of(setup: Setup) -> str:
+    return version_file(setup.new)
 
 
-def index_of(version: str) -> str:
-    return f"versions/{version}/index.faiss"
+def new_segment_index_of(setup: Setup) -> str:
+    """The index file of the one segment the new version adds."""
+    return f"segments/{setup.added}/index.faiss"
 
 
 def test_a_slowdown_is_a_storage_error_not_an_artifact_error(setup: Setup) -> None:
     """The premise: what production raises for a throttled read, and how the serving side classifies it."""
-    setup.slow_down.fail(manifest_of(setup.new), 2)
+    setup.slow_down.fail(version_file_of(setup), 2)
     with pytest.raises(StoreError, match="SlowDown"):
-        setup.store.read_bytes(manifest_of(setup.new))
-    with pytest.raises(StoreUnavailable, match="SlowDown"), io_failures_are_transient("the manifest"):
-        load_manifest(setup.store, version_folder(setup.new))  # wraps it as ArtifactError; the cause decides
+        setup.store.read_bytes(version_file_of(setup))
+    with pytest.raises(StoreUnavailable, match="SlowDown"), io_failures_are_transient("the version file"):
+        read_version(setup.store, setup.new)
     assert setup.slow_down.answered == 2
 
 
@@ -171,12 +171,12 @@ def follow(setup: Setup) -> tuple[ServedIndex, VersionFollower[Any]]:
     return served, VersionFollower(book, read, served.prepare)
 
 
-@pytest.mark.parametrize("what", [manifest_of, index_of], ids=["manifest", "index file"])
+@pytest.mark.parametrize("what", [version_file_of, new_segment_index_of], ids=["version file", "segment index"])
 def test_a_slowdown_on_a_new_version_is_retried_and_the_version_then_serves(
-    setup: Setup, what: Callable[[str], str]
+    setup: Setup, what: Callable[[Setup], str]
 ) -> None:
     served, follower = follow(setup)
-    setup.slow_down.fail(what(setup.new), 2)
+    setup.slow_down.fail(what(setup), 2)
 
     async def polls() -> list[str]:
         return [await follower.poll_once() for _ in range(3)]
@@ -187,14 +187,14 @@ def test_a_slowdown_on_a_new_version_is_retried_and_the_version_then_serves(
 
 
 def test_a_starting_ingress_retries_current_instead_of_falling_back_to_an_older_version(setup: Setup) -> None:
-    setup.slow_down.fail(manifest_of(setup.new), 2)
+    setup.slow_down.fail(version_file_of(setup), 2)
     served = setup.served()
     assert asyncio.run(served.start()).name == setup.new
     assert setup.slow_down.answered == 2 and not served.describe()["refused_versions"]
 
 
 def test_a_start_that_cannot_read_current_gives_up_with_the_reason_and_serves_nothing_older(setup: Setup) -> None:
-    setup.slow_down.fail(manifest_of(setup.new), 1_000)
+    setup.slow_down.fail(version_file_of(setup), 1_000)
     served = setup.served()
     with pytest.raises(StoreUnavailable, match=r"gave up .* after 4 attempts: .*SlowDown.*reachable"):
         asyncio.run(served.start())
@@ -204,7 +204,7 @@ def test_a_start_that_cannot_read_current_gives_up_with_the_reason_and_serves_no
 
 def test_a_broken_version_is_still_refused_and_the_start_falls_back(setup: Setup) -> None:
     """The other side of the line: a checksum mismatch is a refusal, not a retry."""
-    key = index_of(setup.new)
+    key = new_segment_index_of(setup)
     data = bytearray(setup.store.read_bytes(key))
     data[len(data) // 2] ^= 0xFF
     setup.store.write_bytes(key, bytes(data))
@@ -214,7 +214,7 @@ def test_a_broken_version_is_still_refused_and_the_start_falls_back(setup: Setup
 
 
 def test_the_searcher_preloader_retries_a_version_it_could_not_read(setup: Setup) -> None:
-    setup.slow_down.fail(index_of(setup.new), 1)
+    setup.slow_down.fail(new_segment_index_of(setup), 1)
 
     async def read() -> str:
         return setup.new
@@ -229,7 +229,7 @@ def test_the_searcher_preloader_retries_a_version_it_could_not_read(setup: Setup
 
 
 def test_an_unreadable_version_is_never_an_artifact_error_on_the_searcher(setup: Setup) -> None:
-    setup.slow_down.fail(index_of(setup.new), 1)
+    setup.slow_down.fail(new_segment_index_of(setup), 1)
     with pytest.raises(StoreUnavailable) as caught:
         asyncio.run(setup.searcher.get(setup.new))
     assert not isinstance(caught.value, ArtifactError)
