@@ -250,3 +250,27 @@ def test_a_young_cached_segment_is_never_pruned(s3: S3Server, tmp_path: Path) ->
     assert SegmentCache(store, cache_dir, grace_s=0).prune(keep=set()) == ["seg-just-downloaded"]
     assert not stray.exists()
     shutil.rmtree(cache_dir)
+
+
+def test_the_ingress_builds_record_lookups_off_its_event_loop(tmp_path: Path) -> None:
+    import threading
+
+    images, root = tmp_path / "images", tmp_path / "index"
+    images.mkdir()
+    write(images, "0.jpg")
+    v1 = publish(images, root)
+
+    async def prepare_searcher(name: str) -> int:
+        return 1
+
+    served = ServedIndex(LocalStore(root), IDENTITY, prepare_searcher, None)
+    threads: list[threading.Thread] = []
+    load = served.records.segments.load
+
+    def recording(info):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread())
+        return load(info)
+
+    served.records.segments.load = recording
+    assert asyncio.run(served.start()).name == v1
+    assert threads and threading.main_thread() not in threads
