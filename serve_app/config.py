@@ -66,9 +66,9 @@ class SearcherOptions(BaseModel):
     # Search-time knobs of approximate indexes (ignored by exact ones).
     nprobe: int | None = Field(default=None, ge=1)
     ef_search: int | None = Field(default=None, ge=1)
-    # Index versions one replica holds at once (mapped, not copied): during a handover the old one
-    # answers the requests that started before it and the new one the rest; 3 leaves room for a
-    # second publish while the first handover's requests finish.
+    # Index versions one replica holds at once (their segments mapped, not copied, and shared between
+    # versions): during a handover the old one answers the requests that started before it and the
+    # new one the rest; 3 leaves room for a second publish while the first handover's requests finish.
     max_versions: int = Field(default=3, ge=2, le=16)
     # The health check runs one search on the search thread; longer than this means it is stuck.
     health_timeout_s: float = Field(default=10.0, gt=0, le=300)
@@ -98,7 +98,8 @@ class AppArgs(BaseModel):
     # Where the collection's images live now (folder or s3://); default: where the index was built
     # (the manifest's `source`). /images/{id} reads `<images>/<key>`.
     images: str | None = Field(default=None, min_length=1)
-    # Per-node folder for S3 index artifacts (downloaded once per node, verified, then mapped);
+    # Per-node folder for S3 index segments (downloaded once per node, verified, then mapped; a
+    # Searcher drops those no version still in the store names, serve_app/segment_cache.py);
     # default: image_search-index-cache in the system's temporary folder.
     cache_dir: str | None = Field(default=None, min_length=1)
     # /healthz reads Serve's status at most this often (it asks Serve's controller each time).
