@@ -30,7 +30,9 @@ planned on, None for the first), created_at.
 Names: a segment is `seg-<UTC time>-<random>`, a version `<UTC time>-<random>` (see
 `artifact.new_version_name`); both sort by creation time.
 
-Publishing (`commit_version`): upload the new segment's files and read each back (streamed sha256),
+Publishing (`build_segment`, then `commit_version`): upload the new segment's files and read each
+back (streamed sha256; on a local store they are written in `segments/<name>.tmp/`, synced, hashed
+and renamed into place, so nothing is copied),
 write version.json and read it back, check that CURRENT still names `parent` (another builder did not
 publish meanwhile), then write CURRENT and read it back. A crash at any point leaves CURRENT, and so
 the previous version with all its segments, untouched. So publishing a change writes the new

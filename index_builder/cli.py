@@ -1,4 +1,4 @@
-"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--full] [--engine local|ray] ...`.
+"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--full] [--compact] [--engine local|ray] ...`.
 
 Incremental by default: only images that are new or whose bytes changed since the published
 version are embedded (see index_builder.build).
