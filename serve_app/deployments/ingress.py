@@ -30,7 +30,7 @@ from image_search.errors import (
     TextSearchUnavailable,
     TooManyRequestPixels,
 )
-from image_search.manifest import ImageRecord, Manifest
+from image_search.manifest import ImageRecord
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import Store, open_store
 from serve_app.api_docs import API_DESCRIPTION, DOCS_PAGE, SERVICE_VERSION, swagger_assets
@@ -53,6 +53,7 @@ from serve_app.results import Query, error_entries, matches_for_row, result_entr
 from serve_app.served_index import ServedIndex, Version
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, ThumbnailDiskCache, cached_thumbnail, default_thumbnail_dir, make_thumbnail
+from serve_app.version_records import RecordLookup
 
 logger = logging.getLogger("ray.serve")
 
@@ -427,7 +428,7 @@ class Ingress:
         return Response(thumbnail, media_type="image/jpeg", headers=headers)
 
     @staticmethod
-    def _record(image_id: int, manifest: Manifest) -> ImageRecord:
+    def _record(image_id: int, manifest: RecordLookup) -> ImageRecord:
         """The record under this stable id in the served version; a removed id is 404, never another image."""
         record = manifest.record(image_id)
         if record is None:
