@@ -31,12 +31,10 @@ in-memory exact index over its live vectors (the service loads segments one by o
 from __future__ import annotations
 
 import calendar
-import fcntl
 import hashlib
 import itertools
 import json
 import logging
-import os
 import tempfile
 import time
 import uuid
@@ -49,7 +47,7 @@ import faiss
 import numpy as np
 
 from image_search.errors import ArtifactError
-from image_search.faiss_index import build_faiss_index, map_index_file
+from image_search.faiss_index import build_faiss_index
 from image_search.index_spec import IndexSpec
 from image_search.manifest import Manifest
 from image_search.segments import (
@@ -57,11 +55,9 @@ from image_search.segments import (
     VERSION_FILE,
     Version,
     commit_version,
-    file_sha256,
     open_segment_vectors,
     read_contents,
     read_version,
-    store_sha256,
 )
 from image_search.storage import Store, StoreError
 
@@ -290,113 +286,11 @@ def read_current(store: Store) -> str:
     return version
 
 
-def resolve_version(store: Store) -> str:
-    """The folder (relative to the store) holding the artifact to read: CURRENT's, or the store's root."""
-    if store.exists(POINTER):
-        return version_folder(read_current(store))
-    if store.exists(MANIFEST_FILE):
-        return ""
-    raise ArtifactError(
-        f"no index at {store.uri}: expected {POINTER} or {MANIFEST_FILE} there; "
-        "build one with `python -m index_builder --images SRC --out DST`"
-    )
-
-
 def load_manifest(store: Store, folder: str) -> Manifest:
     try:
         return Manifest.from_json(store.read_bytes(_join(folder, MANIFEST_FILE)))
     except StoreError as exc:
         raise ArtifactError(f"the index at {store.uri} is incomplete: {exc}") from exc
-
-
-def _corrupt(store: Store, folder: str) -> ArtifactError:
-    return ArtifactError(
-        f"{_join(folder, INDEX_FILE)} at {store.uri} is corrupt: its checksum does not match manifest.json; "
-        "rebuild the index"
-    )
-
-
-def check_artifact(store: Store, folder: str) -> Manifest:
-    """The deploy-time check: the manifest parses and the index file's streamed sha256 matches it."""
-    manifest = load_manifest(store, folder)
-    try:
-        actual = store_sha256(store, _join(folder, INDEX_FILE))
-    except StoreError as exc:
-        raise ArtifactError(f"the index at {store.uri} is incomplete: {exc}") from exc
-    if actual != manifest.index_sha256:
-        raise _corrupt(store, folder)
-    return manifest
-
-
-def cache_path(cache_dir: Path, store: Store, folder: str) -> Path:
-    """Where a node keeps its copy of a remote version's index file."""
-    store_hash = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
-    return Path(cache_dir) / store_hash / (folder.rsplit("/", 1)[-1] or "_root") / INDEX_FILE
-
-
-def _download(store: Store, key: str, target: Path, expected_sha256: str) -> bool:
-    """Stream `key` to a temporary file beside `target` while hashing; rename it into place if it matches."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in store.iter_chunks(key):
-                digest.update(chunk)
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if digest.hexdigest() != expected_sha256:
-            return False
-        os.replace(tmp, target)
-        return True
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def local_index_file(store: Store, folder: str, manifest: Manifest, cache_dir: Path) -> Path:
-    """A verified local file holding the version's index: the store's own file, or the node's cached copy."""
-    key = _join(folder, INDEX_FILE)
-    own = store.local_path(key)
-    if own is not None:
-        try:
-            if file_sha256(own) != manifest.index_sha256:
-                raise _corrupt(store, folder)
-        except OSError as exc:
-            raise ArtifactError(f"the index at {store.uri} is incomplete: cannot read {own}: {exc}") from exc
-        return own
-    target = cache_path(cache_dir, store, folder)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with (target.parent / ".lock").open("w") as lock:
-            # One download per node: other processes wait here, then find the file and only verify it.
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if target.exists():
-                if file_sha256(target) == manifest.index_sha256:
-                    return target
-                logger.warning("cached index %s does not match its manifest; fetching it again", target)
-                target.unlink()
-            if not _download(store, key, target, manifest.index_sha256):
-                raise _corrupt(store, folder)
-            return target
-    except StoreError as exc:
-        raise ArtifactError(f"the index at {store.uri} is incomplete: {exc}") from exc
-    except OSError as exc:
-        raise ArtifactError(f"cannot cache the index of {store.uri} in {target.parent}: {exc}") from exc
-
-
-def open_index(store: Store, folder: str, manifest: Manifest, cache_dir: Path = DEFAULT_CACHE_DIR) -> faiss.Index:
-    """The version's index, checked against its manifest and memory-mapped from a local file."""
-    path = local_index_file(store, folder, manifest, cache_dir)
-    try:
-        index = map_index_file(path)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{_join(folder, INDEX_FILE)} at {store.uri} is not a FAISS index: {exc}") from exc
-    if index.ntotal != manifest.count or index.d != manifest.embedding_dim:
-        raise ArtifactError(
-            f"the index at {store.uri} holds {index.ntotal} vectors of dim {index.d}, "
-            f"but its manifest lists {manifest.count} of dim {manifest.embedding_dim}"
-        )
-    return index
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ from image_search.artifact import (
     load_manifest,
     new_version_name,
     publish,
-    store_sha256,
     version_folder,
     version_manifest,
 )
@@ -68,6 +67,7 @@ from image_search.segments import (
     read_contents,
     read_pointer,
     read_version,
+    store_sha256,
     with_changes,
 )
 from image_search.storage import Entry, Store, StoreError, open_store

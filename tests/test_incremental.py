@@ -114,11 +114,11 @@ def test_a_touched_file_is_hashed_not_embedded_and_its_new_stamp_is_stored(
         r.key: r.id for r in load_artifact(LocalStore(out), f"versions/{first.strip()}").manifest.records
     }
     # ...so the next build reads no file at all, and publishes nothing.
-    import image_search.artifact
+    import image_search.segments
     import index_builder.build
 
     hashed: list[str] = []
-    real_sha256 = image_search.artifact.store_sha256
+    real_sha256 = image_search.segments.store_sha256
     monkeypatch.setattr(
         index_builder.build, "store_sha256", lambda store, key: hashed.append(key) or real_sha256(store, key)
     )
