@@ -193,3 +193,16 @@ class ZeroQuery(ClientError):
 
 class ArtifactError(Exception):
     """The index artifact is missing, corrupt, or does not fit the model. Raised at start-up."""
+
+
+class InvalidJson(ClientError):
+    """A JSON body that does not parse, or is not the object the route takes."""
+
+    code = "invalid_json"
+
+
+class InvalidVectors(ClientError):
+    """Query vectors of the wrong dimension, not finite, or of zero length."""
+
+    status = 422
+    code = "invalid_vectors"

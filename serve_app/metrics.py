@@ -84,7 +84,7 @@ class IngressMetrics:
         self.texts.inc(tags={"outcome": outcome})
 
 
-KNOWN_ROUTES = frozenset({"search", "images", "info", "healthz", "ui"})
+KNOWN_ROUTES = frozenset({"search", "embed", "images", "info", "healthz", "ui"})
 
 
 def route_label(path: str) -> str:

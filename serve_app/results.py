@@ -22,7 +22,7 @@ class Query:
     """One entry of `results`: what was asked (`kind` "filename" or "text", and its name) and, if refused, why."""
 
     kind: str
-    name: str
+    name: str | int  # a file name or text; a vector's position in its request
     error: ClientError | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"truncated": True} for a long text
 

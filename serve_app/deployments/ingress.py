@@ -19,13 +19,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute
 
 from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable, TextSearchUnavailable
 from image_search.manifest import ImageRecord, Manifest
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import Store, StoreError, open_store
+from serve_app.api_docs import API_DESCRIPTION, DOCS_PAGE, SERVICE_VERSION, swagger_assets
+from serve_app.api_table import endpoints, starlette_routes
+from serve_app.body import read_body
 from serve_app.client_values import parse_image_id, parse_k, parse_thumbnail_size
 from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_part, parse_weights, weighted_sum
 from serve_app.config import AppArgs
@@ -36,6 +39,8 @@ from serve_app.http_app import build_http_app
 from serve_app.http_errors import service_error_response
 from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload
+from serve_app.openapi import openapi_document
+from serve_app.queries.vectors import parse_vector_body, vector_body_limit
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
 from serve_app.served_index import ServedIndex, Version
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
@@ -121,18 +126,19 @@ class Ingress:
             raise RuntimeError("the Ingress stopped following the published index version")
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        routes = [
-            Route("/", self.page, methods=["GET"]),
-            Route("/search", self.search, methods=["POST"]),
-            Route("/search", self.search_text, methods=["GET"]),
-            Route("/search/combined", self.search_combined, methods=["POST"]),
-            Route("/images/{image_id}", self.image, methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/info", self.info, methods=["GET"]),
-        ]
+        # Routes and /openapi.json come from one table (serve_app/api_table.py): they cannot drift.
+        self.api = endpoints(self.args, int(self.model["embedding_dim"]))
+        self.schema = openapi_document(self.api, "Image search", SERVICE_VERSION, API_DESCRIPTION)
+        routes: list[BaseRoute] = [*starlette_routes(self.api, self), swagger_assets()]
         return build_http_app(routes, self.metrics, self.args.request_timeout_s, UI_DIR)
 
     # --- routes -------------------------------------------------------------------------------
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self.schema)
+
+    async def docs(self, request: Request) -> Response:
+        return HTMLResponse(DOCS_PAGE, headers={"Cache-Control": "no-cache"})
 
     async def page(self, request: Request) -> Response:
         return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -253,6 +259,58 @@ class Ingress:
             ),
         ]
         return JSONResponse({"index_version": version.name, "results": [{"combined": parts, "matches": matches}]})
+
+    async def search_vectors(self, request: Request) -> Response:
+        """JSON vectors in (the seed's Search API), the usual results shape out: one entry per vector."""
+        dim = int(self.model["embedding_dim"])
+        limit = vector_body_limit(self.limits.max_queries, dim)
+        body = await read_body(request.headers.get("content-length"), request.stream(), limit)
+        query = parse_vector_body(body, dim, self.limits.max_queries, self.limits.default_k, self.limits.max_k)
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        queries = [Query("vector", position) for position in range(len(query.vectors))]
+        with self.index.lease() as version:
+            scores, ids = await self._search_version(query.vectors, query.k, version)
+            entries = result_entries(queries, scores, ids, version.manifest, root_path)
+        return JSONResponse({"index_version": version.name, "results": entries})
+
+    async def embed(self, request: Request) -> Response:
+        """Photos and texts in (the seed's Embedding API), unit vectors out, in request order."""
+        form = await self._read_form(request)
+        prepared = await self._prepare_all(form.uploads)
+        texts = [self._checked_text(query) for query in form.texts]
+        pixels = [item for item in prepared if isinstance(item, np.ndarray)]
+        usable = [query.text for query in texts if query.error is None]
+        queries = [
+            *(
+                Query("filename", upload.filename, item if isinstance(item, ClientError) else None)
+                for upload, item in zip(form.uploads, prepared, strict=True)
+            ),
+            *(Query("text", query.text, query.error) for query in texts),
+        ]
+        if not pixels and not usable:
+            first = next(query.error for query in queries if query.error is not None)
+            return service_error_response(first, {"embeddings": error_entries(queries)})
+        image_vectors, text_answers = await asyncio.gather(self._embed(pixels), self._embed_texts(usable))
+        vectors = iter([*image_vectors, *(answer["vector"] for answer in text_answers)])
+        truncated = iter([*(False for _ in image_vectors), *(bool(answer["truncated"]) for answer in text_answers)])
+        embeddings = []
+        for query in queries:
+            entry: dict[str, Any] = {query.kind: query.name}
+            if query.error is not None:
+                entry["error"] = query.error.to_dict()
+            else:
+                entry["vector"] = [float(x) for x in next(vectors)]
+                if next(truncated):
+                    entry["truncated"] = True
+            embeddings.append(entry)
+        return JSONResponse(
+            {
+                "model": self.model["name"],
+                "dim": int(self.model["embedding_dim"]),
+                "precision": self.model["precision"],
+                "embeddings": embeddings,
+            }
+        )
 
     async def _read_form(self, request: Request) -> SearchForm:
         form = await read_search_form(

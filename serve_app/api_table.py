@@ -1,0 +1,300 @@
+"""The service's routes, described once: the Ingress builds its Starlette routes from this table, and
+/openapi.json is generated from the same entries (serve_app/openapi.py), so the schema cannot drift
+from what is served. Limits in the descriptions come from the running configuration.
+
+An `Endpoint` names its handler (a method of the Ingress), its parameters, its request body and every
+status it may answer with the error codes behind each. Adding a route means adding an entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.routing import Route
+
+from serve_app.config import AppArgs
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    location: str  # "query" | "path"
+    schema: dict[str, Any]
+    description: str
+    required: bool = False
+    repeated: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One status a route may answer: a description, the body's schema reference, and its error codes."""
+
+    description: str
+    schema: str | None = None  # a component name; None: the error shape (or no body for 304)
+    media_type: str = JSON
+    codes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    method: str
+    handler: str  # the Ingress method that answers it
+    summary: str
+    tag: str
+    params: tuple[Param, ...] = ()
+    body: dict[str, dict[str, Any]] | None = None  # media type -> schema
+    answers: dict[int, Answer] = field(default_factory=dict)
+    in_schema: bool = True
+
+
+UNAVAILABLE = Answer(
+    "Overloaded, timed out or restarting; retry after Retry-After seconds.",
+    codes=("overloaded", "timeout", "unavailable"),
+)
+
+
+def k_param(args: AppArgs) -> Param:
+    limits = args.limits
+    return Param(
+        "k",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": limits.default_k},
+        f"Matches per query, 1..{limits.max_k} (default {limits.default_k}).",
+    )
+
+
+def form_body(args: AppArgs, weights: bool) -> dict[str, dict[str, Any]]:
+    limits = args.limits
+    properties: dict[str, Any] = {
+        "files": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "maxItems": limits.max_files,
+            "description": f"Photos, at most {limits.max_files} of at most {limits.max_file_bytes} bytes each.",
+        },
+        "text": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": limits.max_text_chars},
+            "maxItems": limits.max_texts,
+            "description": f"Phrases, at most {limits.max_texts} of at most {limits.max_text_chars} characters.",
+        },
+    }
+    if weights:
+        number = {
+            "type": "array",
+            "items": {"type": "string", "pattern": r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?$"},
+        }
+        properties["file_weight"] = {**number, "description": "One weight per file, in order (default +1 each)."}
+        properties["text_weight"] = {**number, "description": "One weight per text, in order (default +1 each)."}
+    text_only = {key: value for key, value in properties.items() if key != "files" and key != "file_weight"}
+    return {
+        MULTIPART: {"type": "object", "properties": properties},
+        URLENCODED: {"type": "object", "properties": text_only},
+    }
+
+
+def search_answers(schema: str) -> dict[int, Answer]:
+    return {
+        200: Answer("One entry per file, then per text, in request order.", schema),
+        400: Answer(
+            "Every query failed, or the request is malformed (the first failure's error; `results` lists each).",
+            codes=(
+                "empty_file",
+                "not_an_image",
+                "corrupt_image",
+                "empty_text",
+                "invalid_text",
+                "malformed_request",
+                "no_query",
+                "text_search_unavailable",
+            ),
+        ),
+        413: Answer(
+            "Too large: the request, a file, its pixels, a text, or too many of them.",
+            codes=(
+                "request_too_large",
+                "file_too_large",
+                "too_many_pixels",
+                "too_many_files",
+                "too_many_fields",
+                "text_too_long",
+                "too_many_texts",
+                "too_many_queries",
+            ),
+        ),
+        415: Answer(
+            "Not a form, or an image format that is not supported.", codes=("not_multipart", "unsupported_format")
+        ),
+        422: Answer("A bad value: `k`, or weights.", codes=("invalid_k", "invalid_weights", "zero_query")),
+        503: UNAVAILABLE,
+    }
+
+
+def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
+    limits = args.limits
+    k = k_param(args)
+    image_id = Param("image_id", "path", {"type": "integer", "minimum": 0}, "A stable image id.", required=True)
+    return [
+        Endpoint(
+            "/", "GET", "page", "The search page.", "page", answers={200: Answer("The page.", "Page", "text/html")}
+        ),
+        Endpoint(
+            "/search",
+            "POST",
+            "search",
+            "Search with photos and/or texts: one result list per query.",
+            "search",
+            params=(k,),
+            body=form_body(args, weights=False),
+            answers=search_answers("SearchAnswer"),
+        ),
+        Endpoint(
+            "/search",
+            "GET",
+            "search_text",
+            "Search with one text (for links and scripts).",
+            "search",
+            params=(
+                Param(
+                    "q",
+                    "query",
+                    {"type": "string", "minLength": 1, "maxLength": limits.max_text_chars},
+                    "The text.",
+                    required=True,
+                ),
+                k,
+            ),
+            answers={key: value for key, value in search_answers("SearchAnswer").items() if key != 415},
+        ),
+        Endpoint(
+            "/search/combined",
+            "POST",
+            "search_combined",
+            "One result list for the normalised weighted sum of photos and texts.",
+            "search",
+            params=(k,),
+            body=form_body(args, weights=True),
+            answers=search_answers("CombinedAnswer"),
+        ),
+        Endpoint(
+            "/search/vectors",
+            "POST",
+            "search_vectors",
+            "The Search API: vectors in, one result list per vector out.",
+            "search",
+            body={
+                JSON: {
+                    "type": "object",
+                    "required": ["vectors"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "vectors": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": limits.max_queries,
+                            "items": {"type": "array", "minItems": dim, "maxItems": dim, "items": {"type": "number"}},
+                        },
+                        "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k},
+                    },
+                }
+            },
+            answers={
+                200: Answer("One entry per vector (`vector`: its position).", "SearchAnswer"),
+                400: Answer("Not the JSON object this route takes.", codes=("invalid_json",)),
+                413: Answer(
+                    "Too many vectors, or a body over the limit.", codes=("too_many_queries", "request_too_large")
+                ),
+                422: Answer(
+                    "Vectors of another dimension, not finite, of zero length; a bad k.",
+                    codes=("invalid_vectors", "invalid_k"),
+                ),
+                503: UNAVAILABLE,
+            },
+        ),
+        Endpoint(
+            "/embed",
+            "POST",
+            "embed",
+            "The Embedding API: photos and/or texts in, unit vectors out, in request order.",
+            "embed",
+            body=form_body(args, weights=False),
+            answers={
+                **{key: value for key, value in search_answers("EmbedAnswer").items() if key != 422},
+                200: Answer("One embedding (or error) per file, then per text.", "EmbedAnswer"),
+            },
+        ),
+        Endpoint(
+            "/images/{image_id}",
+            "GET",
+            "image",
+            "An indexed image's bytes, or a JPEG thumbnail with `size`.",
+            "images",
+            params=(
+                image_id,
+                Param(
+                    "size",
+                    "query",
+                    {"type": "integer", "enum": list(args.thumbnail_sizes)},
+                    "Thumbnail edge in pixels.",
+                ),
+            ),
+            answers={
+                200: Answer("The image (its own type; thumbnails are JPEG).", "Binary", "image/*"),
+                304: Answer("Not modified (If-None-Match matched the ETag)."),
+                404: Answer("No indexed image has this id (never indexed, or removed).", codes=("not_found",)),
+                422: Answer("A size that is not offered.", codes=("invalid_size",)),
+                500: Answer(
+                    "An image of our own collection no longer reads (logged).", codes=("indexed_image_unreadable",)
+                ),
+                503: UNAVAILABLE,
+            },
+        ),
+        Endpoint(
+            "/healthz",
+            "GET",
+            "healthz",
+            "ok / degraded (200) or unavailable (503), per deployment.",
+            "service",
+            answers={200: Answer("Healthy or degraded.", "Health"), 503: Answer("Unavailable.", "Health")},
+        ),
+        Endpoint(
+            "/info",
+            "GET",
+            "info",
+            "What is served: model, index, limits.",
+            "service",
+            answers={200: Answer("The service.", "Info")},
+        ),
+        Endpoint(
+            "/openapi.json",
+            "GET",
+            "openapi",
+            "This schema.",
+            "service",
+            answers={200: Answer("OpenAPI 3.0.", "Object")},
+        ),
+        Endpoint(
+            "/docs",
+            "GET",
+            "docs",
+            "Interactive API documentation (Swagger UI).",
+            "service",
+            answers={200: Answer("The page.", "Page", "text/html")},
+        ),
+    ]
+
+
+def starlette_routes(table: Sequence[Endpoint], handlers: object) -> list[Route]:
+    """One Route per path, methods of one path merged where they share a handler; order kept."""
+    routes = []
+    for endpoint in table:
+        handler: Callable[..., Any] = getattr(handlers, endpoint.handler)
+        routes.append(Route(endpoint.path, handler, methods=[endpoint.method]))
+    return routes
