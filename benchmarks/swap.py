@@ -4,7 +4,7 @@
 with the builder's CLI in a subprocess (incremental), and measures from the moment CURRENT changed
 to the first answer whose `index_version` is the new one, and the requests that failed meanwhile.
 
-- live: the running app follows CURRENT by itself (`reload_interval_s`, default 10 s as shipped).
+- live: the running app follows CURRENT by itself (`reload_interval_s`, default 1 s as shipped).
 - baseline, redeploy: following off, and after each build `serve.run` of the application again
   (what the README used to advise), which replaces every replica.
 
@@ -98,7 +98,7 @@ def run_rounds(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.swap", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--interval", type=float, default=10.0, help="reload_interval_s of the live run")
+    parser.add_argument("--interval", type=float, default=1.0, help="reload_interval_s of the live run")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--images", type=int, default=200)
     args = parser.parse_args(argv)

@@ -206,3 +206,20 @@ class InvalidVectors(ClientError):
 
     status = 422
     code = "invalid_vectors"
+
+
+class StoreUnavailable(Exception):
+    """The index's storage could not be read just now (unreachable, throttled, a read that failed).
+
+    Not an ArtifactError on purpose: it says nothing about the version itself, so whoever loads a
+    version tries again later instead of refusing it (an S3 SlowDown must not refuse a good publish).
+    Its message may name server paths and buckets: log it, never send it to a client.
+    """
+
+
+class IndexUnavailable(ServiceError):
+    """A search needed index files the Searcher could not read just now (StoreUnavailable); retryable."""
+
+    status = 503
+    code = "index_unavailable"
+    retry_after_s = 1

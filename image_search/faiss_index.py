@@ -26,13 +26,25 @@ TRAINING_SAMPLE_SEED = 0
 MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC
 
 
-def build_faiss_index(vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | None = None) -> faiss.Index:
-    """An IDMap2 index of `vectors` under `ids` (default 0..n-1), rows added in the given order."""
+def build_faiss_index(
+    vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | None = None, centroids: np.ndarray | None = None
+) -> faiss.Index:
+    """An IDMap2 index of `vectors` under `ids` (default 0..n-1), rows added in the given order.
+
+    `centroids`: an IVF's coarse centroids to reuse instead of training (compaction keeps those of the
+    largest segment it merges, trained on most of the same vectors); ignored unless they fit the spec.
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
     inner = faiss.index_factory(vectors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+    reuse = centroids is not None and ivf_centroids_fit(inner, centroids)
+    if reuse:
+        assert centroids is not None
+        ivf = faiss.extract_index_ivf(inner)
+        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        ivf.is_trained = True
     if not inner.is_trained:
         rows = spec.training_rows(len(vectors))
         # A fixed seed: the same collection gives the same index, build after build.
@@ -42,6 +54,24 @@ def build_faiss_index(vectors: np.ndarray, spec: IndexSpec, ids: np.ndarray | No
     index.add_with_ids(vectors, ids)
     apply_search_params(index, spec.params)
     return index
+
+
+def ivf_centroids_fit(index: faiss.Index, centroids: np.ndarray) -> bool:
+    """Whether `centroids` can be an untrained IVF-Flat index's coarse quantiser (same list count and dim)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return bool(centroids.shape == (ivf.nlist, ivf.d) and ivf.quantizer.ntotal == 0 and not ivf.is_trained)
+
+
+def ivf_centroids(index: faiss.Index) -> np.ndarray | None:
+    """The coarse centroids of an IVF index (None for other indexes)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    return np.asarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
 
 
 def reconstruct_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:

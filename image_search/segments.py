@@ -66,6 +66,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -337,7 +338,12 @@ def records_json(records: Sequence[ImageRecord]) -> bytes:
 
 
 def write_segment_files(
-    folder: Path, ids: np.ndarray, vectors: np.ndarray, records: Sequence[ImageRecord], spec: IndexSpec
+    folder: Path,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    records: Sequence[ImageRecord],
+    spec: IndexSpec,
+    centroids: np.ndarray | None = None,
 ) -> dict[str, FileInfo]:
     """Write a segment's three files into a local folder; their checksums. Rows, ids and records align."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -347,7 +353,7 @@ def write_segment_files(
     if len(ids) == 0:
         raise ValueError("a segment holds at least one vector")
     folder.mkdir(parents=True, exist_ok=True)
-    index = build_faiss_index(vectors, spec, ids)
+    index = build_faiss_index(vectors, spec, ids, centroids)
     write_index_file(index, folder / INDEX_FILE)
     del index
     # FAISS reports a failed write (a full disk) only on stderr: map the file back before it is published.
@@ -390,14 +396,47 @@ def build_segment(
     dim: int,
     spec: IndexSpec | None = None,
     name: str | None = None,
+    centroids: np.ndarray | None = None,
 ) -> SegmentInfo:
-    """Index, write and upload one new segment; its index is the one its size calls for unless `spec` says."""
+    """Index, write and upload one new segment; its index is the one its size calls for unless `spec` says.
+
+    On a local store the files are written in `segments/<name>.tmp/` and that folder is renamed into
+    place once every file is synced and hashed: no copy (a crash leaves only the .tmp folder, which
+    retention removes like any unreferenced segment). Elsewhere they are written to a temporary
+    folder, uploaded and read back.
+    """
     spec = spec or choose_index_spec(len(ids), dim)
     name = name or new_segment_name()
-    with tempfile.TemporaryDirectory(prefix="segment-") as work:
-        folder = Path(work) / name
-        files = write_segment_files(folder, ids, vectors, records, spec)
-        return upload_segment(store, name, folder, files, len(ids), dim, spec)
+    target = store.local_path(segment_folder(name))
+    if target is None:
+        with tempfile.TemporaryDirectory(prefix="segment-") as work:
+            folder = Path(work) / name
+            files = write_segment_files(folder, ids, vectors, records, spec, centroids)
+            return upload_segment(store, name, folder, files, len(ids), dim, spec)
+    work_folder = target.with_name(f"{name}.tmp")
+    try:
+        files = write_segment_files(work_folder, ids, vectors, records, spec, centroids)
+        for file in SEGMENT_FILES:
+            with (work_folder / file).open("rb") as handle:
+                os.fsync(handle.fileno())
+        os.rename(work_folder, target)
+        parent = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+    except OSError as exc:
+        raise StoreError(f"cannot write segment {target}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(work_folder, ignore_errors=True)
+    return SegmentInfo(
+        name=name,
+        count=len(ids),
+        dim=dim,
+        index=spec.to_dict(),
+        files=files,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def commit_version(store: Store, version: Version, before_pointer: Callable[[], None] | None = None) -> None:

@@ -53,6 +53,7 @@ from image_search.artifact import (
 )
 from image_search.decoding import IMAGE_EXTENSIONS
 from image_search.errors import ArtifactError
+from image_search.faiss_index import ivf_centroids
 from image_search.index_spec import IndexSpec, choose_index_spec
 from image_search.manifest import ImageRecord, Manifest
 from image_search.merge_policy import MergePolicy, SegmentStats, full_merge, plan_merges
@@ -62,6 +63,7 @@ from image_search.segments import (
     Version,
     VersionContents,
     build_segment,
+    open_segment_index,
     open_segment_vectors,
     read_contents,
     read_pointer,
@@ -421,6 +423,21 @@ def segment_stats(version: Version) -> list[SegmentStats]:
     return [SegmentStats(s.name, s.count, len(version.deleted_ids(s.name))) for s in version.segments]
 
 
+def reusable_centroids(
+    out: Store, segments: list[SegmentInfo], version: Version, spec: IndexSpec, merged_count: int, cache: Path
+) -> np.ndarray | None:
+    """The IVF centroids of the largest merged segment, when it has the merged spec and half the vectors.
+
+    Training k-means is most of an IVF build's time; centroids trained on most of the same vectors
+    serve the merged segment as well, so a compaction into a big segment only assigns and adds.
+    """
+    largest = max(segments, key=lambda s: s.count - len(version.deleted_ids(s.name)))
+    live = largest.count - len(version.deleted_ids(largest.name))
+    if largest.spec.factory != spec.factory or not spec.factory.startswith("IVF") or 2 * live < merged_count:
+        return None
+    return ivf_centroids(open_segment_index(out, largest, cache))
+
+
 def compact(
     out: Store, version: Version, retention: RetentionPolicy, policy: MergePolicy, force: bool = False
 ) -> Version | None:
@@ -465,8 +482,18 @@ def compact(
             ordered = [records[i] for i in order]
             folded.update(ids)
             checkpoint("compaction-started")
+            spec = choose_index_spec(len(ids), version.embedding_dim)
+            centroids = reusable_centroids(out, [by_name[name] for name in group], version, spec, len(ids), Path(cache))
             merged.append(
-                build_segment(out, np.asarray(ids, dtype=np.int64)[order], matrix, ordered, version.embedding_dim)
+                build_segment(
+                    out,
+                    np.asarray(ids, dtype=np.int64)[order],
+                    matrix,
+                    ordered,
+                    version.embedding_dim,
+                    spec,
+                    centroids=centroids,
+                )
             )
     checkpoint("compaction-segment-written")
     compacted = with_changes(

@@ -4,10 +4,12 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
-from image_search.artifact import check_artifact, read_current, version_folder
+from image_search.artifact import version_manifest
 from image_search.compatibility import check_compatible
+from image_search.errors import ArtifactError
 from image_search.manifest import Manifest
-from image_search.storage import open_store
+from image_search.segments import Version, read_current_version, segment_folder, store_sha256
+from image_search.storage import Store, StoreError, open_store
 from serve_app.config import AppArgs
 from serve_app.deployments.embedder import Embedder
 from serve_app.deployments.ingress import Ingress
@@ -29,6 +31,27 @@ def check_model_dim(model: str, manifest: Manifest) -> None:
         check_compatible(manifest, model_name=model, embedding_dim=int(dim))
 
 
+def check_published(store: Store) -> Version:
+    """The deploy-time check of CURRENT's version: its version file parses and every file of its
+    segments matches its sha256 (streamed, never held in memory; on S3 nothing is cached)."""
+    try:
+        version = read_current_version(store)
+        if version is None:
+            raise ArtifactError(
+                f"no published index at {store.uri}: build one with `python -m index_builder --images SRC --out DST`"
+            )
+        for segment in version.segments:
+            for file, info in segment.files.items():
+                if store_sha256(store, f"{segment_folder(segment.name)}/{file}") != info.sha256:
+                    raise ArtifactError(
+                        f"{segment_folder(segment.name)}/{file} at {store.uri} is corrupt: its checksum does not "
+                        "match the version file; rebuild it with `python -m index_builder ... --full`"
+                    )
+    except StoreError as exc:
+        raise ArtifactError(f"the index at {store.uri} is incomplete: {exc}") from exc
+    return version
+
+
 # No `from __future__ import annotations` here: Ray validates the config's `args` into the
 # builder's pydantic annotation only when it is a real class, not a string.
 def build_app(args: AppArgs) -> Application:
@@ -41,12 +64,12 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
     """The graph; `deployment_options` (by deployment name) does in code what a config's `deployments:` does."""
     options = deployment_options or {}
     store = open_store(args.index)
-    # Checked here, before any replica starts, so a broken artifact fails the deploy at once with
-    # its reason instead of after a round of replica restarts (the index is hashed as it streams,
-    # never held in memory). No version is pinned: replicas start on whatever CURRENT names when
-    # they start, and the Ingress follows later publishes (serve_app/versions.py).
-    manifest = check_artifact(store, version_folder(read_current(store)))
-    check_model_dim(args.model, manifest)
+    # Checked here, before any replica starts, so an index of another format or dimension fails the
+    # deploy at once with its reason instead of after a round of replica restarts (Searchers verify
+    # each segment's checksum as they load it). No version is pinned: replicas start on whatever
+    # CURRENT names when they start, and the Ingress follows later publishes (serve_app/versions.py).
+    version = check_published(store)
+    check_model_dim(args.model, version_manifest(version, ()))
 
     def deployment(cls: object, name: str) -> Deployment:
         # @serve.deployment turns the classes into Deployments; type checkers still see the classes.

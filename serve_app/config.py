@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from image_search.checkpoints import DEFAULT_MODEL
 from image_search.precision import Precision
+
+# How often replicas read CURRENT (one small read): a publish serves within about this long.
+DEFAULT_RELOAD_INTERVAL_S = 1.0
+# The longest allowed; retention (image_search/artifact.py) relies on replicas reading CURRENT this often.
+MAX_RELOAD_INTERVAL_S = 30.0
 
 
 class UploadLimits(BaseModel):
@@ -103,11 +108,12 @@ class AppArgs(BaseModel):
     # request_timeout_s can be lifted by a client (`x-request-timeout-seconds: 0` disables it);
     # this one cannot, so a slow upload or a stuck call never holds a slot longer than this.
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
-    # How often the Ingress looks at the published version (CURRENT) and, when it changed, loads,
-    # checks and switches to it without a restart. 0 turns following off (serve what ran at start).
-    # At most 30 s: the builder's retention keeps retired versions for hours on the promise that
-    # replicas look at CURRENT this often.
-    reload_interval_s: float = Field(default=10.0, ge=0, le=30)
+    # How often the Ingress (and each Searcher) looks at the published version (CURRENT) and, when it
+    # changed, loads, checks and switches to it without a restart. Reading CURRENT is one small read,
+    # so a publish serves within about a second. Following cannot be turned off: the builder's
+    # retention deletes retired versions on the promise that every replica looks at CURRENT at least
+    # this often (at most 30 s), so a replica that stopped following could lose the version it serves.
+    reload_interval_s: float = Field(default=DEFAULT_RELOAD_INTERVAL_S)
     # Where the collection's images live now (folder or s3://); default: where the index was built
     # (the manifest's `source`). /images/{id} reads `<images>/<key>`.
     images: str | None = Field(default=None, min_length=1)
@@ -121,6 +127,18 @@ class AppArgs(BaseModel):
     # it) with a log line naming what it waited for.
     startup_timeout_s: float = Field(default=600.0, gt=0, le=3600)
     writes: WritesOptions = WritesOptions()
+
+    @field_validator("reload_interval_s")
+    @classmethod
+    def _following_is_on(cls, value: float) -> float:
+        if not 0 < value <= MAX_RELOAD_INTERVAL_S:
+            raise ValueError(
+                f"reload_interval_s must be above 0 and at most {MAX_RELOAD_INTERVAL_S:g} s (got {value:g}): the "
+                "service always follows CURRENT, because retention deletes old versions on the promise that "
+                f"replicas look at CURRENT that often; set it to {DEFAULT_RELOAD_INTERVAL_S:g} (the default) or "
+                "leave it out. To keep serving one version, stop publishing to that index (or serve a copy)."
+            )
+        return value
 
 
 class BatchingConfig(BaseModel):

@@ -1,6 +1,6 @@
 """Assembling a search's JSON answer: one entry per query, FAISS rows turned into matches.
 
-Pure functions of the queries, the FAISS answer and the manifest; tested without Ray.
+Pure functions of the queries, the FAISS answer and the version's records; tested without Ray.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from image_search.errors import ClientError
-from image_search.manifest import Manifest
+from serve_app.version_records import RecordLookup
 
 THUMBNAIL_SIZE_FOR_RESULTS = 256
 
@@ -32,7 +32,7 @@ def image_url(image_id: int, root_path: str = "") -> str:
 
 
 def matches_for_row(
-    scores: np.ndarray, ids: np.ndarray, manifest: Manifest, root_path: str = ""
+    scores: np.ndarray, ids: np.ndarray, manifest: RecordLookup, root_path: str = ""
 ) -> list[dict[str, Any]]:
     """One query's hits, best first; FAISS pads with id -1 when fewer than k vectors exist.
 
@@ -57,7 +57,7 @@ def matches_for_row(
 
 
 def result_entries(
-    queries: Sequence[Query], scores: np.ndarray, ids: np.ndarray, manifest: Manifest, root_path: str = ""
+    queries: Sequence[Query], scores: np.ndarray, ids: np.ndarray, manifest: RecordLookup, root_path: str = ""
 ) -> list[dict[str, Any]]:
     """The `results` list, in request order; row i of scores/ids answers the i-th query without an error."""
     entries: list[dict[str, Any]] = []

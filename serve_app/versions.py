@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from image_search.errors import ArtifactError
+from image_search.errors import ArtifactError, StoreUnavailable
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,8 +80,9 @@ class VersionFollower(Generic[M]):
 
     `read_current` returns the published version's name; `prepare` loads and checks it (manifest,
     compatibility with the model, a Searcher that has it loaded) and raises ArtifactError when the
-    version itself is unusable. Any other exception is taken as transient (storage unreachable, a
-    Searcher restarting): logged once per distinct reason and tried again at the next poll.
+    version itself is unusable (checksum, format, model). StoreUnavailable (its files could not be
+    read just now) and any other exception (a Searcher restarting) are transient: logged once per
+    distinct reason and tried again at the next poll, never a refusal.
     """
 
     def __init__(
@@ -105,6 +106,8 @@ class VersionFollower(Generic[M]):
             return "unchanged"
         try:
             version = await self.prepare(name)
+        except StoreUnavailable as exc:  # says nothing about the version: never refuse it for this
+            return self._transient(exc)
         except ArtifactError as exc:
             if self.book.refuse(name, str(exc)):
                 logger.error("index version %s refused; still serving %s: %s", name, self.book.current.name, exc)

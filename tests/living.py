@@ -32,7 +32,11 @@ def current_version(out: Path) -> str:
 
 
 def manifest_of(out: Path, version: str) -> dict[str, Any]:
-    return json.loads((out / "versions" / version / "manifest.json").read_text())
+    """The version as one manifest-shaped dict (its live records, model fields, next_id)."""
+    from image_search.artifact import load_artifact
+    from image_search.storage import LocalStore
+
+    return json.loads(load_artifact(LocalStore(out), version).manifest.to_json())
 
 
 def ids_and_keys(manifest: dict[str, Any]) -> dict[int, str]:

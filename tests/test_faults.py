@@ -241,11 +241,12 @@ def test_damaged_artifact_is_refused_before_start(
     shutil.copytree(index_dir, copy)
     version = (copy / "CURRENT").read_text().strip()
     folder = copy / "versions" / version
-    index_file = folder / "index.faiss"
+    (segment,) = json.loads((folder / "version.json").read_text())["segments"]
+    index_file = copy / "segments" / segment["name"] / "index.faiss"
     if damage == "truncated_index":
         index_file.write_bytes(index_file.read_bytes()[:100])
     elif damage == "garbage_manifest":
-        (folder / "manifest.json").write_text("{not json")
+        (folder / "version.json").write_text("{not json")
     elif damage == "missing_index":
         index_file.unlink()
     elif damage == "flipped_byte":

@@ -197,11 +197,24 @@ def healthz_status(base_url: str) -> str | None:
         return None  # the Ingress is being replaced
 
 
-def publish_copy(out: Path, good: str, name: str) -> Path:
-    """A new version folder copied from a good one (to be damaged), published by moving CURRENT to it."""
-    folder = out / "versions" / name
-    shutil.copytree(out / "versions" / good, folder)
-    return folder
+def publish_copy(out: Path, good: str, name: str) -> list[Path]:
+    """A version `name` like `good` but whose first segment is a copy with a damaged index file, not yet
+    published (the caller moves CURRENT to it); the paths to remove afterwards."""
+    from dataclasses import replace
+
+    from image_search.segments import read_version, segment_folder, version_file
+    from image_search.storage import LocalStore
+
+    version = read_version(LocalStore(out), good)
+    first = version.segments[0]
+    copy = replace(first, name=f"{first.name}-damaged-{name[-8:]}")
+    shutil.copytree(out / segment_folder(first.name), out / segment_folder(copy.name))
+    flip_a_byte(out / segment_folder(copy.name) / "index.faiss")
+    deleted = {copy.name if seg == first.name else seg: ids for seg, ids in version.deleted.items()}
+    damaged = replace(version, name=name, segments=(copy, *version.segments[1:]), deleted=deleted)
+    (out / version_file(name)).parent.mkdir(parents=True)
+    (out / version_file(name)).write_text(damaged.to_json())
+    return [out / "versions" / name, out / segment_folder(copy.name)]
 
 
 def flip_a_byte(path: Path) -> None:
@@ -222,8 +235,7 @@ def assert_old_version_keeps_serving(live: Live, good: str, bad: str) -> None:
 def test_corrupt_publish_is_refused_and_the_old_version_keeps_serving(live: Live) -> None:
     good = current_version(live.out)
     bad = "29990101T000000Z-corrupt0"
-    folder = publish_copy(live.out, good, bad)
-    flip_a_byte(folder / "index.faiss")
+    damaged = publish_copy(live.out, good, bad)
     point_current_at(live.out, bad)
     try:
         assert_old_version_keeps_serving(live, good, bad)
@@ -231,14 +243,14 @@ def test_corrupt_publish_is_refused_and_the_old_version_keeps_serving(live: Live
         assert health["index_version"] == good and bad in health["refused_versions"]
     finally:
         point_current_at(live.out, good)
-        shutil.rmtree(folder)
+        for path in damaged:
+            shutil.rmtree(path)
 
 
 def test_ingress_restarted_while_current_is_broken_starts_on_the_newest_good_version(live: Live) -> None:
     good = current_version(live.out)
     bad = "29990101T000000Z-corrupt1"
-    folder = publish_copy(live.out, good, bad)
-    flip_a_byte(folder / "index.faiss")
+    damaged = publish_copy(live.out, good, bad)
     point_current_at(live.out, bad)
     try:
         (old_pid,) = replica_pids(APP, "Ingress")
@@ -252,7 +264,8 @@ def test_ingress_restarted_while_current_is_broken_starts_on_the_newest_good_ver
         assert_old_version_keeps_serving(live, good, bad)
     finally:
         point_current_at(live.out, good)
-        shutil.rmtree(folder)
+        for path in damaged:
+            shutil.rmtree(path)
 
 
 def test_publish_of_another_model_is_refused_and_the_old_version_keeps_serving(live: Live, tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def test_moved_collection_is_served_through_the_images_setting(
     build(built_at, out, tiny_model_dir)
     shutil.move(built_at, moved_to)
     records = manifest_of(out, current_version(out))["records"]
-    args = app_args(tiny_model_dir, out, images=str(moved_to), reload_interval_s=0)
+    args = app_args(tiny_model_dir, out, images=str(moved_to))
     with served_app("moved", serve_port, args) as base_url:
         for record in records:
             response = requests.get(f"{base_url}/images/{record['id']}", timeout=30)

@@ -16,17 +16,20 @@ import numpy as np
 import pytest
 import requests
 
-from image_search.artifact import (
-    INDEX_FILE,
-    MANIFEST_FILE,
-    POINTER,
-    load_artifact,
-    load_manifest,
-    publish,
-    resolve_version,
-)
+from image_search.artifact import POINTER, load_artifact, new_version_name, publish, read_current
 from image_search.faiss_index import reconstruct_vectors
-from image_search.manifest import Manifest
+from image_search.manifest import ImageRecord
+from image_search.segments import (
+    INDEX_FILE,
+    SEGMENT_FILES,
+    SEGMENTS,
+    VERSION_FILE,
+    Version,
+    build_segment,
+    cache_path,
+    open_segment_index,
+    read_version,
+)
 from image_search.storage import CHUNK_BYTES, Entry, S3Store, Store, StoreError, open_store
 from tests.conftest import wait_until_ok
 from tests.s3_server import S3Server, moto_s3, upload_folder
@@ -149,11 +152,12 @@ def test_builder_reads_images_from_s3_and_publishes_the_index_to_s3(
         atol=1e-5,
     )
     keys = {obj["Key"] for obj in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="index/")["Contents"]}
-    version = artifact.location.rsplit("/", 1)[-1]
+    assert artifact.version is not None
+    (segment,) = artifact.version.segments
     assert {
         "index/CURRENT",
-        f"index/versions/{version}/{INDEX_FILE}",
-        f"index/versions/{version}/{MANIFEST_FILE}",
+        f"index/versions/{artifact.version.name}/{VERSION_FILE}",
+        *(f"index/{SEGMENTS}/{segment.name}/{name}" for name in SEGMENT_FILES),
     } <= keys
 
 
@@ -225,64 +229,62 @@ class FailingStore:
         return self.inner.local_path(key)
 
 
-def _artifact_parts(location: str, folder: Path) -> tuple[Path, Manifest]:
-    """The published index file (copied to `folder`) and manifest at `location`."""
-    store = open_store(location)
-    version = resolve_version(store)
-    index_file = folder / INDEX_FILE
-    with index_file.open("wb") as handle:
-        for chunk in store.iter_chunks(f"{version}/{INDEX_FILE}"):
-            handle.write(chunk)
-    return index_file, load_manifest(store, version)
+def _next_version(target: Store, now: float | None = None) -> Version:
+    """A small new segment in `target` and a version naming it, planned on what `target` serves now."""
+    from image_search.segments import new_segment_name, read_pointer
+
+    records = [ImageRecord(i, f"{i}.jpg", 1, "h") for i in range(4)]
+    name = new_segment_name(now)
+    segment = build_segment(target, np.arange(4), np.eye(4, dtype=np.float32), records, 4, name=name)
+    parent = read_pointer(target)
+    return Version(new_version_name(now), "m", "f", 4, {}, "fp32", "/c", (segment,), {}, 4, parent=parent)
 
 
-@pytest.mark.parametrize("failing_file", [INDEX_FILE, MANIFEST_FILE, POINTER])
-def test_a_failed_publish_leaves_current_and_the_old_artifact_readable(
-    s3: S3Server, s3_index: str, failing_file: str, tmp_path: Path
+@pytest.mark.parametrize("failing_file", [INDEX_FILE, VERSION_FILE, POINTER])
+def test_a_failed_publish_leaves_current_and_the_old_version_readable(
+    s3: S3Server, failing_file: str, tmp_path: Path
 ) -> None:
-    index_file, manifest = _artifact_parts(s3_index, tmp_path)
     target = open_store(f"s3://{BUCKET}/publish-{failing_file.lower().replace('.', '-')}")
-    old_version = publish(target, index_file, manifest)
+    old_version = publish(target, _next_version(target))
+    old = load_artifact(target, cache_dir=tmp_path / "cache")
 
     failing = FailingStore(target, fail_on=lambda key: key.endswith(failing_file))
     with pytest.raises(StoreError, match="injected failure"):
-        publish(failing, index_file, manifest)
+        publish(failing, _next_version(failing))
 
     assert target.read_bytes(POINTER).decode().strip() == old_version
-    reloaded = load_artifact(target)
+    reloaded = load_artifact(target, cache_dir=tmp_path / "cache")
     assert reloaded.location.endswith(f"versions/{old_version}")
-    assert reloaded.manifest == manifest
+    assert reloaded.manifest == old.manifest
 
 
-def test_publish_writes_the_pointer_after_every_file_of_the_version(
-    s3: S3Server, s3_index: str, tmp_path: Path
-) -> None:
-    index_file, manifest = _artifact_parts(s3_index, tmp_path)
+def test_publish_writes_the_pointer_after_every_file_of_the_version(s3: S3Server) -> None:
     recording = FailingStore(open_store(f"s3://{BUCKET}/publish-order"))
-    version = publish(recording, index_file, manifest)
-    assert recording.writes == [f"versions/{version}/{INDEX_FILE}", f"versions/{version}/{MANIFEST_FILE}", POINTER]
+    version = _next_version(recording)
+    (segment,) = version.segments
+    publish(recording, version)
+    files = [f"{SEGMENTS}/{segment.name}/{name}" for name in SEGMENT_FILES]
+    assert recording.writes == [*files, f"versions/{version.name}/{VERSION_FILE}", POINTER]
 
 
-# --- opening a version from S3: downloaded once per node, verified, mapped -------------------------------
+# --- opening a segment from S3: downloaded once per node, verified, mapped -------------------------------
 
 
-def test_open_index_downloads_once_and_refetches_a_corrupt_cached_copy(
+def test_a_segment_file_is_downloaded_once_and_a_corrupt_cached_copy_refetched(
     s3: S3Server, s3_index: str, tmp_path: Path
 ) -> None:
-    from image_search.artifact import cache_path, open_index
-
     recording = FailingStore(open_store(s3_index))
-    folder = resolve_version(recording)
-    manifest = load_manifest(recording, folder)
+    (segment,) = read_version(recording, read_current(recording)).segments
     cache = tmp_path / "cache"
+    key = f"{SEGMENTS}/{segment.name}/{INDEX_FILE}"
 
-    first = open_index(recording, folder, manifest, cache)
-    cached = cache_path(cache, recording, folder)
-    assert cached.is_file() and recording.chunk_reads == [f"{folder}/{INDEX_FILE}"]
+    first = open_segment_index(recording, segment, cache)
+    cached = cache_path(cache, recording, segment.name, INDEX_FILE)
+    assert cached.is_file() and recording.chunk_reads == [key]
     assert str(cached) in {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()}
     assert not [p for p in cached.parent.iterdir() if p.name.endswith(".part")]  # no temporary file left
 
-    second = open_index(recording, folder, manifest, cache)  # a second replica on the node
+    second = open_segment_index(recording, segment, cache)  # a second replica on the node
     assert len(recording.chunk_reads) == 1  # verified from the cache, not downloaded again
     np.testing.assert_array_equal(second.reconstruct(3), first.reconstruct(3))
 
@@ -290,10 +292,10 @@ def test_open_index_downloads_once_and_refetches_a_corrupt_cached_copy(
     data[len(data) // 2] ^= 0xFF
     cached.unlink()  # the mapped file keeps its inode; the damaged copy is a new file
     cached.write_bytes(bytes(data))
-    third = open_index(recording, folder, manifest, cache)
+    third = open_segment_index(recording, segment, cache)
     assert len(recording.chunk_reads) == 2  # refused and fetched again
     np.testing.assert_array_equal(third.reconstruct(3), first.reconstruct(3))
-    assert sha256_of(cached) == manifest.index_sha256
+    assert sha256_of(cached) == segment.files[INDEX_FILE].sha256
 
 
 def sha256_of(path: Path) -> str:
@@ -302,21 +304,20 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_open_index_refuses_an_s3_object_that_does_not_match_its_manifest(
+def test_a_segment_object_that_does_not_match_its_checksum_is_refused(
     s3: S3Server, s3_index: str, tmp_path: Path
 ) -> None:
     from dataclasses import replace
 
-    from image_search.artifact import cache_path, check_artifact, open_index
     from image_search.errors import ArtifactError
+    from image_search.segments import FileInfo
 
     store = open_store(s3_index)
-    folder = resolve_version(store)
-    wrong = replace(load_manifest(store, folder), index_sha256="0" * 64)
+    (segment,) = read_version(store, read_current(store)).segments
+    wrong = replace(segment, files={**segment.files, INDEX_FILE: FileInfo("0" * 64, 1)})
     with pytest.raises(ArtifactError, match="checksum does not match"):
-        open_index(store, folder, wrong, tmp_path / "cache")
-    assert not cache_path(tmp_path / "cache", store, folder).exists()
-    assert check_artifact(store, folder).index_sha256 != wrong.index_sha256
+        open_segment_index(store, wrong, tmp_path / "cache")
+    assert not cache_path(tmp_path / "cache", store, segment.name, INDEX_FILE).exists()
 
 
 # --- incremental builds and retention on S3 ---------------------------------------------------------
@@ -348,24 +349,31 @@ def test_incremental_build_on_s3_uses_size_and_last_modified(
 
 
 def test_a_failing_s3_delete_is_a_warning_after_current_is_written(
-    s3: S3Server, s3_index: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    s3: S3Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     import logging
 
     from image_search.artifact import RetentionPolicy, list_versions
 
-    index_file, manifest = _artifact_parts(s3_index, tmp_path)
     target = open_store(f"s3://{BUCKET}/retention-failing")
-    policy = RetentionPolicy(retention_s=0, keep_versions=2)
-    old = [publish(target, index_file, manifest, policy, now=1_700_000_000.0 + i) for i in range(2)]
+    policy = RetentionPolicy(retention_s=0, keep_versions=2, segment_grace_s=0)
+    old = [
+        publish(target, _next_version(target, 1_700_000_000.0 + i), policy, now=1_700_000_000.0 + i) for i in range(2)
+    ]
     failing = FailingStore(target, fail_deletes=True)
     with caplog.at_level(logging.WARNING, logger="image_search.artifact"):
-        newest = publish(failing, index_file, manifest, policy, now=1_700_000_100.0)
+        newest = publish(failing, _next_version(failing, 1_700_000_100.0), policy, now=1_700_000_100.0)
     assert target.read_bytes(POINTER).decode().strip() == newest
     assert f"could not delete old index version {old[0]}" in caplog.text
     assert [v.name for v in list_versions(target)] == [*old, newest]
-    publish(target, index_file, manifest, policy, now=1_700_000_200.0)  # a working store prunes
+    last = publish(
+        target, _next_version(target, 1_700_000_200.0), policy, now=1_700_000_200.0
+    )  # a working store prunes
     assert len(list_versions(target)) == 2
+    # Retention by reference: only the segments of the two kept versions are left.
+    kept = {s.name for name in (newest, last) for s in read_version(target, name).segments}
+    left = {key.split("/")[1] for key in target.iter_keys() if key.startswith(f"{SEGMENTS}/")}
+    assert left == kept
 
 
 # --- serving from S3 ----------------------------------------------------------------------------------

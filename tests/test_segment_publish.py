@@ -300,3 +300,46 @@ def test_an_empty_collection_with_nothing_published_is_an_error(tmp_path: Path) 
     (tmp_path / "images").mkdir()
     with pytest.raises(BuildError, match="no images"):
         fake_build(tmp_path / "images", tmp_path / "index")
+
+
+def test_compaction_into_an_ivf_segment_reuses_the_largest_segments_centroids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No k-means again: the merged IVF gets the big segment's centroids; with nprobe = nlist it stays exact."""
+    import index_builder.build
+    from image_search.faiss_index import ivf_centroids
+    from image_search.index_spec import IndexSpec
+
+    monkeypatch.setattr(index_builder.build, "choose_index_spec", lambda n, d: IndexSpec("IVF16,Flat", {"nprobe": 16}))
+    images, root = tmp_path / "images", tmp_path / "index"
+    store = LocalStore(root)
+    write_files(images, [f"a{i:04d}.jpg" for i in range(1200)])
+    fake_build(images, root, merge_policy=NO_MERGES)
+    (big,) = read_current_version(store).segments  # type: ignore[union-attr]
+    write_files(images, [f"b{i}.jpg" for i in range(40)])
+    fake_build(images, root, merge_policy=NO_MERGES)
+    fake_build(images, root, compact=True)
+    version = read_current_version(store)
+    assert version is not None
+    (merged,) = version.segments
+    assert merged.index["factory"] == "IVF16,Flat" and merged.count == 1240
+    cache = tmp_path / "cache"
+    np.testing.assert_array_equal(
+        ivf_centroids(open_segment_index(store, merged, cache)), ivf_centroids(open_segment_index(store, big, cache))
+    )
+    queries = np.stack([vector_of(bytes([i])) for i in range(5)])
+    scores, ids = search_version(store, version, queries, 5, cache)
+    want_scores, want_ids = brute_force(expected_live(images, store), queries, 5)
+    assert ids.tolist() == want_ids.tolist()
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_a_local_segment_is_written_in_place_and_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    images, root = tmp_path / "images", tmp_path / "index"
+    write_files(images, ["a.jpg", "b.jpg"])
+    fake_build(images, root)
+    (segment,) = read_current_version(LocalStore(root)).segments  # type: ignore[union-attr]
+    assert sorted(p.name for p in (root / SEGMENTS).iterdir()) == [segment.name]
+    assert sorted(p.name for p in (root / SEGMENTS / segment.name).iterdir()) == sorted(
+        ["index.faiss", "vectors.npy", "records.json"]
+    )

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from image_search.errors import ArtifactError
+from image_search.errors import ArtifactError, StoreUnavailable, Unavailable
 from serve_app.versions import ServedVersion, VersionBook, VersionFollower
 
 
@@ -90,9 +90,19 @@ def test_broken_version_is_refused_logged_once_and_old_keeps_serving(caplog: pyt
     assert versions.current.name == "v3"
 
 
-def test_transient_failure_is_retried_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [
+        # What ServedIndex.prepare raises when the store fails (tests/test_store_faults.py drives the real path).
+        StoreUnavailable("cannot read index version v2 just now: cannot read s3://b/x: SlowDown"),
+        # What `downstream` raises while the Searcher replica is being replaced.
+        Unavailable("A part of the service is restarting; try again in a moment."),
+    ],
+    ids=["store unavailable", "searcher restarting"],
+)
+def test_transient_failure_is_retried_and_logged_once(caplog: pytest.LogCaptureFixture, failure: Exception) -> None:
     versions, published = book("v1"), Published("v2")
-    published.broken["v2"] = ConnectionError("Searcher restarting")
+    published.broken["v2"] = failure
     follow = follower(published, versions)
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         assert [asyncio.run(follow.poll_once()) for _ in range(3)] == ["retry"] * 3

@@ -23,7 +23,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import BaseRoute
 
 from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable, TextSearchUnavailable
-from image_search.manifest import ImageRecord, Manifest
+from image_search.manifest import ImageRecord
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import Store, StoreError, open_store
 from serve_app.api_docs import API_DESCRIPTION, DOCS_PAGE, SERVICE_VERSION, swagger_assets
@@ -45,6 +45,7 @@ from serve_app.results import Query, error_entries, matches_for_row, result_entr
 from serve_app.served_index import ServedIndex, Version
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, make_thumbnail
+from serve_app.version_records import RecordLookup
 from serve_app.writes.routes import ImageWrites, load_tokens, parse_wait, read_upload_form
 
 logger = logging.getLogger("ray.serve")
@@ -405,7 +406,7 @@ class Ingress:
         return Response(thumbnail, media_type="image/jpeg", headers=headers)
 
     @staticmethod
-    def _record(image_id: int, manifest: Manifest) -> ImageRecord:
+    def _record(image_id: int, manifest: RecordLookup) -> ImageRecord:
         """The record under this stable id in the served version; a removed id is 404, never another image."""
         record = manifest.record(image_id)
         if record is None:

@@ -1,18 +1,24 @@
-"""Searcher deployment: read-only FAISS indexes of the versions it is asked for, replicated.
+"""Searcher deployment: the read-only segments of the index versions it is asked for, replicated.
 
-Every search names its index version (the Ingress's, see serve_app/versions.py). A replica holds
-the few versions it was asked for, memory-mapped through `open_index` (so replicas on one node
-share the page cache instead of holding private copies; S3 artifacts are downloaded once per node
-into `cache_dir`), and loads a named version it lacks on demand. It starts with CURRENT loaded,
-never with a version pinned at deploy time, so a replica replaced after several rebuilds finds its
-files, and it preloads each newly published version, so it is ready when the Ingress switches.
+Every search names its index version (the Ingress's, see serve_app/versions.py). A version is a
+list of immutable segments plus the ids dead in each (image_search/segments.py); a replica keeps
+each segment it loaded (its FAISS index, memory-mapped, so replicas on one node share the page
+cache; S3 segments are downloaded once per node into `cache_dir`) and each held version is those
+segments with that version's deletions filtered inside the FAISS scan (segment_search.py). A
+version that adds one small segment costs its version file and that segment; segments no held
+version names are dropped (serve_app/segmented_versions.py). A replica starts with CURRENT
+loaded, never with a version pinned at deploy time, and preloads each newly published version, so
+it is ready when the Ingress switches. On S3, the node cache drops the segment folders no version
+still listed in the store names (`prune_segment_cache`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +26,19 @@ import faiss
 import numpy as np
 from ray import serve
 
-from image_search.artifact import DEFAULT_CACHE_DIR, load_manifest, open_index, read_current, version_folder
-from image_search.errors import ArtifactError
+from image_search.artifact import DEFAULT_CACHE_DIR
+from image_search.errors import IndexUnavailable, StoreUnavailable
 from image_search.faiss_index import apply_search_params
-from image_search.storage import Store, open_store
+from image_search.segment_search import SearchableSegment, search_segments, searchable
+from image_search.segments import SegmentInfo, Version, open_segment_index, read_pointer, read_version
+from image_search.storage import Store, is_s3_uri, open_store
 from serve_app.config import SearcherOptions
-from serve_app.loaded_versions import LoadedVersions, Preloader
+from serve_app.loaded_versions import Preloader
 from serve_app.metrics import SearcherMetrics
 from serve_app.search_thread import SearchThread
+from serve_app.segment_cache import DEFAULT_CACHE_GRACE_S, SegmentCache
+from serve_app.segmented_versions import SegmentedVersions
+from serve_app.store_faults import io_failures_are_transient
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,29 +48,97 @@ class QueryShapeError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LoadedIndex:
-    version: str
+class LoadedSegment:
+    name: str
     index: faiss.Index
+
+
+@dataclass(frozen=True)
+class LoadedIndex:
+    """One version as searched: its segments, each with the version's dead ids filtered in the scan."""
+
+    version: str
+    segments: tuple[SearchableSegment, ...]
     dim: int
-    count: int
+    count: int  # live vectors
 
 
-def load_index_version(store: Store, version: str, options: SearcherOptions, cache_dir: Path) -> LoadedIndex:
-    """One published version, verified and mapped, with the configured search-time knobs applied."""
-    folder = version_folder(version)
-    manifest = load_manifest(store, folder)
-    index = open_index(store, folder, manifest, cache_dir)
-    if index.d != manifest.embedding_dim:
-        raise ArtifactError(
-            f"{store.uri}/{folder}: the index holds {index.d}-d vectors but its manifest says "
-            f"{manifest.embedding_dim}; rebuild the index"
-        )
-    params = dict(manifest.index.get("params", {}))
+def load_segment(store: Store, options: SearcherOptions, cache_dir: Path, info: SegmentInfo) -> LoadedSegment:
+    """One segment, verified and mapped, with the configured search-time knobs applied."""
+    index = open_segment_index(store, info, cache_dir)
+    params = dict(info.index.get("params", {}))
     params.update(
         {key: value for key, value in (("nprobe", options.nprobe), ("ef_search", options.ef_search)) if value}
     )
     apply_search_params(index, params)
-    return LoadedIndex(version=version, index=index, dim=int(index.d), count=int(index.ntotal))
+    return LoadedSegment(info.name, index)
+
+
+def assemble_index(version: Version, segments: Sequence[LoadedSegment]) -> LoadedIndex:
+    searchables = tuple(
+        searchable(segment.name, segment.index, version.deleted_ids(segment.name)) for segment in segments
+    )
+    return LoadedIndex(version.name, searchables, version.embedding_dim, version.live_count)
+
+
+class SegmentHoldings:
+    """What one Searcher replica holds, without Ray: versions by name, assembled from shared segments.
+
+    `get(name)` raises ArtifactError when the version is unusable, StoreUnavailable when its files
+    cannot be read just now. `segment_loads` counts the segments loaded (operators and tests).
+    """
+
+    def __init__(
+        self, store: Store, options: SearcherOptions, cache_dir: Path, cache_grace_s: float = DEFAULT_CACHE_GRACE_S
+    ) -> None:
+        self.store = store
+        # Remote segments are cached on the node; a local store's files are read where they are.
+        self.cache = SegmentCache(store, cache_dir, cache_grace_s) if is_s3_uri(store.uri) else None
+        self.pruning: asyncio.Task[list[str]] | None = None
+        self.segment_loads: list[str] = []
+        self.version_reads: list[str] = []
+        self._load_segment = functools.partial(load_segment, store, options, cache_dir)
+        self.versions: SegmentedVersions[LoadedSegment, LoadedIndex] = SegmentedVersions(
+            options.max_versions, self._read_version, self._load_counted, assemble_index
+        )
+
+    def _read_version(self, name: str) -> Version:
+        self.version_reads.append(name)
+        return read_version(self.store, name)
+
+    def _load_counted(self, info: SegmentInfo) -> LoadedSegment:
+        started = time.perf_counter()
+        loaded = self._load_segment(info)
+        self.segment_loads.append(info.name)
+        logger.info(
+            "Searcher loaded segment %s: %d vectors in %.2f s", info.name, info.count, time.perf_counter() - started
+        )
+        return loaded
+
+    async def get(self, name: str) -> LoadedIndex:
+        fresh = name not in self.versions
+        with io_failures_are_transient(f"index version {name} at {self.store.uri}"):
+            loaded = await self.versions.get(name)
+        if fresh and self.cache is not None and (self.pruning is None or self.pruning.done()):
+            # After a new version loads (not on every search), in the background: never fails a load.
+            self.pruning = asyncio.get_running_loop().create_task(asyncio.to_thread(self.prune_cache))
+        return loaded
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.versions
+
+    def prune_cache(self) -> list[str]:
+        """Drop cached segments no version listed in the store (nor held here) names."""
+        if self.cache is None:
+            return []
+        try:
+            return self.cache.prune(keep=set(self.versions.segment_names()))
+        except Exception as exc:
+            logger.warning("could not prune the segment cache %s: %s", self.cache.root, exc)
+            return []
+
+    def names(self) -> list[str]:
+        return self.versions.names()
 
 
 def check_queries(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -85,55 +164,47 @@ class Searcher:
     ) -> None:
         self.store = open_store(index_root)
         self.options = options
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
         self.thread = SearchThread(options.num_threads)
-        self.versions: LoadedVersions[LoadedIndex] = LoadedVersions(options.max_versions, self._load)
+        self.holdings = SegmentHoldings(
+            self.store, options, Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
+        )
         self.metrics = SearcherMetrics()
         # Warm start on what is published now. If CURRENT is broken (a bad build the running
         # Ingress refused), this replica still starts and loads what the Ingress asks for.
-        preloader = Preloader(self.versions, self._read_current)
-        if await preloader.preload_once() is None and not self.versions.names():
+        preloader = Preloader(self.holdings, self._read_current)
+        if await preloader.preload_once() is None and not self.holdings.names():
             logger.error("Searcher starts without an index: CURRENT is missing or not serveable")
-        self.preloading: asyncio.Task[None] | None = None
-        if reload_interval_s > 0:
-            self.preloading = asyncio.get_running_loop().create_task(preloader.run(reload_interval_s))
+        self.preloading = asyncio.get_running_loop().create_task(preloader.run(reload_interval_s))
 
     async def _read_current(self) -> str:
-        return await asyncio.to_thread(read_current, self.store)
-
-    def _load(self, version: str) -> LoadedIndex:
-        started = time.perf_counter()
-        loaded = load_index_version(self.store, version, self.options, self.cache_dir)
-        logger.info(
-            "Searcher loaded index version %s: %d vectors in %.2f s (holding %s)",
-            version,
-            loaded.count,
-            time.perf_counter() - started,
-            self.versions.names(),
-        )
-        return loaded
+        name = await asyncio.to_thread(read_pointer, self.store)
+        if name is None:
+            raise StoreUnavailable(f"no CURRENT at {self.store.uri} yet")
+        return name
 
     async def prepare(self, version: str) -> int:
-        """Load (or find) `version`; its vector count. Raises ArtifactError when it fails its checks."""
-        return (await self.versions.get(version)).count
+        """Load (or find) `version`; its live vector count. Raises ArtifactError when it fails its
+        checks, StoreUnavailable when its files cannot be read just now."""
+        return (await self.holdings.get(version)).count
 
     async def search(self, vectors: np.ndarray, k: int, version: str) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) unit vectors -> (scores, ids) of `version`, each (n, min(k, count)), best first.
+        """(n, dim) unit vectors -> (scores, ids) of `version`, each (n, min(k, live count)), best first.
 
-        Ids are the index's stable record ids (-1 pads when fewer than k vectors exist).
+        Ids are the stable record ids; exact across segments (segment_search.py); -1 pads when an
+        approximate segment finds fewer.
         """
-        loaded = await self.versions.get(version)
+        try:
+            loaded = await self.holdings.get(version)
+        except StoreUnavailable as exc:
+            logger.warning("a search needed index version %s, which cannot be read just now: %s", version, exc)
+            raise IndexUnavailable("The index cannot be read right now; try again in a moment.") from None
         queries = check_queries(vectors, loaded.dim)
         started = time.perf_counter()
         result: tuple[np.ndarray, np.ndarray] = await self.thread.run(
-            loaded.index.search, queries, max(1, min(k, loaded.count))
+            search_segments, loaded.segments, queries, max(1, min(k, loaded.count))
         )
         self.metrics.observe_search(time.perf_counter() - started)
         return result
-
-    def held_versions(self) -> list[str]:
-        """Versions this replica holds, least recently used first (for operators and tests)."""
-        return self.versions.names()
 
     def omp_threads(self) -> int:
         """The OpenMP team size on the thread where searches run (for operators and tests)."""
@@ -141,11 +212,13 @@ class Searcher:
 
     async def check_health(self) -> None:
         """The search thread answers: a stuck FAISS call or a dead thread makes the replica unhealthy."""
-        if self.preloading is not None and self.preloading.done():
+        if self.preloading.done():
             raise RuntimeError("the Searcher stopped watching for new index versions")
-        newest = self.versions.newest()
+        newest = self.holdings.versions.newest()
         if newest is None:
             await asyncio.wait_for(self.thread.run(faiss.omp_get_max_threads), self.options.health_timeout_s)
             return
         probe = np.zeros((1, newest.dim), dtype=np.float32)
-        await asyncio.wait_for(self.thread.run(newest.index.search, probe, 1), self.options.health_timeout_s)
+        await asyncio.wait_for(
+            self.thread.run(search_segments, newest.segments, probe, 1), self.options.health_timeout_s
+        )
