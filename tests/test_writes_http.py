@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ APP = "writes"
 TOKEN = "test-write-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUT = 60
+COLLECTION_DISK_BYTES = 16 * 1024 * 1024
 
 
 def jpeg(seed: int) -> bytes:
@@ -37,7 +40,10 @@ def writes_app(
 ) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("writes-app")
     images, index = root / "images", root / "index"
-    shutil.copytree(image_folder, images)
+    # The collection lives on a small tmpfs of its own, so a test can fill it up (a real ENOSPC).
+    images.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={COLLECTION_DISK_BYTES}", "tmpfs", str(images)], check=True)
+    shutil.copytree(image_folder, images, dirs_exist_ok=True)
     build(images, index, tiny_model_dir)
     (root / "token").write_text(TOKEN + "\n")
     args = {
@@ -50,8 +56,11 @@ def writes_app(
         "writes": {"token_file": str(root / "token"), "lock_wait_s": 5},
     }
     options = {"Writer": {"ray_actor_options": {"num_cpus": 0.1}}, "Ingress": {"ray_actor_options": {"num_cpus": 0.1}}}
-    with served_app(APP, serve_port, args, options) as base_url:
-        yield {"url": base_url, "images": images, "index": index}
+    try:
+        with served_app(APP, serve_port, args, options) as base_url:
+            yield {"url": base_url, "images": images, "index": index}
+    finally:
+        subprocess.run(["umount", "--lazy", str(images)], check=False)
 
 
 def add(base_url: str, files: list[tuple[str, bytes]], keys: list[str] = (), **params: str) -> requests.Response:  # type: ignore[assignment]
@@ -230,3 +239,34 @@ def test_writes_from_many_clients_at_once_are_grouped_into_few_commits(writes_ap
     assert len(set(ids)) == 16
     versions = {answer.json()["index_version"] for answer in answers}
     assert len(versions) < 16  # writes that arrived together shared a commit
+
+
+def test_a_full_disk_answers_507_and_loses_nothing_acknowledged(writes_app: dict[str, Any]) -> None:
+    url, images = writes_app["url"], writes_app["images"]
+    kept = add(url, [("kept.jpg", jpeg(801))]).json()["results"][0]
+    filler = images / "filler.bin"  # not an image: the builder and the writes ignore it
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        except OSError:
+            pass  # the tmpfs is full now
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+        except OSError:
+            pass
+    try:
+        data = jpeg(802)
+        answer = add(url, [("lost.jpg", data)])
+        assert answer.status_code == 507, answer.text
+        assert answer.json()["error"]["code"] == "store_full" and "space" in answer.json()["error"]["message"]
+        assert top_id(url, jpeg(801)) == kept["id"]  # what was acknowledged is still served
+        assert not list(images.glob("uploads/.*.tmp"))  # the failed write left no partial file
+    finally:
+        os.unlink(filler)
+    again = add(url, [("lost.jpg", data)])
+    assert again.status_code == 201 and again.json()["results"][0]["status"] == "added"
+    assert top_id(url, data) == again.json()["results"][0]["id"]

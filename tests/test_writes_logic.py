@@ -199,3 +199,27 @@ def test_a_failed_commit_fails_every_request_of_its_batch_and_the_next_batch_run
         assert (await group.submit([Remove(0)]))[1] == "v2"
 
     asyncio.run(scenario())
+
+
+def test_with_a_read_token_reads_need_it_but_health_and_writes_are_left_to_their_own_checks() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serve_app.writes.auth import ReadTokenMiddleware
+
+    async def ok(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    routes = [Route("/search", ok, methods=["POST"]), Route("/healthz", ok), Route("/images", ok, methods=["POST"])]
+    app = Starlette(routes=routes)
+    app.add_middleware(ReadTokenMiddleware, tokens=Tokens(write=TOKEN, read="read-token-0123456789"))
+    client = TestClient(app)
+    denied = client.post("/search")
+    assert denied.status_code == 401 and denied.headers["WWW-Authenticate"] == "Bearer"
+    assert client.post("/search", headers={"Authorization": "Bearer read-token-0123456789"}).status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.post("/images").status_code == 200
+    open_app = Starlette(routes=routes)
+    open_app.add_middleware(ReadTokenMiddleware, tokens=Tokens(write=TOKEN))
+    assert TestClient(open_app).post("/search").status_code == 200

@@ -46,6 +46,7 @@ from serve_app.served_index import ServedIndex, Version
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, make_thumbnail
 from serve_app.version_records import RecordLookup
+from serve_app.writes.auth import ReadTokenMiddleware
 from serve_app.writes.routes import ImageWrites, load_tokens, parse_wait, read_upload_form
 
 logger = logging.getLogger("ray.serve")
@@ -136,7 +137,9 @@ class Ingress:
         self.api = endpoints(self.args, int(self.model["embedding_dim"]))
         self.schema = openapi_document(self.api, "Image search", SERVICE_VERSION, API_DESCRIPTION)
         routes: list[BaseRoute] = [*starlette_routes(self.api, self), swagger_assets()]
-        return build_http_app(routes, self.metrics, self.args.request_timeout_s, UI_DIR)
+        app = build_http_app(routes, self.metrics, self.args.request_timeout_s, UI_DIR)
+        app.add_middleware(ReadTokenMiddleware, tokens=self.tokens)  # passes everything when no read token is set
+        return app
 
     # --- routes -------------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from serve_app.writes.errors import Unauthorized, WritesDisabled
 
 WRITE_TOKEN_ENV = "IMAGE_SEARCH_WRITE_TOKEN"
@@ -87,3 +89,29 @@ class Tokens:
         if token_matches(self.read, given) or (self.write is not None and token_matches(self.write, given)):
             return
         raise Unauthorized("This service needs the header 'Authorization: Bearer <read token>'.")
+
+
+class ReadTokenMiddleware:
+    """With a read token configured, every route but the health check and the write routes (which check
+    the write token themselves) needs `Authorization: Bearer <read or write token>`; else 401."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    def _exempt(self, scope: Scope) -> bool:
+        path, method = str(scope.get("path", "")), str(scope.get("method", ""))
+        return path.endswith("/healthz") or method == "DELETE" or (method == "POST" and path.endswith("/images"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.tokens.reads_need_token and not self._exempt(scope):
+            headers = {name.lower(): value for name, value in scope.get("headers", [])}
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            try:
+                self.tokens.check_read(authorization)
+            except Unauthorized as exc:
+                from serve_app.http_errors import service_error_response
+
+                await service_error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -125,6 +125,17 @@ def keys_under(store: Store, prefix: str) -> list[str]:
     raise TypeError(f"cannot list {type(store).__name__}")
 
 
+def remove_partial_writes(store: Store, keys: set[str]) -> None:
+    """A folder write killed midway leaves its temporary file (`.<name>.<random>.tmp`, see LocalStore)."""
+    if not isinstance(store, LocalStore):
+        return  # an S3 PUT that did not complete leaves nothing
+    for key in keys:
+        path = store.local_path(key)
+        assert path is not None
+        for partial in path.parent.glob(f".{path.name}.*.tmp"):
+            partial.unlink(missing_ok=True)
+
+
 def is_disk_full(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
@@ -319,6 +330,10 @@ class Committer:
         return name
 
     def _recover_locked(self) -> int:
+        if isinstance(self.index, LocalStore) and (self.index.root / INTENTS).is_dir():
+            # An intent whose own write was cut short: nothing was moved after it, so nothing to redo.
+            for partial in (self.index.root / INTENTS).glob(".*.tmp"):
+                partial.unlink(missing_ok=True)
         intents = keys_under(self.index, INTENTS)
         if not intents:
             return 0
@@ -327,6 +342,7 @@ class Committer:
             keys.update(json.loads(self.index.read_bytes(intent))["keys"])
         if keys:
             self._reconcile(sorted(keys))
+            remove_partial_writes(self.images_for(self._base()), keys)
         for intent in intents:
             delete_key(self.index, intent)
         logger.warning("recovered %d pending write intent(s) covering %d key(s)", len(intents), len(keys))
