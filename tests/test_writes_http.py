@@ -6,8 +6,10 @@ has no write token, so it shows writes switched off.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -191,6 +193,12 @@ def test_per_file_problems_are_that_files_error_entry_as_in_search(writes_app: d
     assert good["status"] == "added" and good["filename"] == "good.jpg"
     assert bad == {"filename": "bad.jpg", "error": bad["error"]} and bad["error"]["code"] == "not_an_image"
     assert badkey["error"]["code"] == "invalid_key" and "id" not in badkey
+    assert top_id(url, jpeg(501)) == good["id"]
+    # A decodable file with a bad key before a good one: the good one gets its own vector.
+    first_bad = add(url, [("k.jpg", jpeg(503)), ("fine.jpg", jpeg(504))], keys=["../x.jpg", "fine/504.jpg"])
+    badkey, fine = first_bad.json()["results"]
+    assert badkey["error"]["code"] == "invalid_key" and fine["status"] == "added"
+    assert top_id(url, jpeg(504)) == fine["id"]
     everything_bad = add(url, [("bad.jpg", b"not an image"), ("empty.jpg", b"")])
     assert everything_bad.status_code == 400
     assert [r["error"]["code"] for r in everything_bad.json()["results"]] == ["not_an_image", "empty_file"]
@@ -245,19 +253,16 @@ def test_a_full_disk_answers_507_and_loses_nothing_acknowledged(writes_app: dict
     url, images = writes_app["url"], writes_app["images"]
     kept = add(url, [("kept.jpg", jpeg(801))]).json()["results"][0]
     filler = images / "filler.bin"  # not an image: the builder and the writes ignore it
-    with filler.open("wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * (1 << 20))
-                handle.flush()
-        except OSError:
-            pass  # the tmpfs is full now
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-                handle.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 4096, 1):  # unbuffered, so the last write is the one that fails
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
     try:
         data = jpeg(802)
         answer = add(url, [("lost.jpg", data)])
@@ -270,3 +275,21 @@ def test_a_full_disk_answers_507_and_loses_nothing_acknowledged(writes_app: dict
     again = add(url, [("lost.jpg", data)])
     assert again.status_code == 201 and again.json()["results"][0]["status"] == "added"
     assert top_id(url, data) == again.json()["results"][0]["id"]
+
+
+def test_the_image_search_command_adds_and_deletes_through_the_routes(
+    writes_app: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from image_search_client.cli import main
+
+    url = writes_app["url"]
+    (tmp_path / "cli.jpg").write_bytes(jpeg(901))
+    monkeypatch.setenv("IMAGE_SEARCH_WRITE_TOKEN", TOKEN)
+    out = io.StringIO()
+    assert main(["--url", url, "add", str(tmp_path / "cli.jpg"), "--json"], out=out) == 0
+    (entry,) = [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+    assert entry["status"] == "added" and top_id(url, jpeg(901)) == entry["id"]
+    assert main(["--url", url, "delete", str(entry["id"])], out=io.StringIO()) == 0
+    assert entry["id"] not in found_ids(url, jpeg(901))
+    monkeypatch.setenv("IMAGE_SEARCH_WRITE_TOKEN", "wrong-token-0123456789abcdef")
+    assert main(["--url", url, "add", str(tmp_path / "cli.jpg")], out=io.StringIO()) == 1

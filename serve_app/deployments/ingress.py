@@ -330,8 +330,7 @@ class Ingress:
         uploads, keys = await read_upload_form(request, self.limits)
         prepared = await self._prepare_all(uploads)
         puts = [self.writes.put_for(u, item, key) for u, item, key in zip(uploads, prepared, keys, strict=True)]
-        vectors = iter(await self._embed([item for item in prepared if isinstance(item, np.ndarray)]))
-        return await self.writes.add(uploads, puts, vectors, wait)
+        return await self.writes.add(uploads, puts, prepared, self._embed, wait)
 
     async def delete_image(self, request: Request) -> Response:
         """DELETE /images/{id}: remove an image from the index and the collection."""

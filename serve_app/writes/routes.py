@@ -11,7 +11,7 @@ is no separate write-ahead log to replay. Per-file problems are that file's `err
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -115,8 +115,18 @@ class ImageWrites:
             return exc
 
     async def add(
-        self, uploads: list[Upload], puts: list[Put | ClientError], vectors: Iterator[np.ndarray], wait: str
+        self,
+        uploads: list[Upload],
+        puts: list[Put | ClientError],
+        prepared: list[np.ndarray | ClientError],
+        embed: Callable[[list[np.ndarray]], Awaitable[np.ndarray]],
+        wait: str,
     ) -> Response:
+        # Only the crops of usable files are embedded (a decodable file with a bad key is not), so the
+        # vectors line up with the Puts.
+        usable = [item for item, put in zip(prepared, puts, strict=True) if isinstance(put, Put)]
+        assert all(isinstance(item, np.ndarray) for item in usable)
+        vectors = iter(await embed(usable) if usable else [])  # type: ignore[arg-type]
         ops: list[Put | Remove] = []
         for put in puts:
             if isinstance(put, Put):
