@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,9 @@ from serve_app.writes.plan import Op, Outcome
 
 logger = logging.getLogger("ray.serve")
 
-# Under steady load the queue is never empty: maintenance still runs after this many batches.
-MAINTAIN_EVERY_BATCHES = 10
+# Maintenance (pruning lists the index's versions; compaction may merge segments) runs between
+# batches at most this often, so it does not take a share of every commit.
+MAINTAIN_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -41,6 +43,7 @@ class GroupCommit:
         self.queue: list[_Waiting] = []
         self.runner: asyncio.Task[None] | None = None
         self.batches = 0
+        self.maintained_at = time.monotonic()
 
     async def submit(self, ops: Sequence[Op]) -> tuple[list[Outcome], str]:
         """The outcomes of `ops` (in order) and the version holding them, once committed."""
@@ -76,7 +79,8 @@ class GroupCommit:
                 if not item.future.done():  # a caller that went away (cancelled) needs no answer
                     item.future.set_result((result.outcomes[start : start + len(item.ops)], result.version))
                 start += len(item.ops)
-            if self.between is not None and (not self.queue or self.batches % MAINTAIN_EVERY_BATCHES == 0):
+            if self.between is not None and time.monotonic() - self.maintained_at >= MAINTAIN_INTERVAL_S:
+                self.maintained_at = time.monotonic()
                 try:
                     await asyncio.to_thread(self.between)
                 except Exception as exc:  # maintenance is retried after the next batch
