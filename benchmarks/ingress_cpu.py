@@ -5,7 +5,7 @@ issue 10). This times the Ingress's own steps on the same 640x480 photo-like JPE
 time, so the rest (Starlette/uvicorn in the proxy and the replica, Ray handle calls) is the
 difference between the two:
 
-* multipart: `serve_app.multipart.read_uploads` over the body in 64 KiB chunks (what the ASGI
+* multipart: `serve_app.multipart.read_form` over the body in 64 KiB chunks (what the ASGI
   receive loop hands over);
 * decode + crop: `pixels_from_bytes` (Pillow, DCT-draft JPEG decode);
 * handle payloads: pickling the 224x224x3 uint8 crop for the Embedder call (Ray serialises
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
     from serve_app.config import UploadLimits
-    from serve_app.multipart import read_uploads
+    from serve_app.multipart import read_form
 
     print(f"ingress_cpu: {machine_note()}, {args.requests} requests per step")
     jpeg = photo_jpeg(1)
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def multipart() -> object:
-        return loop.run_until_complete(read_uploads(content_type, str(len(body)), _chunks(body), limits))
+        return loop.run_until_complete(read_form(content_type, str(len(body)), _chunks(body), limits))
 
-    upload = multipart()[0]  # type: ignore[index]
+    upload = multipart()[0][0]  # type: ignore[index]
     steps = [
         (f"multipart ({len(body) // 1024} KiB body)", multipart),
         ("decode + crop (pixels_from_bytes)", lambda: pixels_from_bytes(bytes(upload.data), spec, "q.jpg")),

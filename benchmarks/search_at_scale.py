@@ -1,30 +1,30 @@
-"""FAISS at collection scale: exact flat search vs the index `choose_index_spec` picks (not part of CI).
+"""FAISS at collection scale on CLIP-like data: every index type vs exact search (not part of CI).
 
-Data: N x 512 unit vectors, either drawn around a few thousand cluster centres (CLIP-like: each
-vector has cosine ~0.7 to its centre) or uniformly random on the sphere (the worst case for IVF).
-Queries are fresh draws from the same distribution. Ground truth is the exact inner-product top-k.
+Data (benchmarks/clip_like_data.py): N x 512 unit vectors from a mixture shaped like CLIP image
+embeddings: `--clusters` topics with Zipf sizes (share of topic r ~ 1/r), topic centres in a cone
+(two centres at cosine ~0.6, as unrelated CLIP images sit at ~0.4), each member at a cosine drawn
+uniformly from 0.7-0.9 to its topic centre with anisotropic noise (variance of the j-th direction
+~1/j). Queries are fresh draws from the same mixture, never vectors of the indexed set. Ground truth
+is the exact inner-product top-10 over all N vectors. On this data IVF settings differ visibly
+(nprobe 8 and 64 are printed for every IVF index), unlike the equal-sized easy clusters used before.
 
-Per index: recall@5 vs exact, p50/p95 latency of one query at a time on one thread (how the Searcher
-deployment runs: `num_threads: 1`, one request per call), speed-up vs exact flat, index bytes, and
-build time. An nprobe sweep (free: same index) and optional other nlist / HNSW32 show what to pick.
+Per index type, built the service's way (`build_faiss_index`: an IDMap2 around the factory's index,
+k-means on `TRAINING_POINTS_PER_LIST` points a list) with the list count the planner uses at N:
+Flat, IVF{K},Flat, IVF{K},SQ8, OPQ{m}_{d'},IVF{K},PQ{m}x8 (m = d/8: 64 bytes a vector at 512-d) and
+HNSW32. Columns: recall@10 of the fresh queries vs exact, p50/p99 of one query per call on one
+thread (how a Searcher replica runs), the written index size and the planner's memory formula
+(`index_memory_bytes`, IDMap2's reverse map included), build time. For IVF and HNSW: a sweep of
+nprobe / efSearch, then the value `recall_tuning.tune_recall` picks for recall@10 >= `--target` on
+held-out vectors of the collection itself ("tuned"), and the recall that value gets on the fresh
+queries (does tuning on the collection carry over to new queries?). Last, the planner's choice by
+formula at N, 10M, 100M and 1B for a few budgets, and a rough time for the same run at 1M.
 
-The IVF coarse quantiser is trained on a sample of `--train-per-list` points per list, by default
-the builder's own `TRAINING_POINTS_PER_LIST` (FAISS would otherwise use up to 256 per list, i.e. all
-1M vectors: ~20+ minutes of k-means on 2 cores).
+`--memory-only` measures PSS of 2 processes mapping the service's index file (issue 9), unchanged.
 
-Memory with 2 Searcher replicas: `--mmap` writes the index to a local file and starts two processes
-that load it at the same time, with and without `faiss.IO_FLAG_MMAP`, and reports their RSS and PSS
-(PSS splits shared pages between the processes that map them, so it shows real sharing).
-
-`--memory-only` measures just that, the way the service loads an index: the builder's format (an
-IDMap2 around the chosen index, `write_index_file`) opened with `map_index_file` (what `open_index`
-does) in 2 processes, against `read_index_file` (a private copy) in 1 and in 2 processes. Each
-process scans every inverted list once (nprobe = nlist) so every page of the index is resident: the
-worst case for the mapped processes. To keep it to minutes on small machines, the IVF quantiser is
-trained with few k-means iterations: search quality is not measured here, memory does not depend on it.
-
-    .venv/bin/python -m benchmarks.search_at_scale [--quick | --n N] [--data clustered|random|both]
-        [--nlist 4096 --nlist 8192 ...] [--nprobe 16 --nprobe 32 ...] [--hnsw] [--mmap]
+    .venv/bin/python -m benchmarks.search_at_scale [--n 1000000] [--types ivf_flat,ivf_sq8,...]
+        [--nprobe 8 --nprobe 64 ...] [--target 0.95] [--budget BYTES]
+    .venv/bin/python -m benchmarks.search_at_scale --n 50000   # a check: ~12 min on 2 cores, 8 of them OPQ training
+    .venv/bin/python -m benchmarks.search_at_scale --n 50000 --types flat,ivf_flat,ivf_sq8,hnsw   # ~2 min
     .venv/bin/python -m benchmarks.search_at_scale --memory-only [--n 1000000]
 """
 
@@ -42,169 +42,149 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from benchmarks.common import machine_note, percentile, print_table, verdict
-from image_search.faiss_index import apply_search_params
-from image_search.index_spec import TRAINING_POINTS_PER_LIST, choose_index_spec
+from benchmarks.clip_like_data import ClipLikeMixture, collection_and_queries, cosine_to_topic_mean
+from benchmarks.common import machine_note, print_table, verdict
+from image_search.faiss_index import build_faiss_index
+from image_search.index_planner import (
+    DEFAULT_MAX_INDEX_MEMORY,
+    GiB,
+    IndexDoesNotFit,
+    human_bytes,
+    index_memory_bytes,
+    ivf_factory,
+    ivf_list_count,
+    plan_index,
+    uses_hnsw_quantizer,
+)
+from image_search.index_spec import IndexSpec, choose_index_spec
+from image_search.recall_tuning import set_knob, single_query_latency_ms, tune_recall
 
 DIM = 512
-K = 5
-RECALL_TARGET = 0.95
-SPEEDUP_TARGET = 20.0
+K = 10
+TYPES = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
+PLANNER_SIZES = (10_000_000, 100_000_000, 1_000_000_000)
+PLANNER_BUDGETS = (DEFAULT_MAX_INDEX_MEMORY, 24 * GiB, 128 * GiB, 1024 * GiB)
+VISIBLY_DIFFERENT = 0.05  # recall@10 gap between nprobe 8 and 64 that shows the data tells them apart
+ONE_MILLION = 1_000_000
 CHUNK = 100_000
 
 
-def normalized(array: np.ndarray) -> np.ndarray:
-    array /= np.linalg.norm(array, axis=1, keepdims=True)
-    return array
-
-
-def make_vectors(kind: str, n: int, queries: int, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(database, queries), float32 unit vectors, generated in chunks to bound temporaries."""
-    rng = np.random.default_rng(seed)
-    centres = normalized(rng.standard_normal((clusters, DIM), dtype=np.float32))
-    # Per-dimension noise so that a member's cosine to its centre is ~0.7 (1 / sqrt(1 + DIM * s^2)).
-    spread = np.float32(np.sqrt((1 / 0.7**2 - 1) / DIM))
-
-    def draw(count: int) -> np.ndarray:
-        out = np.empty((count, DIM), dtype=np.float32)
-        for start in range(0, count, CHUNK):
-            size = min(CHUNK, count - start)
-            block = rng.standard_normal((size, DIM), dtype=np.float32)
-            if kind == "clustered":
-                block *= spread
-                block += centres[rng.integers(0, clusters, size)]
-            out[start : start + size] = normalized(block)
-        return out
-
-    return draw(n), draw(queries)
-
-
 @dataclass
-class Measured:
-    name: str
+class Row:
+    index: str
+    setting: str
     recall: float
     p50_ms: float
-    p95_ms: float
-    index_bytes: int
+    p99_ms: float
+    written_mib: float
+    formula_mib: float
     build_s: float
 
 
-def single_query_latencies(index: faiss.Index, queries: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    """One query per call on one thread, as the Searcher runs; returns ids and per-query seconds."""
-    ids = np.empty((len(queries), K), dtype=np.int64)
-    seconds = []
-    for row in range(len(queries)):
-        started = time.perf_counter()
-        _, found = index.search(queries[row : row + 1], K)
-        seconds.append(time.perf_counter() - started)
-        ids[row] = found[0]
-    return ids, seconds
-
-
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(
-        len(set(row_found.tolist()) & set(row_truth.tolist()))
-        for row_found, row_truth in zip(found, truth, strict=True)
-    )
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True))
     return hits / truth.size
 
 
-def index_bytes(index: faiss.Index) -> int:
-    with tempfile.NamedTemporaryFile(dir=os.environ.get("BENCH_TMP")) as handle:
-        faiss.write_index(index, handle.name)
-        return os.path.getsize(handle.name)
+def factories(n: int, dim: int, types: list[str], pq_m: int) -> dict[str, str]:
+    lists, hnsw = ivf_list_count(n), uses_hnsw_quantizer(n)
+    every = {
+        "flat": "Flat",
+        "ivf_flat": ivf_factory(lists, hnsw, "Flat", dim),
+        "ivf_sq8": ivf_factory(lists, hnsw, "SQ8", dim),
+        "ivf_pq": ivf_factory(lists, hnsw, f"PQ{pq_m}", dim),
+        "hnsw": "HNSW32",
+    }
+    return {kind: every[kind] for kind in types}
 
 
-def build(factory: str, vectors: np.ndarray, train_per_list: int, seed: int) -> tuple[faiss.Index, float]:
+def measure(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, timed: int) -> tuple[float, float, float]:
+    _, found = index.search(queries, K)  # batched, all threads: recall only
+    p50, p99 = single_query_latency_ms(index, queries[:timed], K)
+    return recall_at_k(found, truth), p50, p99
+
+
+def run_type(
+    kind: str, factory: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace
+) -> tuple[list[Row], float]:
+    """The rows of one index type and its build seconds."""
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
-    index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        nlist = faiss.extract_index_ivf(index).nlist
-        sample = min(len(vectors), nlist * train_per_list)
-        rows = np.sort(np.random.default_rng(seed).choice(len(vectors), sample, replace=False))
-        index.train(vectors[rows])
-    for start in range(0, len(vectors), CHUNK):
-        index.add(vectors[start : start + CHUNK])
-    return index, time.perf_counter() - started
+    index = build_faiss_index(vectors, IndexSpec(factory))
+    build_s = time.perf_counter() - started
+    written = len(faiss.serialize_index(index)) / 2**20
+    formula = index_memory_bytes(factory, len(vectors), vectors.shape[1]) / 2**20
+    print(f"  built {factory} in {build_s:.1f}s, written {written:.0f} MiB, formula {formula:.0f} MiB", flush=True)
+
+    def row(setting: str) -> Row:
+        recall, p50, p99 = measure(index, queries, truth, args.timed_queries)
+        print(f"    {setting}: recall@10 {recall:.3f}, p50 {p50:.3f} ms, p99 {p99:.3f} ms", flush=True)
+        return Row(factory, setting, recall, p50, p99, written, formula, build_s)
+
+    if kind == "flat":
+        return [row("exact")], build_s
+    param = "ef_search" if kind == "hnsw" else "nprobe"
+    sweep = args.ef_search if kind == "hnsw" else args.nprobe
+    rows = []
+    for value in sweep:
+        set_knob(index, param, value)
+        rows.append(row(f"{param} {value}"))
+    started = time.perf_counter()
+    tuned = tune_recall(index, vectors, target=args.target, sample_queries=args.tune_queries)
+    print(
+        f"    tuned in {time.perf_counter() - started:.1f}s on {tuned.queries} held-out vectors: "
+        f"{param} {tuned.value}, "
+        f"held-out recall {tuned.recall:.3f}{'' if tuned.met else ' (TARGET NOT MET: best found)'}",
+        flush=True,
+    )
+    rows.append(row(f"{param} {tuned.value} (tuned{'' if tuned.met else ', target missed'})"))
+    return rows, build_s
 
 
-def evaluate(
-    name: str, index: faiss.Index, queries: np.ndarray, truth: np.ndarray, exact_p50: float, build_s: float, size: int
-) -> Measured:
-    faiss.omp_set_num_threads(1)
-    found, seconds = single_query_latencies(index, queries)
-    return Measured(
-        name, recall_at_k(found, truth), 1000 * percentile(seconds, 50), 1000 * percentile(seconds, 95), size, build_s
+def planner_table(n: int) -> None:
+    rows = []
+    for count in (n, *PLANNER_SIZES):
+        for budget in PLANNER_BUDGETS:
+            try:
+                plan = plan_index(count, DIM, budget)
+                rows.append(
+                    [f"{count:,}", human_bytes(budget), plan.factory, human_bytes(plan.estimated_bytes), plan.reason]
+                )
+            except IndexDoesNotFit as exc:
+                rows.append([f"{count:,}", human_bytes(budget), "(does not fit)", "-", str(exc)])
+    print_table(
+        f"Planner's choice by formula (d={DIM}, recall target 0.95, mapped, IDMap2 ids)",
+        ["vectors", "budget", "factory", "estimate", "reason"],
+        rows,
     )
 
 
-def run_data(kind: str, args: argparse.Namespace) -> list[tuple[Measured, float]]:
-    started = time.perf_counter()
-    vectors, queries = make_vectors(kind, args.n, args.queries, args.clusters, args.seed)
-    print(f"[{kind}] generated {args.n} x {DIM} in {time.perf_counter() - started:.0f}s", flush=True)
+def time_at_one_million(n: int, phases: dict[str, tuple[float, float]]) -> None:
+    """Rough scaling of this run's phases (build seconds, other seconds) to 1M vectors.
 
-    exact = faiss.IndexFlatIP(DIM)
-    exact.add(vectors)
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
-    _, truth = exact.search(queries, K)  # batched: BLAS, all cores
-    faiss.omp_set_num_threads(1)
-    exact_rows = queries[: args.exact_queries]
-    _, exact_seconds = single_query_latencies(exact, exact_rows)
-    exact_p50 = 1000 * percentile(exact_seconds, 50)
-    results = [
-        (Measured("Flat (exact)", 1.0, exact_p50, 1000 * percentile(exact_seconds, 95), DIM * 4 * args.n, 0), 1.0)
-    ]
-    del exact
-    print(f"[{kind}] exact single-query p50 {exact_p50:.1f} ms", flush=True)
-
-    chosen = choose_index_spec(args.n, DIM)
-    factories = [chosen.factory] + [f"IVF{nlist},Flat" for nlist in args.nlist if f"IVF{nlist},Flat" != chosen.factory]
-    if args.hnsw:
-        factories.append("HNSW32,Flat")
-    for factory in factories:
-        index, build_s = build(factory, vectors, args.train_per_list, args.seed)
-        size = index_bytes(index)
-        print(f"[{kind}] built {factory} in {build_s:.0f}s, {size / 2**20:.0f} MiB", flush=True)
-        if factory.startswith("IVF"):
-            chosen_nprobe = chosen.params.get("nprobe") if factory == chosen.factory else None
-            for nprobe in sorted({*args.nprobe, *([chosen_nprobe] if chosen_nprobe else [])}):
-                apply_search_params(index, {"nprobe": nprobe})
-                tag = " (chosen)" if nprobe == chosen_nprobe else ""
-                measured = evaluate(f"{factory} nprobe {nprobe}{tag}", index, queries, truth, exact_p50, build_s, size)
-                results.append((measured, exact_p50 / measured.p50_ms))
-                print(
-                    f"[{kind}]   {measured.name}: recall {measured.recall:.3f} p50 {measured.p50_ms:.2f} ms", flush=True
-                )
+    IVF builds: assigning every vector to K lists (k-means' sample grows with K too) ~ n * K; an
+    OPQ/PQ build adds codebook training on a bounded sample (FAISS caps OPQ at 65536 points), taken
+    as the same as here; HNSW builds ~ n log n; the exact scan, sweeps and tuning ~ n.
+    """
+    scale = ONE_MILLION / n
+    ivf = scale * ivf_list_count(ONE_MILLION) / ivf_list_count(n)
+    ivf_build_here = phases.get("ivf_flat", phases.get("ivf_sq8", (0.0, 0.0)))[0]
+    estimates = {}
+    for phase, (build_s, other_s) in phases.items():
+        if phase == "ivf_pq":
+            built = (build_s - ivf_build_here) + ivf_build_here * ivf
+        elif phase.startswith("ivf"):
+            built = build_s * ivf
+        elif phase == "hnsw":
+            built = build_s * scale * np.log(ONE_MILLION) / np.log(n)
         else:
-            for ef in args.ef_search:
-                apply_search_params(index, {"ef_search": ef})
-                measured = evaluate(f"{factory} efSearch {ef}", index, queries, truth, exact_p50, build_s, size)
-                results.append((measured, exact_p50 / measured.p50_ms))
-                print(
-                    f"[{kind}]   {measured.name}: recall {measured.recall:.3f} p50 {measured.p50_ms:.2f} ms", flush=True
-                )
-        if args.mmap and factory == chosen.factory and kind == args.data_kinds[0]:
-            mmap_report(index)
-        del index
-    return results
-
-
-# --- shared memory of two Searcher-like processes ----------------------------------------------
-
-CHILD = """
-import sys, time, faiss, numpy as np
-path, flag = sys.argv[1], int(sys.argv[2])
-index = faiss.read_index(path, flag)
-faiss.extract_index_ivf(index).nprobe = 32
-q = np.random.default_rng(0).standard_normal((200, index.d), dtype=np.float32)
-q /= np.linalg.norm(q, axis=1, keepdims=True)
-faiss.omp_set_num_threads(1)
-for row in range(len(q)):
-    index.search(q[row:row + 1], 5)
-print("ready", flush=True)
-sys.stdin.readline()
-"""
+            built = build_s * scale
+        estimates[phase] = built + other_s * scale
+    parts = ", ".join(f"{phase} {seconds / 60:.0f}" for phase, seconds in estimates.items())
+    print(
+        f"\nRough time for the same run at n=1,000,000 on this machine: ~{sum(estimates.values()) / 60:.0f} min "
+        f"({parts} min; see time_at_one_million for the assumptions)"
+    )
 
 
 def memory_kib(pid: int) -> tuple[int, int]:
@@ -215,49 +195,6 @@ def memory_kib(pid: int) -> tuple[int, int]:
         if parts and parts[0] in ("Rss:", "Pss:"):
             values[parts[0]] = int(parts[1])
     return values["Rss:"], values["Pss:"]
-
-
-def two_processes(path: str, flag: int) -> list[tuple[int, int]]:
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", CHILD, path, str(flag)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"child failed to load the index (flag {flag})")
-        return [memory_kib(child.pid) for child in children]
-    finally:
-        for child in children:
-            if child.stdin:
-                child.stdin.close()
-            child.wait(timeout=60)
-
-
-def mmap_report(index: faiss.Index) -> None:
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
-        path = str(Path(folder) / "index.faiss")
-        faiss.write_index(index, path)
-        size_mib = os.path.getsize(path) / 2**20
-        rows = []
-        for name, flag in (("read_index (copy)", 0), ("read_index IO_FLAG_MMAP", faiss.IO_FLAG_MMAP)):
-            try:
-                measured = two_processes(path, flag)
-            except RuntimeError as exc:
-                rows.append([name, "-", "-", "-", str(exc)])
-                continue
-            rss = [kib / 1024 for kib, _ in measured]
-            pss = [kib / 1024 for _, kib in measured]
-            rows.append([name, f"{rss[0]:.0f} / {rss[1]:.0f}", f"{pss[0]:.0f} / {pss[1]:.0f}", sum(pss), ""])
-        print_table(
-            f"Two processes holding the same {size_mib:.0f} MiB index (after 200 searches each)",
-            ["load", "RSS MiB (each)", "PSS MiB (each)", "PSS MiB total", "note"],
-            rows,
-        )
 
 
 # --- the service's way: builder format, mapped by open_index ---------------------------------------
@@ -313,7 +250,7 @@ def service_index_file(n: int, folder: Path, seed: int) -> tuple[Path, str]:
 
     spec = choose_index_spec(n, DIM)
     started = time.perf_counter()
-    vectors, _ = make_vectors("clustered", n, 1, 3000, seed)
+    vectors, _, _ = collection_and_queries(ClipLikeMixture(seed=seed), n, 1)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     inner = faiss.index_factory(DIM, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if not inner.is_trained:
@@ -363,52 +300,78 @@ def memory_report(n: int, seed: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=None, help="database vectors (default 1,000,000; quick 200,000)")
-    parser.add_argument("--quick", action="store_true", help="200k vectors, clustered data only, no extra nlist")
-    parser.add_argument("--data", choices=("clustered", "random", "both"), default=None)
-    parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--exact-queries", type=int, default=30, help="single-query timings of the exact scan")
-    parser.add_argument("--clusters", type=int, default=3000)
-    parser.add_argument("--nlist", type=int, action="append", default=None, help="extra IVF list counts to try")
-    parser.add_argument("--nprobe", type=int, action="append", default=None, help="nprobe values to sweep")
-    parser.add_argument("--hnsw", action="store_true", help="also build HNSW32 (slow to build on 2 cores)")
-    parser.add_argument("--ef-search", type=int, action="append", default=None)
-    parser.add_argument("--train-per-list", type=int, default=TRAINING_POINTS_PER_LIST)
-    parser.add_argument("--mmap", action="store_true", help="measure RSS/PSS of 2 processes with and without mmap")
+    parser.add_argument("--n", type=int, default=ONE_MILLION, help="indexed vectors (default 1,000,000)")
+    parser.add_argument("--queries", type=int, default=500, help="fresh queries, recall measured on all")
+    parser.add_argument("--timed-queries", type=int, default=200, help="of those, timed one at a time")
+    parser.add_argument("--tune-queries", type=int, default=500, help="held-out collection vectors for tuning")
+    parser.add_argument("--clusters", type=int, default=2000)
+    parser.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
+    parser.add_argument("--nprobe", type=int, action="append", default=None, help="default 8, 16, 32, 64")
+    parser.add_argument("--ef-search", type=int, action="append", default=None, help="default 16, 64, 256")
+    parser.add_argument("--pq-m", type=int, default=DIM // 8, help="PQ bytes a vector for the ivf_pq type")
+    parser.add_argument("--target", type=float, default=0.95, help="recall@10 the tuner aims for")
+    parser.add_argument("--budget", type=int, default=DEFAULT_MAX_INDEX_MEMORY, help="planner budget, bytes")
     parser.add_argument("--memory-only", action="store_true", help="only PSS of mapped vs copied, service format")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    args.n = args.n or (200_000 if args.quick else 1_000_000)
     if args.memory_only:
         print(f"search_at_scale --memory-only: {machine_note()}, n={args.n}, faiss {faiss.__version__}")
         return memory_report(args.n, args.seed)
-    args.data = args.data or ("clustered" if args.quick else "both")
-    args.data_kinds = ["clustered", "random"] if args.data == "both" else [args.data]
-    args.nlist = args.nlist or []
     args.nprobe = args.nprobe or [8, 16, 32, 64]
-    args.ef_search = args.ef_search or [32, 64, 128]
-    chosen = choose_index_spec(args.n, DIM)
+    args.ef_search = args.ef_search or [16, 64, 256]
+    types = [kind.strip() for kind in args.types.split(",") if kind.strip()]
+    unknown = sorted(set(types) - set(TYPES))
+    if unknown:
+        parser.error(f"unknown --types {unknown}; choose from {TYPES}")
+    try:
+        chosen = choose_index_spec(args.n, DIM, max_memory_bytes=args.budget, recall_target=args.target)
+        chosen_note = f"{chosen.factory} ({chosen.reason})"
+    except IndexDoesNotFit as exc:
+        chosen_note = f"none fits: {exc}"
+    print(f"search_at_scale: {machine_note()}, n={args.n}, faiss {faiss.__version__}\nplanner's pick: {chosen_note}")
+
+    phases: dict[str, tuple[float, float]] = {}
+    started = time.perf_counter()
+    mixture = ClipLikeMixture(dim=DIM, clusters=args.clusters, seed=args.seed)
+    vectors, labels, queries = collection_and_queries(mixture, args.n, args.queries)
+    cosines = np.percentile(cosine_to_topic_mean(vectors, labels), [5, 50, 95])
+    shares = np.bincount(labels, minlength=args.clusters) / args.n
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    _, truth = faiss.knn(queries, vectors, K, metric=faiss.METRIC_INNER_PRODUCT)
+    phases["data + exact"] = (0.0, time.perf_counter() - started)
     print(
-        f"search_at_scale: {machine_note()}, n={args.n}, "
-        f"chosen {chosen.factory} {chosen.params}, faiss {faiss.__version__}"
+        f"data: {args.n} x {DIM}, {args.clusters} Zipf topics (largest {shares.max():.1%} of the set), cosine to "
+        f"topic mean p5/p50/p95 {cosines[0]:.2f}/{cosines[1]:.2f}/{cosines[2]:.2f}; "
+        f"{args.queries} fresh queries; exact truth in {phases['data + exact'][1]:.0f}s",
+        flush=True,
     )
 
-    summary: dict[str, list[tuple[Measured, float]]] = {}
-    for kind in args.data_kinds:
-        summary[kind] = run_data(kind, args)
-        print_table(
-            f"{kind} data, n={args.n}, {args.queries} queries, k={K}, one thread, one query per call",
-            ["index", "recall@5", "p50 ms", "p95 ms", "speed-up vs exact (p50)", "index MiB", "build s"],
-            [
-                [m.name, m.recall, m.p50_ms, m.p95_ms, speedup, m.index_bytes / 2**20, m.build_s]
-                for m, speedup in summary[kind]
-            ],
-        )
-    for kind, results in summary.items():
-        for measured, speedup in results:
-            if measured.name.endswith("(chosen)"):
-                verdict(f"[{kind}] chosen recall@5", measured.recall, RECALL_TARGET)
-                verdict(f"[{kind}] chosen speed-up", speedup, SPEEDUP_TARGET, unit="x")
+    rows: list[Row] = []
+    for kind, factory in factories(args.n, DIM, types, args.pq_m).items():
+        print(f"[{kind}] {factory}", flush=True)
+        started = time.perf_counter()
+        measured, build_s = run_type(kind, factory, vectors, queries, truth, args)
+        rows += measured
+        phases[kind] = (build_s, time.perf_counter() - started - build_s)
+
+    print_table(
+        f"CLIP-like data, n={args.n:,}, d={DIM}, {args.queries} fresh queries, recall@10 vs exact, "
+        "one thread, one query per call",
+        ["index", "setting", "recall@10", "p50 ms", "p99 ms", "written MiB", "formula MiB", "build s"],
+        [[r.index, r.setting, r.recall, r.p50_ms, r.p99_ms, r.written_mib, r.formula_mib, r.build_s] for r in rows],
+    )
+    for factory in {r.index for r in rows if "IVF" in r.index}:
+        by_setting = {r.setting: r.recall for r in rows if r.index == factory}
+        if "nprobe 8" in by_setting and "nprobe 64" in by_setting:
+            low, high = by_setting["nprobe 8"], by_setting["nprobe 64"]
+            print(f"{factory}: recall@10 nprobe 8 = {low:.3f}, nprobe 64 = {high:.3f}")
+            verdict(f"{factory} recall gap nprobe 64 - nprobe 8", high - low, VISIBLY_DIFFERENT)
+    for r in rows:
+        if "(tuned" in r.setting:
+            verdict(f"{r.index} {r.setting}: fresh-query recall@10", r.recall, args.target)
+    planner_table(args.n)
+    if args.n < ONE_MILLION:
+        time_at_one_million(args.n, phases)
     return 0
 
 

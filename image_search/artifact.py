@@ -5,8 +5,9 @@ version.json` (which segments, which ids of each are dead) and `CURRENT`, writte
 a prepared `Version` (version file, read back, then CURRENT, read back) and then prunes.
 
 Retention (`versions_to_delete`, `segments_to_delete`), the rule and why it is safe:
-- CURRENT and the version published just before it are always kept: a replica that resolved
-  CURRENT a moment before the switch still finds its files.
+- CURRENT and the version published just before it are always kept (by name order, and the one
+  CURRENT's version was planned on, its `parent`): a replica that resolved CURRENT a moment before
+  the switch still finds its files.
 - Every version that stopped being current less than `retention_s` ago (default 24 h) is kept.
   A version stops being current when the next one is published, so its retirement time is the
   publish time of its successor (the time in the successor's name). The service re-reads CURRENT
@@ -169,13 +170,17 @@ def versions_to_delete(
     now: float,
     policy: RetentionPolicy,
     identities: Mapping[str, Hashable] | None = None,
+    parent_of_current: str | None = None,
 ) -> list[str]:
     """The names retention may delete (see the module docstring for the rule); pure, oldest first.
 
     `identities` maps a version to its model identity (versions missing from it have none known).
+    `parent_of_current`: the version CURRENT's version was planned on, i.e. the one it replaced; kept
+    like the one before it by name (they differ when a crashed build left a version file CURRENT never
+    named).
     """
     ordered = sorted((v for v in versions if v.published is not None), key=lambda v: (v.published, v.name))
-    keep = {current}
+    keep = {current} | ({parent_of_current} if parent_of_current else set())
     names = [v.name for v in ordered]
     if current in names and names.index(current) > 0:
         keep.add(names[names.index(current) - 1])
@@ -230,7 +235,8 @@ def prune(store: Store, current: str, policy: RetentionPolicy, now: float) -> tu
         keys = list(store.iter_keys())
         versions = list_versions(store, keys)
         identities = {v.name: ident for v in versions if (ident := _identity(store, v.name)) is not None}
-        doomed = versions_to_delete(versions, current, now, policy, identities)
+        parent = read_version(store, current).parent if f"{VERSIONS}/{current}/{VERSION_FILE}" in keys else None
+        doomed = versions_to_delete(versions, current, now, policy, identities, parent)
     except Exception as exc:  # a listing error must not fail a build that has published
         logger.warning("could not list old index versions at %s to prune them: %s", store.uri, exc)
         return [], []

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from image_search.errors import CorruptImage, EmptyFile, NotAnImage, TooManyPixels, UnsupportedFormat
+from image_search.errors import ClientError, CorruptImage, EmptyFile, NotAnImage, TooManyPixels, UnsupportedFormat
 
 # Pillow format names we decode. Everything else (SVG, PDF, HEIC, PSD, EPS, ...) is refused.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -93,7 +95,9 @@ def open_image(data: bytes, filename: str | None = None, max_pixels: int = DEFAU
         if _looks_like_allowed_format(data):
             raise CorruptImage("The image is damaged: its header does not open.", filename) from None
         raise NotAnImage("The file is not an image we can read.", filename) from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (ClientError, MemoryError):
+        raise
+    except Exception as exc:  # any decoder failure on these bytes is this image's (see decoding_errors)
         raise CorruptImage(f"The image could not be read: {exc}", filename) from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -102,32 +106,120 @@ def open_image(data: bytes, filename: str | None = None, max_pixels: int = DEFAU
     return image
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit single-channel images to 8 bits (Pillow's own conversion clips them to white)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = float(array.max()) if array.size else 0.0
-        # 16-bit data (also when Pillow widens it to mode "I") spans 0..65535.
-        is_16_bit = image.mode.startswith("I;16") or 255.0 < peak <= 65535.0
-        top = 65535.0 if is_16_bit else max(peak, 255.0)
-        scaled = np.clip(array * (255.0 / top), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(scaled, mode="L")
-    return image
+# The EXIF orientation values and the transposition that makes each upright (ImageOps.exif_transpose's
+# table; applied here directly, because exif_transpose also rewrites the EXIF block, which fails with
+# struct.error on malformed values we never need).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "RGBa", "La", "PA"})
+
+
+@contextmanager
+def decoding_errors(filename: str | None) -> Iterator[None]:
+    """Whatever a decoder raises on this image's bytes (OSError, struct.error from an EXIF block,
+    ValueError, ...) is this image's `corrupt_image`: never a traceback in the builder nor a 500.
+    Our own client errors pass through; running out of memory is not the image's fault."""
+    try:
+        yield
+    except (ClientError, MemoryError):
+        raise
+    except Exception as exc:
+        raise CorruptImage(f"The image could not be decoded: {exc}", filename) from None
+
+
+def _resizable(image: Image.Image) -> tuple[Image.Image, Callable[[Image.Image], Image.Image]]:
+    """The image in a mode Pillow resizes, and how to turn a (resized) image of that mode into RGB.
+
+    Converting after the resize keeps the full-size intermediates out: wide (16/32-bit, float)
+    images resize in their own mode and are scaled to 8 bits once small; transparent ones resize
+    premultiplied (as Pillow's own RGBA resize does) and are composited on white once small.
+    """
+    if image.mode in WIDE_MODES:
+        return image, _wide_to_rgb(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ALPHA_MODES:
+        premultiplied = image.convert("La" if image.mode in ("LA", "La") else "RGBa")
+        return premultiplied, _composited_on_white
+    if image.mode in ("RGB", "L"):
+        return image, _plain_to_rgb
+    return image.convert("RGB"), _plain_to_rgb
+
+
+def _plain_to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _composited_on_white(premultiplied: Image.Image) -> Image.Image:
+    """Premultiplied colour + (255 - alpha) x white: the same as pasting the image on white."""
+    array = np.asarray(premultiplied, dtype=np.int16)
+    colour, alpha = array[..., :-1], array[..., -1:]
+    rgb = np.clip(colour + (255 - alpha), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb, mode="RGB")
+
+
+def _wide_to_rgb(image: Image.Image) -> Callable[[Image.Image], Image.Image]:
+    """Scale 16/32-bit single-channel values to 8 bits (Pillow's own conversion clips them to white).
+
+    The range is read from the full image (getextrema: no copy); the scaling runs on what the caller
+    made of it (the resized crop), in float32.
+    """
+    extrema = image.getextrema()  # (low, high) for a single-channel image
+    peak = float(extrema[1])  # type: ignore[arg-type]
+    # 16-bit data (also when Pillow widens it to mode "I") spans 0..65535.
+    is_16_bit = image.mode.startswith("I;16") or 255.0 < peak <= 65535.0
+    top = 65535.0 if is_16_bit else max(peak, 255.0)
+
+    def finish(small: Image.Image) -> Image.Image:
+        array = np.asarray(small, dtype=np.float32)
+        scaled = np.clip(array * np.float32(255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+
+    return finish
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any decoded mode to RGB; transparency is composited on white."""
-    image = _to_8bit(image)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode != "RGB":
-        return image.convert("RGB")
-    return image
+    """Convert any decoded mode to RGB at full size; transparency is composited on white."""
+    prepared, finish = _resizable(image)
+    return finish(prepared)
+
+
+def resize_to_rgb(
+    image: Image.Image,
+    size: tuple[int, int],
+    resample: Image.Resampling,
+    box: tuple[float, float, float, float] | None = None,
+    reducing_gap: float | None = None,
+) -> Image.Image:
+    """Resize (the `box` region of) an image of any decoded mode, then convert the small result to RGB."""
+    prepared, finish = _resizable(image)
+    return finish(prepared.resize(size, resample, box=box, reducing_gap=reducing_gap))
+
+
+def decode_upright(
+    data: bytes,
+    filename: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode bytes into an upright image in the mode it was stored in (convert with `to_rgb` or
+    `resize_to_rgb`). `draft_size`: see `decode_image`. Animated images yield their first frame."""
+    image = open_image(data, filename, max_pixels)
+    with decoding_errors(filename):
+        if draft_size is not None and image.format == "JPEG":
+            _apply_jpeg_draft(image, draft_size)
+        image.seek(0)
+        method = _UPRIGHT.get(image.getexif().get(0x0112, 1))
+        image.load()
+        return image.transpose(method) if method is not None else image
 
 
 def decode_image(
@@ -142,26 +234,38 @@ def decode_image(
     shorter side >= draft_size (much faster for photos far larger than the model input).
     Animated images yield their first frame.
     """
-    image = open_image(data, filename, max_pixels)
-    try:
-        if draft_size is not None and image.format == "JPEG":
-            _apply_jpeg_draft(image, draft_size)
-        image.seek(0)
-        orientation = image.getexif().get(0x0112, 1)
-        image.load()
-        if orientation != 1:
-            image = ImageOps.exif_transpose(image)
+    image = decode_upright(data, filename, max_pixels, draft_size)
+    with decoding_errors(filename):
         return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise CorruptImage(f"The image could not be decoded: {exc}", filename) from None
+
+
+def draft_scale(width: int, height: int, draft_size: int) -> int:
+    """The JPEG DCT scale (1, 2, 4 or 8) that keeps the shorter side >= draft_size."""
+    shorter = min(width, height)
+    scale = 1
+    while scale < 8 and shorter // (scale * 2) >= draft_size:
+        scale *= 2
+    return scale
+
+
+def decoded_pixels(data: bytes, draft_size: int | None = None) -> int:
+    """How many pixels decoding `data` will hold (after the JPEG draft), read from its header only.
+
+    0 when the header does not open: that file fails on its own when decoded (with its own error).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+        width, height = image.size
+        scale = draft_scale(width, height, draft_size) if draft_size is not None and image.format == "JPEG" else 1
+    except Exception:
+        return 0
+    return (width // scale) * (height // scale)
 
 
 def _apply_jpeg_draft(image: Image.Image, draft_size: int) -> None:
     width, height = image.size
-    shorter = min(width, height)
-    scale = 1
-    # JPEG can decode at 1/2, 1/4, 1/8 of full size.
-    while scale < 8 and shorter // (scale * 2) >= draft_size:
-        scale *= 2
+    scale = draft_scale(width, height, draft_size)
     if scale > 1:
         image.draft("RGB", (width // scale, height // scale))

@@ -67,6 +67,14 @@ class IndexedImageUnreadable(ServiceError):
     code = "indexed_image_unreadable"
 
 
+class IndexedImageChanged(ServiceError):
+    """What an indexed image's key names now is not the record's image (other size or hash, or a link
+    out of the collection): answered 409 instead of bytes that are not the record's (a rebuild fixes it)."""
+
+    status = 409
+    code = "indexed_image_changed"
+
+
 class EmptyFile(ClientError):
     code = "empty_file"
 
@@ -87,6 +95,13 @@ class UnsupportedFormat(ClientError):
 class TooManyPixels(ClientError):
     status = 413
     code = "too_many_pixels"
+
+
+class TooManyRequestPixels(ClientError):
+    """The files of one request together would decode to more pixels than a request may use."""
+
+    status = 413
+    code = "too_many_pixels_in_request"
 
 
 class FileTooLarge(ClientError):

@@ -1,58 +1,87 @@
-"""Which FAISS index a collection gets: a pure function of its size, as an `index_factory` string.
+"""The FAISS index a collection (or a segment) gets, as a recorded `index_factory` string and knobs.
 
-Below `EXACT_SEARCH_LIMIT` vectors an exact flat scan answers a query in well under 10 ms on one
-core (100k x 512 floats is ~200 MB and ~50M multiply-adds), needs no training and has perfect
-recall, so approximate indexes buy nothing. Above it, IVF with a flat (uncompressed) coarse
-quantiser keeps recall@5 >= 0.95 at nprobe 32 on CLIP-like clustered data while scanning
-~1-2% of the vectors (see benchmarks/search_at_scale.py).
+`choose_index_spec` is the entry point the builder calls; the choice itself (by vector count, dim,
+memory budget and recall target) is image_search/index_planner.py, a pure function with the memory
+formulas and the reasons. After the build, image_search/recall_tuning.py replaces the starting
+`nprobe` / `ef_search` with the smallest value that meets the recall target on the collection itself.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-EXACT_SEARCH_LIMIT = 100_000
-DEFAULT_NPROBE = 32
-# k-means wants >= ~39 training points per centroid; FAISS warns below that. More buys little:
-# centroids from 64 per list gave recall@5 1.0 at 1M vectors (benchmarks/search_at_scale.py)
-# while FAISS's own default (up to 256 per list) takes ~4x longer to train.
-TRAINING_POINTS_PER_LIST = 64
+from image_search.index_planner import (
+    DEFAULT_MAX_INDEX_MEMORY,
+    DEFAULT_NPROBE,
+    DEFAULT_RECALL_TARGET,
+    EXACT_SEARCH_LIMIT,
+    IDMAP2_BYTES_PER_VECTOR,
+    PQ_MIN_TRAINING_POINTS,
+    TRAINING_POINTS_PER_LIST,
+    IndexDoesNotFit,
+    ivf_list_count,
+    plan_index,
+)
+
+__all__ = [
+    "DEFAULT_MAX_INDEX_MEMORY",
+    "DEFAULT_NPROBE",
+    "DEFAULT_RECALL_TARGET",
+    "EXACT_SEARCH_LIMIT",
+    "TRAINING_POINTS_PER_LIST",
+    "IndexDoesNotFit",
+    "IndexSpec",
+    "choose_index_spec",
+    "ivf_list_count",
+]
 
 
 @dataclass(frozen=True)
 class IndexSpec:
     factory: str
     params: dict[str, Any] = field(default_factory=dict)
+    # Why the planner chose it (for logs, the version file and /info); not part of the index's identity.
+    reason: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"factory": self.factory, "params": dict(self.params)}
+        data: dict[str, Any] = {"factory": self.factory, "params": dict(self.params)}
+        if self.reason:
+            data["reason"] = self.reason
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
-        return cls(factory=str(data["factory"]), params=dict(data.get("params", {})))
+        return cls(
+            factory=str(data["factory"]), params=dict(data.get("params", {})), reason=str(data.get("reason", ""))
+        )
 
     def training_rows(self, count: int) -> int:
-        """How many of `count` vectors k-means trains on: all of them for small collections."""
-        match = re.match(r"IVF(\d+)", self.factory)
+        """How many of `count` vectors training uses: all of them for small collections, none for Flat/HNSW."""
+        match = re.search(r"IVF(\d+)", self.factory)
         if match is None:
             return 0
-        return min(count, TRAINING_POINTS_PER_LIST * int(match.group(1)))
+        rows = TRAINING_POINTS_PER_LIST * int(match.group(1))
+        if "PQ" in self.factory:  # each 256-centroid sub-quantiser wants its own ~10k points
+            rows = max(rows, PQ_MIN_TRAINING_POINTS)
+        return min(count, rows)
 
 
-def ivf_list_count(count: int) -> int:
-    """About 4*sqrt(n) inverted lists, rounded to a power of two, capped so training has data."""
-    target = 4 * math.sqrt(count)
-    lists = 2 ** round(math.log2(max(target, 1)))
-    return int(max(16, min(lists, 65536, count // TRAINING_POINTS_PER_LIST)))
+def choose_index_spec(
+    count: int,
+    dim: int,
+    *,
+    max_memory_bytes: int = DEFAULT_MAX_INDEX_MEMORY,
+    recall_target: float = DEFAULT_RECALL_TARGET,
+    mappable: bool = True,
+    idmap_bytes_per_vector: int = IDMAP2_BYTES_PER_VECTOR,
+) -> IndexSpec:
+    """The planner's index for `count` x `dim` vectors, with its starting search knobs and reason.
 
-
-def choose_index_spec(count: int, dim: int) -> IndexSpec:
-    if count <= 0:
-        raise ValueError("an index needs at least one vector")
-    if count <= EXACT_SEARCH_LIMIT:
-        return IndexSpec("Flat")
-    lists = ivf_list_count(count)
-    return IndexSpec(f"IVF{lists},Flat", {"nprobe": DEFAULT_NPROBE})
+    Raises `IndexDoesNotFit` (a ValueError) when no index type holds them in `max_memory_bytes`.
+    """
+    plan = plan_index(
+        count, dim, max_memory_bytes, recall_target, mappable=mappable, idmap_bytes_per_vector=idmap_bytes_per_vector
+    )
+    return IndexSpec(plan.factory, plan.initial_params(), reason=plan.reason)

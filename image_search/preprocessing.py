@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from image_search.decoding import DEFAULT_MAX_PIXELS, decode_image
+from image_search.decoding import DEFAULT_MAX_PIXELS, decode_upright, decoding_errors, resize_to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -107,18 +107,19 @@ def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[float, floa
 
 
 def prepare_pixels(image: Image.Image, spec: PreprocessSpec, reducing_gap: float | None = None) -> np.ndarray:
-    """RGB image -> (crop_height, crop_width, 3) uint8: resize shorter side, centre crop.
+    """Image of any decoded mode -> (crop_height, crop_width, 3) uint8: resize shorter side, centre crop.
 
+    The resize runs on the image as decoded and only its small result becomes RGB (decoding's
+    `resize_to_rgb`): no full-size RGB, float or composited copy is ever made.
     `reducing_gap` lets Pillow shrink very large images by whole factors first (faster, with a
     difference far below what the model can tell apart); None keeps the exact reference arithmetic.
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
     width, height = image.size
     new_width, new_height = resized_size(width, height, spec.shortest_edge)
     resample = _RESAMPLE_BY_CODE.get(spec.resample, Image.Resampling.BICUBIC)
     if new_width >= spec.crop_width and new_height >= spec.crop_height:
-        out = image.resize(
+        out = resize_to_rgb(
+            image,
             (spec.crop_width, spec.crop_height),
             resample,
             box=crop_box(width, height, spec),
@@ -126,7 +127,7 @@ def prepare_pixels(image: Image.Image, spec: PreprocessSpec, reducing_gap: float
         )
         return np.asarray(out, dtype=np.uint8)
     # The crop is larger than the resized image: pad with zeros, as transformers does.
-    resized = np.asarray(image.resize((new_width, new_height), resample), dtype=np.uint8)
+    resized = np.asarray(resize_to_rgb(image, (new_width, new_height), resample), dtype=np.uint8)
     return _center_crop_padded(resized, spec.crop_height, spec.crop_width)
 
 
@@ -164,10 +165,11 @@ def pixels_from_bytes(
     JPEGs are decoded at the smallest DCT scale that keeps the shorter side >= the resize target
     (the resize shrinks it further anyway), which cuts decode time several-fold for photos.
     """
-    image = decode_image(
+    image = decode_upright(
         data,
         filename,
         max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
         draft_size=spec.shortest_edge,
     )
-    return prepare_pixels(image, spec)
+    with decoding_errors(filename):
+        return prepare_pixels(image, spec)

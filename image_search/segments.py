@@ -30,7 +30,9 @@ planned on, None for the first), created_at.
 Names: a segment is `seg-<UTC time>-<random>`, a version `<UTC time>-<random>` (see
 `artifact.new_version_name`); both sort by creation time.
 
-Publishing (`commit_version`): upload the new segment's files and read each back (streamed sha256),
+Publishing (`build_segment`, then `commit_version`): upload the new segment's files and read each
+back (streamed sha256; on a local store they are written in `segments/<name>.tmp/`, synced, hashed
+and renamed into place, so nothing is copied),
 write version.json and read it back, check that CURRENT still names `parent` (another builder did not
 publish meanwhile), then write CURRENT and read it back. A crash at any point leaves CURRENT, and so
 the previous version with all its segments, untouched. So publishing a change writes the new
@@ -46,7 +48,7 @@ API summary (names others code against):
   `VERSION_FILE`, `segment_folder(name)`, `version_file(name)`
 - `FileInfo`, `SegmentInfo` (name, count, dim, index, files, created_at), `Version` (see fields;
   `live_count`, `deleted_ids(segment)`, `segment_names`, `to_json`/`from_json`)
-- `new_segment_name()`, `write_segment_files(folder, ids, vectors, records, spec) -> files`,
+- `new_segment_name()`, `write_segment_files(folder, ids, vectors, records, spec) -> (files, tuned spec)`,
   `upload_segment(store, name, folder, files, count, dim, spec) -> SegmentInfo`,
   `build_segment(store, ids, vectors, records, dim, spec=None) -> SegmentInfo` (both steps)
 - `read_pointer(store) -> str | None`, `read_version(store, name) -> Version`,
@@ -80,8 +82,9 @@ import numpy as np
 
 from image_search.errors import ArtifactError
 from image_search.faiss_index import build_faiss_index, map_index_file, write_index_file
-from image_search.index_spec import IndexSpec, choose_index_spec
+from image_search.index_spec import DEFAULT_RECALL_TARGET, IndexSpec, choose_index_spec
 from image_search.manifest import METRIC, ImageRecord, check_records
+from image_search.recall_tuning import search_knob, tune_recall, with_tuned_params
 from image_search.storage import Store, StoreError
 
 logger = logging.getLogger(__name__)
@@ -344,8 +347,9 @@ def write_segment_files(
     records: Sequence[ImageRecord],
     spec: IndexSpec,
     centroids: np.ndarray | None = None,
-) -> dict[str, FileInfo]:
-    """Write a segment's three files into a local folder; their checksums. Rows, ids and records align."""
+) -> tuple[dict[str, FileInfo], IndexSpec]:
+    """Write a segment's three files into a local folder; their checksums and the spec with tuned search
+    params (see tune_segment). Rows, ids and records align."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not (len(ids) == len(vectors) == len(records)) or [r.id for r in records] != ids.tolist():
@@ -354,6 +358,7 @@ def write_segment_files(
         raise ValueError("a segment holds at least one vector")
     folder.mkdir(parents=True, exist_ok=True)
     index = build_faiss_index(vectors, spec, ids, centroids)
+    tuned = tune_segment(index, vectors, ids, spec)
     write_index_file(index, folder / INDEX_FILE)
     del index
     # FAISS reports a failed write (a full disk) only on stderr: map the file back before it is published.
@@ -366,7 +371,29 @@ def write_segment_files(
     del written
     np.save(folder / VECTORS_FILE, vectors, allow_pickle=False)
     (folder / RECORDS_FILE).write_bytes(records_json(records))
-    return {name: FileInfo(file_sha256(folder / name), (folder / name).stat().st_size) for name in SEGMENT_FILES}
+    files = {name: FileInfo(file_sha256(folder / name), (folder / name).stat().st_size) for name in SEGMENT_FILES}
+    return files, tuned
+
+
+def tune_segment(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec) -> IndexSpec:
+    """An approximate segment's spec with its search knob tuned on its own vectors (recall@10 >= the
+    target, at the lowest latency), the measured recall and latency under params["tuning"]; an exact
+    segment's spec as it is (it needs no tuning: recall 1.0)."""
+    if search_knob(index)[0] is None:
+        return spec
+    result = tune_recall(index, vectors, ids, target=float(spec.params.get("recall_target", DEFAULT_RECALL_TARGET)))
+    if not result.met:
+        logger.warning(
+            "segment index %s reaches recall@%d %.3f at best (%s %s), below the target %.2f",
+            spec.factory,
+            result.k,
+            result.recall,
+            result.param,
+            result.value,
+            result.target,
+        )
+    tuned = with_tuned_params(spec, result)
+    return IndexSpec(tuned.factory, {**tuned.params, "tuning": result.to_dict()}, reason=tuned.reason)
 
 
 def upload_segment(
@@ -411,11 +438,11 @@ def build_segment(
     if target is None:
         with tempfile.TemporaryDirectory(prefix="segment-") as work:
             folder = Path(work) / name
-            files = write_segment_files(folder, ids, vectors, records, spec, centroids)
+            files, spec = write_segment_files(folder, ids, vectors, records, spec, centroids)
             return upload_segment(store, name, folder, files, len(ids), dim, spec)
     work_folder = target.with_name(f"{name}.tmp")
     try:
-        files = write_segment_files(work_folder, ids, vectors, records, spec, centroids)
+        files, spec = write_segment_files(work_folder, ids, vectors, records, spec, centroids)
         for file in SEGMENT_FILES:
             with (work_folder / file).open("rb") as handle:
                 os.fsync(handle.fileno())

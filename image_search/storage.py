@@ -19,8 +19,38 @@ from typing import Any, BinaryIO, Protocol
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
+# How fresh a modification time may be and still be trusted by the cheap "unchanged?" check of the
+# next build: a file rewritten with the same size within one tick of the clock that stamps it keeps
+# its stamp, so a stamp this close to the moment its bytes were read may hide a later rewrite.
+# Local files: the kernel stamps from a coarse clock (one jiffy, 1-10 ms) and a network filesystem
+# adds its server's skew; 100 ms covers both without costing a fresh collection a second hashing
+# pass. S3: LastModified has whole seconds (truncated) from S3's clock, not ours: 2 s.
+LOCAL_MTIME_MARGIN_NS = 100_000_000
+S3_MTIME_MARGIN_NS = 2_000_000_000
+
+
 class StoreError(Exception):
     """A location cannot be read or written."""
+
+
+def mtime_margin_ns(store: object) -> int:
+    """`store`'s stamp granularity (the stores here say theirs; others get the coarser S3 one)."""
+    return int(getattr(store, "mtime_margin_ns", S3_MTIME_MARGIN_NS))
+
+
+def undecodable_name(key: str) -> bool:
+    """A key that is not valid UTF-8: a local file name in another encoding (`caf\\xe9.png`), which
+    Python carries as surrogate escapes. It cannot go into JSON answers or be asked for by URL."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def printable_key(key: str) -> str:
+    """A key as text that always prints and serialises: undecodable bytes shown as \\xNN."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -73,6 +103,8 @@ def _check_key(key: str) -> str:
 
 
 class LocalStore:
+    mtime_margin_ns = LOCAL_MTIME_MARGIN_NS
+
     def __init__(self, location: str | Path) -> None:
         self.root = Path(location).expanduser().resolve()
         self.uri = str(self.root)
@@ -113,9 +145,15 @@ class LocalStore:
         return self._path(key).is_file()
 
     def iter_keys(self) -> Iterator[str]:
+        """Every file under the root, sorted. A folder that cannot be listed is an error, never an
+        empty folder: a build would otherwise take its images for removed ones and retire their ids."""
         if not self.root.is_dir():
             raise StoreError(f"{self.root} is not a folder")
-        for dirpath, dirnames, filenames in os.walk(self.root):
+
+        def unlistable(exc: OSError) -> None:
+            raise StoreError(f"cannot list {exc.filename}: {exc.strerror or exc}") from exc
+
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unlistable):
             dirnames.sort()
             for name in sorted(filenames):
                 yield (Path(dirpath) / name).relative_to(self.root).as_posix()
@@ -124,8 +162,10 @@ class LocalStore:
         for key in self.iter_keys():
             try:
                 stat = self._path(key).stat()
-            except OSError:
+            except FileNotFoundError:
                 continue  # removed while listing: not part of the collection any more
+            except OSError as exc:  # there but unreadable: not a removal either
+                raise StoreError(f"cannot stat {self._path(key)}: {exc.strerror or exc}") from exc
             yield Entry(key, stat.st_size, stat.st_mtime_ns)
 
     def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -160,6 +200,8 @@ class LocalStore:
 
 
 class S3Store:
+    mtime_margin_ns = S3_MTIME_MARGIN_NS
+
     def __init__(self, location: str, client: Any | None = None) -> None:
         without_scheme = location[len("s3://") :]
         bucket, _, prefix = without_scheme.partition("/")
@@ -262,3 +304,37 @@ class S3Store:
 
     def local_path(self, key: str) -> Path | None:
         return None
+
+
+class OutsideStore(StoreError):
+    """A key names (through a symbolic link) something outside the store's root."""
+
+
+def open_inside(root: Path, key: str) -> BinaryIO:
+    """Open `root/key` for reading only if what it names, links resolved, lies inside `root`.
+
+    Links that stay inside the root are followed (a collection may link its own files); one that
+    leads out raises OutsideStore. The resolved path is then opened one component at a time without
+    following links (O_NOFOLLOW), so a link swapped in after the check is refused, not followed.
+    """
+    root = Path(root).resolve()
+    try:
+        target = (root / _check_key(key)).resolve(strict=True)
+    except OSError as exc:
+        raise StoreError(f"cannot read {root / key}: {exc.strerror or exc}") from exc
+    if not target.is_relative_to(root) or target == root:
+        raise OutsideStore(f"{root / key} leads outside {root} (to {target})")
+    parts = target.relative_to(root).parts
+    try:
+        directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+                os.close(directory)
+                directory = inner
+            handle = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        raise StoreError(f"cannot read {root / key} without following links: {exc.strerror or exc}") from exc
+    return os.fdopen(handle, "rb")

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPTextModelWit
 
 from image_search.encoder import ModelLoadError, pick_device
 from image_search.errors import EmptyText
-from image_search.precision import Precision
+from image_search.precision import Precision, host_cpu_flags, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,9 @@ def _check_end_token(model: str, config: Any, tokenizer: Any) -> None:
 class ClipTextEncoder:
     def __init__(self, model: str, device: str = "auto", precision: Precision = "fp32") -> None:
         self.device = pick_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-        self.precision = precision
+        # The same rule as the image tower (`auto` resolved on this hardware), so the precision /info
+        # reports is the one both towers run.
+        self.precision = resolve_precision(precision, self.device.type, host_cpu_flags())
         config = _text_config(model)
         self.tokenizer = _load_tokenizer(model)
         try:

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -72,6 +72,7 @@ from image_search.segments import (
 )
 from image_search.storage import Entry, Store, StoreError, open_store
 from index_builder.diff import CollectionDiff, assign_ids, diff_collection, full_diff, keys_to_hash
+from index_builder.listing import list_images
 
 # Test hook: the builder stops itself (SIGSTOP) at the named point so a test can SIGKILL it exactly there.
 STOP_AT_ENV = "INDEX_BUILDER_STOP_AT"
@@ -88,14 +89,10 @@ class BuildError(Exception):
     """The build cannot proceed; the message is the one-line reason shown to the user."""
 
 
-def is_image_key(key: str) -> bool:
-    path = PurePosixPath(key)
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in path.parts)
-
-
 def discover_images(store: Store) -> list[Entry]:
-    """Every image file under the store, by extension, sorted by key; hidden files skipped."""
-    return sorted((entry for entry in store.iter_entries() if is_image_key(entry.key)), key=lambda e: e.key)
+    """Every image file under the store, by extension, sorted by key; hidden files and names that
+    are not UTF-8 left out (see index_builder.listing)."""
+    return list_images(store).entries
 
 
 @dataclass(frozen=True)
@@ -105,6 +102,7 @@ class Collection:
     source: Store
     out: Store
     entries: list[Entry]
+    skipped: tuple[tuple[str, str], ...] = ()  # found but not indexable (names not UTF-8), with the reason
 
     @property
     def keys(self) -> list[str]:
@@ -115,8 +113,8 @@ def open_collection(images: str, out: str) -> Collection:
     """Both locations of a build (folders or s3:// prefixes) and the images found (maybe none: plan_build
     refuses an empty collection only when nothing was published; otherwise it is a removal of everything)."""
     source = open_store(images)
-    entries = discover_images(source)
-    return Collection(source=source, out=open_store(out), entries=entries)
+    listing = list_images(source)  # a folder or prefix that cannot be listed raises StoreError: no guessing
+    return Collection(source=source, out=open_store(out), entries=listing.entries, skipped=tuple(listing.skipped))
 
 
 @dataclass(frozen=True)
@@ -166,6 +164,7 @@ class BuildReport:
     changed: int = 0
     removed: int = 0
     reused: int = 0
+    moved: int = 0  # of `reused`: images found under a new key, id and vector kept
     full_reason: str | None = None
     previous_version: str | None = None
     compacted: str | None = None  # the version a compaction published (then also `version`)
@@ -218,13 +217,14 @@ def full_rebuild_reason(previous: Manifest, model: ModelInfo) -> str | None:
 
 
 def hash_keys(store: Store, keys: list[str]) -> dict[str, str]:
-    """sha256 of each key's bytes (streamed); a file that cannot be read counts as changed (hash "")."""
+    """sha256 of each key's bytes (streamed). A file that cannot be read stops the build: taken for
+    changed, a read error would drop the image (and retire its id) if the next read failed too."""
     hashes = {}
     for key in keys:
         try:
             hashes[key] = store_sha256(store, key)
-        except StoreError:
-            hashes[key] = ""
+        except StoreError as exc:
+            raise BuildError(f"{exc} (checking whether it changed); nothing was published") from exc
     return hashes
 
 
@@ -287,6 +287,7 @@ def finish_build(
         # A changed image that no longer decodes leaves the index like a removed one.
         "removed": len(diff.removed) + len(diff.changed) - changed,
         "reused": len(diff.unchanged),
+        "moved": diff.moved,
     }
     if not records and plan.collection.entries:
         raise BuildError(f"no image in {source.uri} could be read ({len(skipped)} skipped)")

@@ -1,4 +1,4 @@
-"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--full] [--engine local|ray] ...`.
+"""`python -m index_builder --images SRC --out DST [--model ID_OR_DIR] [--full] [--compact] [--engine local|ray] ...`.
 
 Incremental by default: only images that are new or whose bytes changed since the published
 version are embedded (see index_builder.build).
@@ -11,12 +11,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from image_search.artifact import DEFAULT_KEEP_VERSIONS, DEFAULT_RETENTION_S, RetentionPolicy
+from image_search.artifact import DEFAULT_KEEP_VERSIONS, DEFAULT_RETENTION_S
 from image_search.checkpoints import DEFAULT_MODEL
 from image_search.commit_lock import LockBusy, commit_lock, holder_name
 from image_search.precision import PRECISIONS
 from image_search.storage import StoreError, is_s3_uri, open_store
 from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection, plan_build
+from index_builder.diff import DEFAULT_MAX_REMOVED_SHARE
+from index_builder.options import announce, check_removals, retention_policy, trusted_stat_only
 
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a SIGINT
 
@@ -65,7 +67,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="wait this long for the index's commit lock when another builder or the service's Writer "
         "holds it (default 0: fail at once, naming the holder)",
     )
+    parser.add_argument(
+        "--max-removed-share",
+        type=float,
+        default=DEFAULT_MAX_REMOVED_SHARE,
+        help="refuse to publish a build that removes more than this share of the published images "
+        f"(default {DEFAULT_MAX_REMOVED_SHARE:g}): an unmounted disk or a wrong --images looks like that",
+    )
+    parser.add_argument(
+        "--allow-mass-removal", action="store_true", help="publish even if more than --max-removed-share is removed"
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.max_removed_share <= 1:
+        parser.error("--max-removed-share must be between 0 and 1")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.workers is not None and args.workers < 0:
@@ -75,10 +89,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.keep_versions < 2:
         parser.error("--keep-versions must be >= 2 (CURRENT and the version before it are always kept)")
     return args
-
-
-def retention_policy(args: argparse.Namespace) -> RetentionPolicy:
-    return RetentionPolicy(retention_s=args.retention_hours * 3600, keep_versions=args.keep_versions)
 
 
 def run_local(args: argparse.Namespace) -> BuildReport:
@@ -104,19 +114,18 @@ def run_local(args: argparse.Namespace) -> BuildReport:
         preprocessing=encoder.spec.to_dict(),
         precision=encoder.precision,  # what runs: "auto" resolved
     )
+    # From here on every file is read after this moment: stamps newer than it cannot be trusted.
+    collection = trusted_stat_only(collection)
     plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
-    announce(plan.full_reason, len(collection.entries))
+    check_removals(plan, args)
+    announce(plan)
     keys = list(plan.diff.to_embed)
-    with tqdm(total=len(keys), unit="img", disable=args.quiet, file=sys.stderr) as progress:
+    # Nothing to embed: no progress bar (an empty one reads like a stall).
+    with tqdm(total=len(keys), unit="img", disable=args.quiet or not keys, file=sys.stderr) as progress:
         records, vectors, skipped = embed_local(
             collection.source, keys, encoder.spec, encoder.encode_pixels, args.batch_size, workers, progress.update
         )
-    return finish_build(plan, records, vectors, skipped, started)
-
-
-def announce(full_reason: str | None, count: int) -> None:
-    if full_reason is not None:
-        print(f"full rebuild of {count} images: {full_reason}")
+    return finish_build(plan, records, vectors, sorted([*collection.skipped, *skipped]), started)
 
 
 def check_source(location: str) -> None:
@@ -151,10 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED_EXIT_CODE
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(
-        f"added {report.added}, changed {report.changed}, removed {report.removed}, reused {report.reused} "
-        f"in {report.seconds:.1f}s"
-    )
+    print(summary_line(report))
     if report.version is None:
         print(
             f"nothing changed: {report.count} images, {args.out} still serves version {report.previous_version} "
@@ -166,6 +172,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = report.index.factory if report.index else "?"
     print(
         f"indexed {report.count} images ({len(report.skipped)} skipped) into {args.out} "
-        f"version {report.version}, index {spec}, in {report.seconds:.1f}s = {report.images_per_second:.1f} images/s"
+        f"version {report.version}, index {spec}, in {report.seconds:.1f}s{embedding_rate(report)}"
     )
     return 0
+
+
+def summary_line(report: BuildReport) -> str:
+    return (
+        f"added {report.added}, changed {report.changed}, removed {report.removed}, moved {report.moved}, "
+        f"reused {report.reused} in {report.seconds:.1f}s"
+    )
+
+
+def embedding_rate(report: BuildReport) -> str:
+    """ " (E embedded, R images/s)" over the images this build embedded; nothing when it embedded none
+    (a rate over reused images would only measure the listing)."""
+    embedded = report.added + report.changed
+    if embedded == 0 or report.seconds <= 0:
+        return ""
+    return f" ({embedded} embedded, {embedded / report.seconds:.1f} images/s)"

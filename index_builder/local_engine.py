@@ -53,14 +53,18 @@ class Prepared:
     record: ImageRecord | None
     pixels: np.ndarray | None
     error: str | None
+    unreadable: bool = False  # the error is the store's (I/O), not the file's content
 
 
 def prepare_one(store: Store, key: str, spec: PreprocessSpec) -> Prepared:
     """Read and preprocess one image; a failure is reported, never raised (one bad file is not fatal)."""
     try:
         data = store.read_bytes(key)
+    except StoreError as exc:
+        return Prepared(key, None, None, str(exc), unreadable=True)
+    try:
         pixels = pixels_from_bytes(data, spec, filename=key)
-    except (ClientError, StoreError) as exc:
+    except ClientError as exc:
         return Prepared(key, None, None, str(exc))
     # The id is given by the build (index_builder.diff.assign_ids), the mtime from its listing.
     record = ImageRecord(id=-1, key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -219,6 +223,8 @@ def embed_local(
     """Embed `keys` in order; returns the records and vectors of the good ones and the skipped ones.
 
     `workers` decoding processes (0: decode in this process); `encode` takes a list of (H, W, 3) uint8 crops.
+    A file that does not decode is skipped; one that cannot be read raises StoreError: an I/O error
+    says nothing about the image, and skipping it would drop it from the index (retiring its id).
     """
     records: list[ImageRecord] = []
     vectors: list[np.ndarray] = []
@@ -226,6 +232,8 @@ def embed_local(
     window = (1 + BATCHES_AHEAD) * batch_size
     with closing(prepared_in_order(store, keys, spec, workers, window)) as stream:
         while current := list(islice(stream, batch_size)):
+            if unreadable := next((item for item in current if item.unreadable), None):
+                raise StoreError(f"{unreadable.error}; nothing was published (rerun once it reads again)")
             good = [item for item in current if item.pixels is not None]
             skipped.extend((item.key, item.error or "unreadable") for item in current if item.pixels is None)
             if good:

@@ -185,7 +185,7 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
     import ray.data
     from ray.exceptions import RayError, UserCodeException
 
-    from index_builder.cli import announce, retention_policy
+    from index_builder.options import announce, check_removals, retention_policy, trusted_stat_only
 
     started = time.perf_counter()
     collection = open_collection(args.images, args.out)
@@ -202,11 +202,15 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         device, gpus, precision = plan_device(args.device, args.precision, cluster_gpus, host_cpu_flags())
         model = driver_model_info(args.model, precision)
+        # From here on every file is read after this moment: stamps newer than it cannot be trusted.
+        collection = trusted_stat_only(collection)
         plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
-        announce(plan.full_reason, len(collection.entries))
+        check_removals(plan, args)
+        announce(plan)
         keys = list(plan.diff.to_embed)
         if not keys:  # nothing to embed
-            return finish_build(plan, [], np.zeros((0, model.embedding_dim), dtype=np.float32), [], started)
+            empty = np.zeros((0, model.embedding_dim), dtype=np.float32)
+            return finish_build(plan, [], empty, list(collection.skipped), started)
         print(f"encoding on {device} in {precision}, {args.actors} encoder actors")
         ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
         dataset = (
@@ -246,7 +250,7 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         )
     if not records:
         vectors = np.zeros((0, model.embedding_dim), dtype=np.float32)
-    return finish_build(plan, records, vectors, skipped, started)
+    return finish_build(plan, records, vectors, sorted([*collection.skipped, *skipped]), started)
 
 
 def driver_model_info(model: str, precision: str) -> ModelInfo:

@@ -127,6 +127,7 @@ def search_answers(schema: str) -> dict[int, Answer]:
                 "text_too_long",
                 "too_many_texts",
                 "too_many_queries",
+                "too_many_pixels_in_request",
             ),
         ),
         415: Answer(
@@ -338,6 +339,11 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
                 200: Answer("The image (its own type; thumbnails are JPEG).", "Binary", "image/*"),
                 304: Answer("Not modified (If-None-Match matched the ETag)."),
                 404: Answer("No indexed image has this id (never indexed, or removed).", codes=("not_found",)),
+                409: Answer(
+                    "The file behind the id no longer holds the indexed bytes (edited, or a link out of the "
+                    "collection): never served under the record's ETag.",
+                    codes=("indexed_image_changed",),
+                ),
                 422: Answer("A size that is not offered.", codes=("invalid_size",)),
                 500: Answer(
                     "An image of our own collection no longer reads (logged).", codes=("indexed_image_unreadable",)

@@ -17,6 +17,12 @@ from serve_app.deployments.searcher import Searcher
 from serve_app.deployments.writer import Writer
 from serve_app.writes.routes import load_tokens
 
+# How often Serve's controller calls each replica's health check. A killed replica is noticed at
+# its next check, so /healthz says "ok" for up to this long (plus health_status_ttl_s) after a
+# replica dies (issue 21: 7.5 s with Serve's default of 10 s). The checks are cheap (the Searcher's
+# runs one search); a config's `deployments:` entry may still set another period.
+HEALTH_CHECK_PERIOD_S = 2.0
+
 
 def check_model_dim(model: str, manifest: Manifest) -> None:
     """Fail the deploy at once (not after 20 replica retries) when the index's dim cannot fit the model."""
@@ -73,7 +79,9 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
 
     def deployment(cls: object, name: str) -> Deployment:
         # @serve.deployment turns the classes into Deployments; type checkers still see the classes.
-        return cast(Deployment, cls).options(**options.get(name, {}))
+        return cast(Deployment, cls).options(
+            **{"health_check_period_s": HEALTH_CHECK_PERIOD_S, **options.get(name, {})}
+        )
 
     embedder = deployment(Embedder, "Embedder").bind(args.model, args.embedder)
     searcher = deployment(Searcher, "Searcher").bind(store.uri, args.searcher, args.cache_dir, args.reload_interval_s)

@@ -29,6 +29,12 @@ class UploadLimits(BaseModel):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="bytes per request body")
     max_fields: int = Field(default=32, ge=1, description="non-file form fields per request")
     max_pixels: int = Field(default=50_000_000, ge=1, description="width x height of one image")
+    # Memory is what decoding costs: all files of one request together may decode to at most this many
+    # pixels (after the JPEG draft; header dimensions, checked before any decode). 2 x max_pixels.
+    max_request_pixels: int = Field(default=100_000_000, ge=1, description="decoded pixels per request")
+    # Decodes one Ingress replica runs at once (each on a worker thread), whatever the number of
+    # requests in flight: with max_request_pixels this bounds the replica's decode memory.
+    max_concurrent_decodes: int = Field(default=4, ge=1, le=64, description="decodes at once per Ingress")
     max_k: int = Field(default=100, ge=1, le=1000)
     default_k: int = Field(default=5, ge=1)
     # Text queries: characters are counted before tokenising (CLIP reads 77 tokens at most; a
@@ -66,9 +72,9 @@ class SearcherOptions(BaseModel):
     # Search-time knobs of approximate indexes (ignored by exact ones).
     nprobe: int | None = Field(default=None, ge=1)
     ef_search: int | None = Field(default=None, ge=1)
-    # Index versions one replica holds at once (mapped, not copied): during a handover the old one
-    # answers the requests that started before it and the new one the rest; 3 leaves room for a
-    # second publish while the first handover's requests finish.
+    # Index versions one replica holds at once (their segments mapped, not copied, and shared between
+    # versions): during a handover the old one answers the requests that started before it and the
+    # new one the rest; 3 leaves room for a second publish while the first handover's requests finish.
     max_versions: int = Field(default=3, ge=2, le=16)
     # The health check runs one search on the search thread; longer than this means it is stuck.
     health_timeout_s: float = Field(default=10.0, gt=0, le=300)
@@ -104,6 +110,11 @@ class AppArgs(BaseModel):
     embedder: EmbedderOptions = EmbedderOptions()
     searcher: SearcherOptions = SearcherOptions()
     thumbnail_sizes: tuple[int, ...] = (128, 256, 512)
+    # Thumbnails are cached on disk by content hash (one decode per image and size, ever), in this
+    # folder (default: image_search-thumbnails in the system's temporary folder), bounded to
+    # thumbnail_cache_max_bytes (least recently used files go first).
+    thumbnail_cache_dir: str | None = Field(default=None, min_length=1)
+    thumbnail_cache_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
     # Our own end-to-end deadline per request, enforced inside the Ingress. Serve's
     # request_timeout_s can be lifted by a client (`x-request-timeout-seconds: 0` disables it);
     # this one cannot, so a slow upload or a stuck call never holds a slot longer than this.
@@ -117,11 +128,12 @@ class AppArgs(BaseModel):
     # Where the collection's images live now (folder or s3://); default: where the index was built
     # (the manifest's `source`). /images/{id} reads `<images>/<key>`.
     images: str | None = Field(default=None, min_length=1)
-    # Per-node folder for S3 index artifacts (downloaded once per node, verified, then mapped);
+    # Per-node folder for S3 index segments (downloaded once per node, verified, then mapped; a
+    # Searcher drops those no version still in the store names, serve_app/segment_cache.py);
     # default: image_search-index-cache in the system's temporary folder.
     cache_dir: str | None = Field(default=None, min_length=1)
     # /healthz reads Serve's status at most this often (it asks Serve's controller each time).
-    health_status_ttl_s: float = Field(default=2.0, ge=0, le=60)
+    health_status_ttl_s: float = Field(default=1.0, ge=0, le=60)
     # How long an Ingress replica waits at start for the Embedder to load its model and answer (and,
     # as long again, for a Searcher to load the index). Past it the replica fails (and Serve retries
     # it) with a log line naming what it waited for.

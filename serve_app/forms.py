@@ -20,6 +20,10 @@ from serve_app.config import UploadLimits
 from serve_app.multipart import FILES_FIELD, FormField, Upload, human_bytes, read_form
 from serve_app.text_queries import TEXT_FIELD, TextQuery, max_text_field_bytes, query_values, text_query
 
+# Percent-encoding writes a byte as at most 3 ("%C3"); names and separators fit in this slack.
+PERCENT_ENCODED_BYTES_PER_BYTE = 3
+URLENCODED_SLACK_BYTES = 1024
+
 MULTIPART = b"multipart/form-data"
 URLENCODED = b"application/x-www-form-urlencoded"
 
@@ -62,22 +66,38 @@ def _form_from_fields(uploads: list[Upload], fields: list[FormField], limits: Up
     return form
 
 
+def max_urlencoded_bytes(limits: UploadLimits) -> int:
+    """The largest urlencoded body the text limits can use: max_fields fields, each as long as the
+    longest value any of them keeps, percent-encoded, plus slack for names and separators. Texts
+    alone never need more, and a body is held whole while it is parsed, so none may be larger."""
+    longest_value = max(field_limits(limits).values())
+    most = limits.max_fields * PERCENT_ENCODED_BYTES_PER_BYTE * longest_value + URLENCODED_SLACK_BYTES
+    return min(most, limits.max_request_bytes)
+
+
 async def read_urlencoded(
     content_length: str | None, body: AsyncIterator[bytes], limits: UploadLimits
 ) -> list[FormField]:
-    """The wanted fields of an urlencoded body (texts and their weights; photos need multipart)."""
-    too_large = RequestTooLarge(f"A request may carry at most {human_bytes(limits.max_request_bytes)}.")
+    """The wanted fields of an urlencoded body (texts and their weights; photos need multipart).
+
+    The body is held whole, so it is capped at what the text limits allow (`max_urlencoded_bytes`),
+    and its fields are counted before it is split (an 8 MiB `a&a&...` would otherwise become a
+    list of millions of objects)."""
+    cap = max_urlencoded_bytes(limits)
+    too_large = RequestTooLarge(
+        f"An urlencoded request may carry at most {human_bytes(cap)} (texts only; send photos as multipart)."
+    )
     declared = parse_decimal(content_length) if content_length is not None else None
-    if declared is not None and declared > limits.max_request_bytes:
+    if declared is not None and declared > cap:
         raise too_large
     data = bytearray()
     async for chunk in body:
         data += chunk
-        if len(data) > limits.max_request_bytes:
+        if len(data) > cap:
             raise too_large
     raw = bytes(data)
-    pairs = [pair for pair in raw.split(b"&") if pair]
-    if len(pairs) > limits.max_fields:
+    # An upper bound on the non-empty fields, counted without splitting.
+    if raw.strip(b"&").count(b"&") + 1 > limits.max_fields:
         raise TooManyFields(f"Send at most {limits.max_fields} form fields per request.")
     if query_values(raw, FILES_FIELD):
         raise MalformedRequest("Photos must be sent as multipart/form-data; urlencoded forms carry texts only.")

@@ -3,8 +3,10 @@
 Built from `serve.status()` (Ray's public status API, the same data as `serve status`): for each
 deployment its status (HEALTHY, UPDATING, UNHEALTHY, ...) and how many replicas are in each
 state. A replica that died and is being replaced shows as STARTING beside the RUNNING ones; a
-replica that crash-loops keeps the deployment UNHEALTHY (trigger REPLICA_STARTUP_FAILED) with
-Serve's message. Stopping replicas are leaving on purpose and do not count.
+replica that crash-loops keeps the deployment UNHEALTHY (trigger REPLICA_STARTUP_FAILED). Serve's
+message (since Ray 2.x it carries replica constructor exceptions: paths, bucket names, tracebacks)
+is logged, once per distinct message, and never answered: anyone may call /healthz, so it shows
+states and counts only. Stopping replicas are leaving on purpose and do not count.
 
 - "ok": every deployment HEALTHY with all its replicas running.
 - "degraded": answering, but some deployment has fewer running replicas than Serve keeps, or is
@@ -17,10 +19,13 @@ The rules are pure (the status arrives as plain values) and unit-tested without 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+logger = logging.getLogger("ray.serve")
 
 Health = Literal["ok", "degraded", "unavailable"]
 LEAVING_STATES = frozenset({"STOPPING", "STOPPED"})
@@ -43,10 +48,7 @@ class DeploymentHealth:
         return "ok"
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"status": self.status, "healthy_replicas": self.running, "replicas": self.replicas}
-        if self.message:
-            data["message"] = self.message
-        return data
+        return {"status": self.status, "healthy_replicas": self.running, "replicas": self.replicas}
 
 
 def _text(value: Any) -> str:
@@ -73,9 +75,28 @@ def overall(deployments: list[DeploymentHealth]) -> Health:
     return "degraded" if "degraded" in healths else "ok"
 
 
-def health_report(deployments: Mapping[str, Any], serving: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, JSON body) from an application's deployments' status overviews."""
+class ServeMessageLog:
+    """Logs each deployment's Serve message when it changes (a load balancer polls /healthz every
+    few seconds: the same message is not logged on every poll)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, str] = {}
+
+    def log(self, items: list[DeploymentHealth]) -> None:
+        for item in items:
+            if item.message and self.last.get(item.name) != item.message:
+                logger.warning("deployment %s is %s: %s", item.name, item.status, item.message)
+            self.last[item.name] = item.message
+
+
+def health_report(
+    deployments: Mapping[str, Any], serving: Mapping[str, Any], messages: ServeMessageLog | None = None
+) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) from an application's deployments' status overviews; their messages
+    go to `messages` (the log), never into the body."""
     items = [deployment_health(name, overview) for name, overview in sorted(deployments.items())]
+    if messages is not None:
+        messages.log(items)
     health = overall(items)
     body = {"status": health, **serving, "deployments": {item.name: item.to_dict() for item in items}}
     return (503 if health == "unavailable" else 200), body

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +24,9 @@ from image_search.errors import ServiceError
 logger = logging.getLogger("ray.serve")
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+# nginx's "client closed request": recorded (metrics) for a client that left mid-request; it never
+# reaches anyone, and it is not our error (no traceback, not a 500).
+CLIENT_CLOSED_STATUS = 499
 
 
 def error_body(code: str, message: str, filename: str | None = None) -> dict[str, Any]:
@@ -95,8 +98,24 @@ class InternalErrorMiddleware:
             await self.app(scope, receive, send)
             return
         tracker = ResponseStartTracker(send)
+
+        async def receive_or_closed() -> Message:
+            # Serve's replica reads the body from its proxy: when the client goes, that read raises
+            # (ray.exceptions.TaskCancelledError), not Starlette's ClientDisconnect. Either way the
+            # client closed the request; a failed read of its body is never our error.
+            try:
+                return await receive()
+            except Exception as exc:
+                raise ClientDisconnect() from exc
+
         try:
-            await self.app(scope, receive, tracker)
+            await self.app(scope, receive_or_closed, tracker)
+        except ClientDisconnect:
+            # The client left mid-upload (the page does this when a newer search supersedes one).
+            logger.info("client closed the connection before its request was read: %s", scope.get("path"))
+            if not tracker.started:
+                body = error_body("client_closed", "The client closed the connection.")
+                await JSONResponse(body, status_code=CLIENT_CLOSED_STATUS)(scope, receive, send)
         except Exception as exc:
             if tracker.started:  # headers are out: nothing sensible can follow; let the server close it
                 raise

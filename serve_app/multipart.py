@@ -17,7 +17,6 @@ from image_search.errors import (
     ClientError,
     FileTooLarge,
     MalformedRequest,
-    NoFiles,
     NotMultipart,
     RequestTooLarge,
     TooManyFields,
@@ -179,16 +178,6 @@ class _Reader:
             self.uploads.append(self.part.upload)
         if self.part.field is not None:
             self.form_fields.append(self.part.field)
-
-
-async def read_uploads(
-    content_type: str | None, content_length: str | None, body: AsyncIterator[bytes], limits: UploadLimits
-) -> list[Upload]:
-    """Parse a multipart body into the uploads of its `files` fields, in order."""
-    uploads, _ = await read_form(content_type, content_length, body, limits)
-    if not uploads:
-        raise NoFiles("Send at least one photo in a multipart field named 'files'.")
-    return uploads
 
 
 async def read_form(

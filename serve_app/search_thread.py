@@ -32,6 +32,3 @@ class SearchThread:
     def omp_threads(self) -> int:
         """The OpenMP team size FAISS uses on the search thread (what operators and tests check)."""
         return int(self.executor.submit(faiss.omp_get_max_threads).result())
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False)

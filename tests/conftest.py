@@ -107,13 +107,15 @@ def serve_port(ray_cluster: None) -> Iterator[int]:
 
 
 @pytest.fixture(scope="session")
-def app_args(index_dir: Path, tiny_model_dir: Path) -> AppArgs:
+def app_args(index_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AppArgs:
     from serve_app.config import AppArgs
 
     return AppArgs.model_validate(
         {
             "model": str(tiny_model_dir),
             "index": str(index_dir),
+            # This session's own thumbnail cache: tests count on what is (not) cached in it.
+            "thumbnail_cache_dir": str(tmp_path_factory.mktemp("thumbnails")),
             "embedder": {"num_threads": 1},
             "limits": {"max_files": 8, "max_file_bytes": 2_000_000, "max_request_bytes": 6_000_000},
             "request_timeout_s": REQUEST_TIMEOUT_S,

@@ -84,3 +84,35 @@ def exif_rotated_jpeg(upright: Image.Image) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     return encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def exif_block(entries: list[tuple[int, int, int, bytes]], tail: bytes = b"") -> bytes:
+    """A little-endian TIFF-structured EXIF block (no "Exif\\0\\0" prefix): IFD0 with `entries`
+    (tag, type, count, 4-byte value or offset), then `tail` at offset 8 + 2 + 12n + 4."""
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        ifd += struct.pack("<HHI", tag, kind, count) + value
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + tail
+
+
+def malformed_exif(fmt: str, upright: Image.Image, problem: str) -> bytes:
+    """A real JPEG or WebP whose EXIF says "rotate 90°" (orientation 6) beside a value that Pillow
+    reads but cannot write back (`problem`: "short_out_of_range", a SHORT tag stored as a LONG above
+    65535; "negative_rational", a RATIONAL with a negative numerator), or whose EXIF is not TIFF at
+    all ("not_tiff"). `upright` is stored turned, so that orientation 6 makes it upright again."""
+    orientation = (0x0112, 3, 1, struct.pack("<HH", 6, 0))
+    if problem == "short_out_of_range":
+        block = exif_block([orientation, (0x0128, 4, 1, struct.pack("<I", 70_000))])
+    elif problem == "negative_rational":
+        block = exif_block([orientation, (0x011A, 10, 1, struct.pack("<I", 38))], struct.pack("<ii", -1, 0))
+    elif problem == "not_tiff":
+        block = b"XX*\x00\x08\x00\x00\x00"
+    else:
+        raise ValueError(problem)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back (ROTATE_270)
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        stored.save(out, format="JPEG", quality=95, exif=b"Exif\x00\x00" + block)
+    else:
+        stored.save(out, format="WEBP", quality=95, exif=block)
+    return out.getvalue()

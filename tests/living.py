@@ -32,7 +32,7 @@ def current_version(out: Path) -> str:
 
 
 def manifest_of(out: Path, version: str) -> dict[str, Any]:
-    """The version as one manifest-shaped dict (its live records, model fields, next_id)."""
+    """A published version as one manifest-shaped dict (its live records, model fields, next_id)."""
     from image_search.artifact import load_artifact
     from image_search.storage import LocalStore
 

@@ -253,3 +253,54 @@ def test_any_text_as_k_image_id_or_size_is_a_4xx_or_an_answer(serve_base_url: st
         assert response.status_code < 500, (raw, response.status_code, response.text[:200])
         if response.status_code >= 400:
             assert response.json()["error"]["code"], response.text
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+@pytest.mark.parametrize("problem", ["short_out_of_range", "negative_rational"])
+def test_a_photo_with_a_malformed_exif_block_is_answered_not_a_500(
+    serve_base_url: str, indexed_images: list[Path], fmt: str, problem: str
+) -> None:
+    """Pillow's exif_transpose raises struct.error on these EXIF values (a 500 before); the photo is
+    turned upright by its orientation alone and found."""
+    upright = Image.open(indexed_images[6]).convert("RGB")
+    response = post(serve_base_url, [(f"exif.{fmt.lower()}", images.malformed_exif(fmt, upright, problem))])
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["matches"][0]["id"] == 6
+
+
+def test_a_webp_whose_exif_does_not_parse_is_corrupt_beside_a_good_photo(
+    serve_base_url: str, indexed_images: list[Path]
+) -> None:
+    bad = images.malformed_exif("WEBP", synthetic_image(2, (64, 48)), "not_tiff")
+    good = indexed_images[1]
+    response = post(serve_base_url, [("bad.webp", bad), (good.name, good.read_bytes())])
+    assert response.status_code == 200, response.text
+    first, second = response.json()["results"]
+    assert first["error"]["code"] == "corrupt_image" and second["matches"][0]["id"] == 1
+
+
+def test_files_that_together_decode_to_more_than_the_request_pixel_budget_are_413(serve_base_url: str) -> None:
+    """Each 7000 x 7000 PNG is under max_pixels (50 M); three of them (147 M) are over max_request_pixels (100 M)."""
+    header = images.png_header_only(7000, 7000)
+    response = post(serve_base_url, [(f"{index}.png", header) for index in range(3)])
+    assert_error(response, 413, "too_many_pixels_in_request")
+    two = post(serve_base_url, [(f"{index}.png", header) for index in range(2)])  # 98 M: decoded (and damaged)
+    assert (
+        two.status_code == 400 and [entry["error"]["code"] for entry in two.json()["results"]] == ["corrupt_image"] * 2
+    )
+
+
+def test_an_urlencoded_body_at_the_text_cap_is_read_and_one_byte_over_is_413(serve_base_url: str) -> None:
+    from serve_app.config import UploadLimits
+    from serve_app.forms import max_urlencoded_bytes
+
+    cap = max_urlencoded_bytes(UploadLimits(max_files=8, max_file_bytes=2_000_000, max_request_bytes=6_000_000))
+    assert cap < MAX_REQUEST_BYTES
+    at_cap = b"text=" + b"a" * (cap - len(b"text="))
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    read = requests.post(f"{serve_base_url}/search", data=at_cap, headers=headers, timeout=30)
+    assert_error(read, 413, "text_too_long")  # read and parsed: the one text is too long
+    over = requests.post(f"{serve_base_url}/search", data=at_cap + b"a", headers=headers, timeout=30)
+    assert_error(over, 413, "request_too_large")
+    separators = requests.post(f"{serve_base_url}/search", data=b"a&" * 100_000, headers=headers, timeout=30)
+    assert separators.status_code == 413

@@ -153,7 +153,24 @@ def test_rebuild_of_an_unchanged_collection_publishes_nothing(
     capsys.readouterr()
     assert build(image_folder, out, tiny_model_dir) == 0
     printed = capsys.readouterr().out
-    assert "added 0, changed 0, removed 0, reused 24" in printed
+    assert "added 0, changed 0, removed 0, moved 0, reused 24" in printed
     assert f"nothing changed: 24 images, {out} still serves version {first}" in printed
     assert (out / "CURRENT").read_text().strip() == first
     assert [p.name for p in (out / "versions").iterdir()] == [first]
+
+
+def test_a_build_that_embeds_nothing_shows_no_progress_bar_and_no_rate(
+    tmp_path: Path, image_folder: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(image_folder, images)
+    (images / "notes.jpg").unlink()  # a skipped file is tried again by every build
+    assert build(images, out, tiny_model_dir) == 0
+    capsys.readouterr()
+    # Without --quiet: the progress bar would be drawn if there were anything to embed.
+    assert main(["--images", str(images), "--out", str(out), "--model", str(tiny_model_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "nothing changed" in captured.out
+    assert "images/s" not in captured.out and "img/s" not in captured.err and "0/0" not in captured.err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import struct
 
 import numpy as np
 import pytest
@@ -89,3 +91,60 @@ def test_a_png_header_without_data_is_too_large_or_damaged_never_not_an_image() 
     small = images.png_header_only(500, 500)
     with pytest.raises(CorruptImage):
         decode_image(small[: small.index(b"IDAT") - 4])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+@pytest.mark.parametrize("problem", ["short_out_of_range", "negative_rational"])
+def test_a_malformed_exif_value_beside_the_orientation_still_decodes_upright(fmt: str, problem: str) -> None:
+    """ImageOps.exif_transpose rewrites the EXIF block and raises struct.error on these values;
+    the orientation alone is what decoding needs."""
+    upright = synthetic_image(4, (320, 200))
+    data = images.malformed_exif(fmt, upright, problem)
+    decoded = decode_image(data)
+    assert decoded.size == (320, 200)
+    assert np.abs(np.asarray(decoded, dtype=int) - np.asarray(upright, dtype=int)).mean() < 8
+
+
+def test_exif_that_is_not_tiff_is_a_corrupt_webp() -> None:
+    with pytest.raises(CorruptImage):
+        decode_image(images.malformed_exif("WEBP", synthetic_image(4, (64, 48)), "not_tiff"))
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack requires a buffer of 4 bytes"), RuntimeError("x"), KeyError(7)])
+def test_any_exception_a_decoder_raises_is_corrupt_image(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
+
+    def broken_load(self: Image.Image) -> None:
+        raise error
+
+    data = images.png(1, (64, 48))
+    monkeypatch.setattr(Image.Image, "load", broken_load)
+    monkeypatch.setattr(Image.Image, "getexif", lambda self: {})
+    with pytest.raises(CorruptImage) as caught:
+        pixels_from_bytes(data, PreprocessSpec(), "broken.png")
+    assert caught.value.filename == "broken.png"
+    with pytest.raises(CorruptImage):
+        decode_image(data)
+
+
+@pytest.mark.parametrize(
+    ("mode", "make"),
+    [
+        ("RGBA", lambda: images.rgba_half_transparent()),
+        ("I;16", lambda: images.png_16bit_gray()),
+        (
+            "F",
+            lambda: images.encode(
+                Image.fromarray(np.linspace(0, 900, 64 * 48, dtype=np.float32).reshape(48, 64)), "TIFF"
+            ),
+        ),
+    ],
+)
+def test_the_crop_is_made_before_converting_and_matches_converting_first(mode: str, make: object) -> None:
+    """Resizing in the decoded mode then converting gives the crop of converting first (within 4 levels)."""
+    from image_search.preprocessing import PreprocessSpec, pixels_from_bytes, prepare_pixels
+
+    data = make()  # type: ignore[operator]
+    assert Image.open(io.BytesIO(data)).mode == mode
+    converted_first = prepare_pixels(decode_image(data), PreprocessSpec()).astype(int)
+    assert np.abs(pixels_from_bytes(data, PreprocessSpec()).astype(int) - converted_first).max() <= 4

@@ -105,3 +105,19 @@ def test_empty_text_is_a_client_error_and_no_tower_is_unavailable(embedder, tmp_
     assert no_text.text_search() == {"available": False, "max_tokens": None}
     with pytest.raises(TextSearchUnavailable):
         asyncio.run(no_text.embed_text("a dog"))
+
+
+def test_a_demo_checkpoint_is_named_as_one_and_a_real_one_by_its_name(tmp_path: Path) -> None:
+    """A demo folder is called "model": /info and the page said "model model". It is named as a demo."""
+    from image_search.checkpoints import DEMO_MARKER
+    from serve_app.deployments.embedder import DEMO_MODEL_NAME
+
+    folder = make_clip_checkpoint(tmp_path / "model")
+    (folder / DEMO_MARKER).write_text("random weights\n")
+    identity = Embedder.func_or_class(str(folder), EmbedderOptions(device="cpu", num_threads=1)).identity()
+    assert (identity["name"], identity["demo"]) == (DEMO_MODEL_NAME, True)
+    assert "model" not in DEMO_MODEL_NAME.split()
+
+
+def test_the_text_tower_reports_the_precision_the_image_tower_runs(embedder) -> None:  # type: ignore[no-untyped-def]
+    assert embedder.text_encoder.precision == embedder.encoder.precision == embedder.identity()["precision"]

@@ -294,3 +294,57 @@ def test_index_of_another_model_of_same_dimension_fails_the_deploy(
         assert "built with model" in message and "fingerprint" in message, message
     finally:
         serve.delete("mismatch")
+
+
+def ingress_log_text() -> str:
+    """This session's Ingress replica logs (Serve writes one file per replica)."""
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    return "".join(
+        path.read_text(errors="replace") for path in (session / "logs" / "serve").glob(f"replica_{APP_NAME}_Ingress_*")
+    )
+
+
+def test_a_client_that_leaves_mid_upload_is_logged_in_one_line_not_as_a_500(serve_base_url: str) -> None:
+    """Half a multipart body, then the socket closes: one "client closed" line, no traceback, no 500."""
+    host, port = serve_base_url.removeprefix("http://").split(":")
+    boundary = "halfboundary"
+    head = (
+        f"POST /search HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: 200000\r\n\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="half.jpg"\r\n\r\n'
+    ).encode()
+    (ingress,) = replica_actors(APP_NAME, "Ingress")
+    before = ingress_log_text()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + images.jpeg(3)[:50_000])  # about a quarter of the declared body
+        # Close only once the Ingress is reading this body (else the proxy drops it before routing).
+        poll(
+            lambda: ray.get(ingress.get_num_ongoing_requests.remote(), timeout=30) >= 1,
+            timeout_s=60,
+            what="the Ingress reading the upload",
+        )
+    poll(
+        lambda: ingress_log_text().count("client closed the connection") > before.count("client closed the connection"),
+        timeout_s=60,
+        what="the Ingress logging the closed connection",
+    )
+    after = ingress_log_text()
+    for marker in ("ClientDisconnect", "unexpected error while answering a request"):
+        assert after.count(marker) == before.count(marker), marker
+
+
+def test_healthz_notices_a_killed_searcher_replica_within_the_health_check_period(serve_base_url: str) -> None:
+    from serve_app.app import HEALTH_CHECK_PERIOD_S
+
+    def health() -> str:
+        return str(requests.get(f"{serve_base_url}/healthz", timeout=30).json()["status"])
+
+    poll(lambda: health() == "ok", timeout_s=120, what="/healthz ok before the kill")
+    pid = replica_pid(replica_actors(APP_NAME, "Searcher")[0])
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    poll(lambda: health() != "ok", timeout_s=30, what="/healthz noticing the killed replica")
+    noticed_s = time.monotonic() - killed_at
+    # The health check period, the status cache (1 s) and Serve's controller loop, with slack for 2 busy cores.
+    assert noticed_s <= HEALTH_CHECK_PERIOD_S + 1.0 + 2.5, noticed_s
+    poll(lambda: health() == "ok", timeout_s=120, what="/healthz ok again once the replica is replaced")

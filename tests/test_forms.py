@@ -21,7 +21,7 @@ from image_search.errors import (
     TooManyFields,
 )
 from serve_app.config import UploadLimits
-from serve_app.forms import SearchForm, read_search_form
+from serve_app.forms import SearchForm, max_urlencoded_bytes, read_search_form
 
 BOUNDARY = "f0rmb0undary"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
@@ -108,6 +108,27 @@ def test_urlencoded_refuses_photos_too_many_fields_and_too_many_bytes() -> None:
         read(URLENCODED, b"text=" + b"a" * LIMITS.max_request_bytes)
     form = read(URLENCODED, b"text=%C3%28")
     assert isinstance(form.texts[0].error, InvalidText)
+
+
+def test_an_urlencoded_body_is_capped_at_what_the_text_limits_allow() -> None:
+    """At the cap the body is read (its too-long text is that text's error); one byte over is 413."""
+    cap = max_urlencoded_bytes(LIMITS)
+    assert cap < LIMITS.max_request_bytes
+    at_cap = b"text=" + b"a" * (cap - len(b"text="))
+    form = read(URLENCODED, at_cap)
+    assert len(form.texts) == 1 and isinstance(form.texts[0].error, TextTooLong)
+    with pytest.raises(RequestTooLarge, match="urlencoded"):
+        read(URLENCODED, at_cap + b"a")
+    # A declared length over the cap is refused before any byte is read.
+    with pytest.raises(RequestTooLarge):
+        asyncio.run(read_search_form(URLENCODED, str(cap + 1), chunks(b""), LIMITS))
+
+
+def test_an_urlencoded_body_of_separators_is_refused_before_it_is_split() -> None:
+    """`a&a&...`: counted, not split into a list of pairs."""
+    with pytest.raises(TooManyFields):
+        read(URLENCODED, b"a&" * (LIMITS.max_fields + 1))
+    assert read(URLENCODED, b"&".join([b"text=a"] * LIMITS.max_fields) + b"&").texts[0].text == "a"
 
 
 def test_other_content_types_are_refused_naming_both_forms() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 
+import pytest
 from ray.serve.schema import DeploymentStatus, ReplicaState
 
-from serve_app.health import health_report
+from serve_app.health import ServeMessageLog, health_report
 
 SERVING = {"index_version": "v7"}
 
@@ -33,16 +36,25 @@ def test_a_replica_being_replaced_is_degraded_with_counts() -> None:
     assert body["deployments"]["Searcher"]["replicas"] == 2
 
 
-def test_crash_looping_deployment_is_degraded_with_serves_message() -> None:
+def test_crash_looping_deployment_is_degraded_and_serves_message_is_logged_not_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    message = "A replica's constructor failed: ArtifactError: cannot read /srv/secret-bucket/index/manifest.json"
     looping = Overview(
         status=DeploymentStatus.UNHEALTHY,
         replica_states={ReplicaState.RUNNING: 1, ReplicaState.STARTING: 1},
-        message="A replica's constructor failed: ArtifactError ...",
+        message=message,
     )
-    status, body = health_report({"Searcher": looping}, SERVING)
+    messages = ServeMessageLog()
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        for _ in range(3):  # polled again and again: logged once
+            status, body = health_report({"Searcher": looping}, SERVING, messages)
     assert status == 200 and body["status"] == "degraded"
-    assert body["deployments"]["Searcher"]["status"] == "UNHEALTHY"
-    assert "constructor failed" in body["deployments"]["Searcher"]["message"]
+    assert body["deployments"]["Searcher"] == {"status": "UNHEALTHY", "healthy_replicas": 1, "replicas": 2}
+    assert "constructor" not in json.dumps(body) and "/srv" not in json.dumps(body)
+    assert [record.getMessage() for record in caplog.records if message in record.getMessage()] == [
+        f"deployment Searcher is UNHEALTHY: {message}"
+    ]
 
 
 def test_stopping_replicas_do_not_count_as_missing() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
+import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -43,8 +45,13 @@ async def slow(request: Request) -> Response:
     return Response()
 
 
+async def read_body(request: Request) -> Response:
+    return JSONResponse({"bytes": len(await request.body())})
+
+
 ROUTES = [
     Route("/info", ok),
+    Route("/upload", read_body, methods=["POST"]),
     Route("/search", crash, methods=["POST"]),
     Route("/healthz", client_mistake),
     Route("/images/{image_id}", our_data_fault),
@@ -52,14 +59,30 @@ ROUTES = [
 ]
 
 
-def call(path: str, method: str = "GET", timeout_s: float = 5.0) -> tuple[int, dict[str, str], Any, Counts]:
+def call(
+    path: str,
+    method: str = "GET",
+    timeout_s: float = 5.0,
+    disconnect_after: int | None = None,
+    receive_error: Exception | None = None,
+) -> tuple[int, dict[str, str], Any, Counts]:
     """One request through the real Starlette stack, driven as an ASGI server would."""
     counts = Counts()
     app = build_http_app(ROUTES, counts, request_timeout_s=timeout_s)
     messages: list[dict[str, Any]] = []
 
+    received = 0
+
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        nonlocal received
+        if disconnect_after is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        received += 1
+        if received > disconnect_after:  # the client went away mid-body
+            if receive_error is not None:
+                raise receive_error  # how Serve's replica reports it: the read from its proxy fails
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
 
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
@@ -108,3 +131,20 @@ def test_the_deadline_answers_503_with_retry_after_and_is_counted() -> None:
 def test_a_normal_answer_is_counted_once() -> None:
     assert call("/info")[0] == 200
     assert call("/info")[3].seen == [("info", 200)]
+
+
+class TaskCancelledError(Exception):
+    """Stands for ray.exceptions.TaskCancelledError, what Serve's receive raises when the client left."""
+
+
+@pytest.mark.parametrize("receive_error", [None, TaskCancelledError("Task: 8cf5 was cancelled.")])
+def test_a_client_that_leaves_mid_upload_is_not_our_error(
+    caplog: pytest.LogCaptureFixture, receive_error: Exception | None
+) -> None:
+    """Counted as 499 client_closed, logged in one line without a traceback, never a 500."""
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        status, _, body, counts = call("/upload", "POST", disconnect_after=3, receive_error=receive_error)
+    assert (status, body["error"]["code"]) == (499, "client_closed")
+    assert counts.seen == [("other", 499)]
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+    assert any("client closed" in record.getMessage() for record in caplog.records)

@@ -57,7 +57,7 @@ def test_incremental_build_embeds_only_what_changed_and_equals_a_full_build(
 
     assert build(collection, out, tiny_model_dir) == 0
     printed = capsys.readouterr().out
-    assert "added 2, changed 1, removed 1, reused 22 in " in printed
+    assert "added 2, changed 1, removed 1, moved 0, reused 22 in " in printed
     assert "full rebuild" not in printed
     incremental = load_artifact(LocalStore(out))
     ids_after = {r.key: r.id for r in incremental.manifest.records}
@@ -88,17 +88,112 @@ def test_incremental_build_embeds_only_what_changed_and_equals_a_full_build(
     assert not np.allclose(old_changed, inc_vectors[changed][1], atol=1e-3)
 
 
-def test_a_touched_file_is_hashed_not_embedded(
-    collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+def test_a_touched_file_is_hashed_not_embedded_and_its_new_stamp_is_stored(
+    collection: Path,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "out"
     assert build(collection, out, tiny_model_dir) == 0
     touched = collection / "img_0002.jpg"
     stat = touched.stat()
-    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    new_mtime = stat.st_mtime_ns - 5_000_000_000  # in the past: a stamp the build can trust
+    os.utime(touched, ns=(stat.st_atime_ns, new_mtime))
+    first = (out / "CURRENT").read_text()
     capsys.readouterr()
     assert build(collection, out, tiny_model_dir) == 0
-    assert "added 0, changed 0, removed 0, reused 24" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "added 0, changed 0, removed 0, moved 0, reused 24" in printed
+    # The new stamp is recorded (a small version is published for it), ids and vectors unchanged...
+    assert (out / "CURRENT").read_text() != first and "nothing changed" not in printed
+    after = load_artifact(LocalStore(out)).manifest
+    assert {r.key: r.mtime_ns for r in after.records}["img_0002.jpg"] == new_mtime
+    assert {r.key: r.id for r in after.records} == {
+        r.key: r.id for r in load_artifact(LocalStore(out), f"versions/{first.strip()}").manifest.records
+    }
+    # ...so the next build reads no file at all, and publishes nothing.
+    import image_search.artifact
+    import index_builder.build
+
+    hashed: list[str] = []
+    real_sha256 = image_search.artifact.store_sha256
+    monkeypatch.setattr(
+        index_builder.build, "store_sha256", lambda store, key: hashed.append(key) or real_sha256(store, key)
+    )
+    assert build(collection, out, tiny_model_dir) == 0
+    assert hashed == [] and "nothing changed" in capsys.readouterr().out
+
+
+def test_a_same_size_rewrite_within_the_stamps_tick_is_re_embedded(
+    collection: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stamp no older than the clock's tick when the build reads the file could be shared by a
+    rewrite right after: it is not trusted (recorded as unknown) and the next build hashes the file."""
+    out = tmp_path / "out"
+    target = collection / "img_0002.jpg"
+    same_tick = target.stat().st_mtime_ns + 3_600 * 10**9  # "now" to the builder's clock, and beyond
+    os.utime(target, ns=(same_tick, same_tick))
+    assert build(collection, out, tiny_model_dir) == 0
+    before = load_artifact(LocalStore(out)).manifest
+    assert {r.key: r.mtime_ns for r in before.records}["img_0002.jpg"] is None
+    old_id = {r.key: r.id for r in before.records}["img_0002.jpg"]
+    # Rewritten: other bytes, the same size, the same stamp (as a coarse clock gives it).
+    data = bytearray(target.read_bytes())
+    rewritten = synthetic_image(4242, (320, 240))
+    import io
+
+    buffer = io.BytesIO()
+    rewritten.save(buffer, format="JPEG", quality=92)
+    new_bytes = buffer.getvalue()[: len(data)].ljust(len(data), b"\0")  # same size (JPEG ignores the tail)
+    assert len(new_bytes) == len(data) and new_bytes != bytes(data)
+    target.write_bytes(new_bytes)
+    os.utime(target, ns=(same_tick, same_tick))
+    capsys.readouterr()
+    assert build(collection, out, tiny_model_dir) == 0
+    assert "added 0, changed 1, removed 0, moved 0, reused 23" in capsys.readouterr().out
+    after = load_artifact(LocalStore(out)).manifest
+    record = next(r for r in after.records if r.key == "img_0002.jpg")
+    import hashlib
+
+    assert (record.id, record.sha256) == (old_id, hashlib.sha256(new_bytes).hexdigest())
+
+
+def test_a_renamed_folder_keeps_its_ids_and_vectors_and_embeds_nothing(
+    collection: Path,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "out"
+    assert build(collection, out, tiny_model_dir) == 0
+    before = by_key(load_artifact(LocalStore(out)))
+    (collection / "nested").rename(collection / "2024-holiday")
+    (collection / "img_0002.jpg").rename(collection / "renamed.jpg")
+    moved = {key: "2024-holiday/" + key.removeprefix("nested/") for key in before if key.startswith("nested/")}
+    moved["img_0002.jpg"] = "renamed.jpg"
+    import index_builder.local_engine
+
+    embedded: list[str] = []
+    real_embed = index_builder.local_engine.embed_local
+
+    def counting_embed(store: object, keys: list[str], *args: object, **kwargs: object) -> object:
+        embedded.extend(keys)
+        return real_embed(store, keys, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index_builder.local_engine, "embed_local", counting_embed)
+    capsys.readouterr()
+    assert build(collection, out, tiny_model_dir) == 0
+    assert f"added 0, changed 0, removed 0, moved {len(moved)}, reused 24 in " in capsys.readouterr().out
+    assert embedded == ["notes.jpg"]  # only the non-image, tried by every build
+    after = by_key(load_artifact(LocalStore(out)))
+    assert sorted(after) == sorted(moved.get(key, key) for key in before)
+    for old_key, (old_id, old_vector) in before.items():
+        new_id, new_vector = after[moved.get(old_key, old_key)]
+        assert new_id == old_id, old_key
+        np.testing.assert_array_equal(new_vector, old_vector)
 
 
 def test_another_model_forces_a_full_rebuild_that_keeps_ids(
@@ -112,7 +207,7 @@ def test_another_model_forces_a_full_rebuild_that_keeps_ids(
     assert build(collection, out, other_model) == 0
     printed = capsys.readouterr().out
     assert "full rebuild of 25 images: the model changed (fingerprint " in printed
-    assert "added 0, changed 24, removed 0, reused 0" in printed
+    assert "added 0, changed 24, removed 0, moved 0, reused 0" in printed
     rebuilt = load_artifact(LocalStore(out)).manifest
     assert {r.key: r.id for r in rebuilt.records} == ids_before
     assert rebuilt.model == str(other_model)

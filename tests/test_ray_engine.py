@@ -106,7 +106,7 @@ def test_ray_engine_builds_incrementally_embedding_only_the_diff(
     capsys.readouterr()
 
     assert build(images, out, tiny_model_dir, "--engine", "ray", "--batch-size", "4") == 0
-    assert "added 1, changed 0, removed 1, reused 23" in capsys.readouterr().out
+    assert "added 1, changed 0, removed 1, moved 0, reused 23" in capsys.readouterr().out
     after = load_artifact(open_store(str(out)))
     ids = {r.key: r.id for r in after.manifest.records}
     assert ids.pop("new/nested/img_0300.jpg") == 24

@@ -68,6 +68,15 @@ def test_versions_to_delete(
     assert versions_to_delete(versions(*ages_h, now=now), current, now, policy) == deleted
 
 
+def test_the_version_current_replaced_is_kept_even_behind_a_crashed_builds_version() -> None:
+    """v4 is a version file a killed build wrote and CURRENT never named: v3 is what v5 replaced."""
+    now = 1_000_000.0
+    infos = versions(600, 500, 400, 300, 200, 100, now=now)
+    policy = RetentionPolicy(retention_s=0, keep_versions=2)
+    assert versions_to_delete(infos, "v5", now, policy) == ["v0", "v1", "v2", "v3"]
+    assert versions_to_delete(infos, "v5", now, policy, parent_of_current="v3") == ["v0", "v1", "v2"]
+
+
 def test_a_version_whose_name_has_no_time_is_never_deleted() -> None:
     infos = [VersionInfo("manual-copy", None), *versions(600, 500, 400, 300)]
     assert versions_to_delete(infos, "v3", 1_000_000.0, RetentionPolicy(keep_versions=2)) == ["v0", "v1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def test_search_answer_names_its_index_version(
     path = indexed_images[0]
     response = post_files(serve_base_url, [(path.name, path.read_bytes())])
     assert response.json()["index_version"] == (index_dir / "CURRENT").read_text().strip()
+    assert response.json()["demo"] is False  # a trained (not the random demo) model: scores mean something
 
 
 def test_unseen_photo_gets_ranked_matches(serve_base_url: str) -> None:
@@ -171,21 +173,75 @@ def test_thumbnail_sizes_outside_the_list_are_422(serve_base_url: str, size: str
     assert response.json()["error"]["code"] == "invalid_size"
 
 
-def test_an_indexed_image_that_no_longer_reads_is_a_server_fault(
+def test_an_indexed_image_that_no_longer_reads_is_a_server_fault_and_one_that_changed_is_409(
     serve_base_url: str, indexed_images: list[Path]
 ) -> None:
-    """Our own data's problem: 500 `indexed_image_unreadable`, never a 4xx as if the client had sent it."""
+    """Our own data's problem, never a 4xx as if the client had sent it: a file gone is 500
+    `indexed_image_unreadable`; other bytes under the key are 409 `indexed_image_changed` (never served)."""
     image_id = len(indexed_images) - 1  # size 512 of the last image: no other test has it in the cache
     path = indexed_images[image_id]
     original = path.read_bytes()
     try:
         path.write_bytes(b"no longer an image")
-        thumbnail = requests.get(f"{serve_base_url}/images/{image_id}", params={"size": 512}, timeout=30)
+        changed = [
+            requests.get(f"{serve_base_url}/images/{image_id}", params={"size": 512}, timeout=30),
+            requests.get(f"{serve_base_url}/images/{image_id}", timeout=30),
+        ]
         path.unlink()
-        full = requests.get(f"{serve_base_url}/images/{image_id}", timeout=30)
+        gone = requests.get(f"{serve_base_url}/images/{image_id}", timeout=30)
     finally:
         path.write_bytes(original)
-    for response in (thumbnail, full):
-        assert response.status_code == 500, response.text
-        assert response.json()["error"]["code"] == "indexed_image_unreadable"
+    for response in changed:
+        assert response.status_code == 409, response.text
+        assert response.json()["error"]["code"] == "indexed_image_changed"
+        assert b"no longer an image" not in response.content
+    assert gone.status_code == 500, gone.text
+    assert gone.json()["error"]["code"] == "indexed_image_unreadable"
+    for response in [*changed, gone]:
         assert str(path.parent) not in response.text
+
+
+def test_a_link_to_a_secret_outside_the_collection_under_an_indexed_name_is_never_served(
+    serve_base_url: str, indexed_images: list[Path], tmp_path: Path
+) -> None:
+    image_id = 7  # no other test asks for this id's bytes or its 256 thumbnail
+    path = indexed_images[image_id]
+    original = path.read_bytes()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP-SECRET" + b"!" * (len(original) - 10))  # the same size as the record
+    try:
+        path.unlink()
+        path.symlink_to(secret)
+        responses = [
+            requests.get(f"{serve_base_url}/images/{image_id}", timeout=30),
+            requests.get(f"{serve_base_url}/images/{image_id}", params={"size": 256}, timeout=30),
+        ]
+    finally:
+        path.unlink()
+        path.write_bytes(original)
+    for response in responses:
+        assert response.status_code == 409, response.text
+        assert response.json()["error"]["code"] == "indexed_image_changed"
+        assert b"TOP-SECRET" not in response.content and str(tmp_path) not in response.text
+    again = requests.get(f"{serve_base_url}/images/{image_id}", timeout=30)
+    assert (again.status_code, again.content) == (200, original)
+
+
+def test_a_full_image_keeps_its_etag_and_304_and_says_its_length(
+    serve_base_url: str, indexed_images: list[Path]
+) -> None:
+    response = requests.get(f"{serve_base_url}/images/3", timeout=30)
+    assert response.status_code == 200 and response.content == indexed_images[3].read_bytes()
+    assert response.headers["content-length"] == str(len(response.content))
+    again = requests.get(f"{serve_base_url}/images/3", headers={"If-None-Match": response.headers["etag"]}, timeout=30)
+    assert again.status_code == 304 and not again.content
+
+
+def test_the_page_and_its_script_use_relative_urls_so_a_root_path_works(serve_base_url: str) -> None:
+    """The API honours root_path; absolute URLs on the page ("/info", "/ui/app.js") would leave it."""
+    page = requests.get(f"{serve_base_url}/", timeout=30).text
+    script = requests.get(f"{serve_base_url}/ui/app.js", timeout=30).text
+    assert 'src="ui/app.js"' in page and 'href="ui/style.css"' in page
+    assert not re.search(r'(src|href)="/(?!/)', page)
+    assert 'fetch("info"' in script
+    assert not re.search(r"""(fetch\(|postForm\()\s*[`"']/""", script)

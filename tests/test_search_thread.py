@@ -32,7 +32,7 @@ def test_thread_count_is_set_on_the_search_thread_not_the_caller() -> None:
         assert threads_seen_by_a_fresh_thread() == fresh_default
         assert faiss.omp_get_max_threads() == caller
     finally:
-        searching.close()
+        searching.executor.shutdown(wait=False)
 
 
 def test_searches_run_on_the_one_search_thread() -> None:
@@ -52,6 +52,6 @@ def test_searches_run_on_the_one_search_thread() -> None:
     try:
         answers = asyncio.run(scenario())
     finally:
-        searching.close()
+        searching.executor.shutdown(wait=False)
     assert [found for _, found in answers] == [0, 1, 2, 3]
     assert len({name for name, _ in answers}) == 1 and answers[0][0].startswith("faiss-search")

@@ -120,3 +120,35 @@ def test_a_format_2_index_is_refused_with_the_rebuild_command(tmp_path: Path) ->
         read_current_version(LocalStore(root))
     with pytest.raises(LegacyFormatError):
         read_version(LocalStore(root), "old")
+
+
+def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    vectors = centres[rng.integers(0, 40, n)] + 0.35 * rng.standard_normal((n, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_an_approximate_segment_is_tuned_to_the_recall_target_and_says_so(tmp_path: Path) -> None:
+    from image_search.index_spec import IndexSpec
+    from image_search.segments import build_segment
+
+    n, dim = 6000, 32
+    vectors = clustered(n, dim)
+    ids = np.arange(100, 100 + n, dtype=np.int64)
+    records = [ImageRecord(int(i), f"k{i}.jpg", 1, "0" * 64) for i in ids]
+    info = build_segment(LocalStore(tmp_path), ids, vectors, records, dim, IndexSpec("IVF64,Flat", {"nprobe": 1}))
+    tuning = info.index["params"]["tuning"]
+    assert tuning["met"] and tuning["lower_bound"] >= 0.95
+    assert info.index["params"]["nprobe"] == tuning["value"] > 1  # nprobe 1 was not enough on this data
+
+
+def test_an_exact_segment_needs_no_tuning(tmp_path: Path) -> None:
+    from image_search.index_spec import IndexSpec
+    from image_search.segments import build_segment
+
+    vectors = clustered(200, 16)
+    ids = np.arange(200, dtype=np.int64)
+    records = [ImageRecord(int(i), f"k{i}.jpg", 1, "0" * 64) for i in ids]
+    info = build_segment(LocalStore(tmp_path), ids, vectors, records, 16, IndexSpec("Flat"))
+    assert "tuning" not in info.index["params"]

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
-import faiss
 import numpy as np
 import pytest
 import requests
@@ -55,14 +54,18 @@ def assert_error(response: requests.Response, status: int, code: str) -> dict:
 
 @pytest.fixture(scope="module")
 def index_vectors(index_dir: Path) -> np.ndarray:
-    version = (index_dir / "CURRENT").read_text().strip()
-    index = faiss.read_index(str(index_dir / "versions" / version / "index.faiss"))
+    from image_search.artifact import load_artifact
+    from image_search.storage import LocalStore
+
+    # CURRENT's live vectors in one exact index under their ids (0..n-1 in the session's index).
+    index = load_artifact(LocalStore(index_dir)).index
     return index.reconstruct_n(0, index.ntotal)
 
 
 @pytest.fixture(scope="module")
 def text_encoder(tiny_model_dir: Path) -> ClipTextEncoder:
-    return ClipTextEncoder(str(tiny_model_dir), device="cpu")
+    # The precision the Embedder runs (its default `auto`, resolved on this CPU as for the image tower).
+    return ClipTextEncoder(str(tiny_model_dir), device="cpu", precision="auto")
 
 
 @pytest.fixture(scope="module")

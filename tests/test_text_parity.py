@@ -133,3 +133,24 @@ def test_text_that_is_empty_after_stripping_is_a_client_error_not_an_embedding(t
 
 def _tiny_with_positions(positions: int) -> dict:
     return {**TINY, "text": {**TINY["text"], "max_position_embeddings": positions}}
+
+
+# bf16 keeps 8 bits of mantissa: on the tiny checkpoints the text vectors stay this close to fp32
+# (the image tower's bf16 parity is checked by benchmarks.precision_parity on real sizes).
+MIN_COSINE_BF16 = 0.99
+
+
+def test_the_text_tower_runs_the_precision_auto_resolves_to_like_the_image_tower(checkpoint: Path) -> None:
+    """`auto` is resolved for the text tower as for the image tower (the precision /info reports),
+    and the text vectors in that precision stay close to fp32's."""
+    from image_search.encoder import ClipImageEncoder
+    from image_search.precision import host_cpu_flags, resolve_precision
+
+    encoder = ClipTextEncoder(str(checkpoint), device="cpu", precision="auto")
+    assert encoder.precision == resolve_precision("auto", "cpu", host_cpu_flags())
+    assert encoder.precision == ClipImageEncoder(str(checkpoint), device="cpu", precision="auto").precision
+    served, _ = encoder.encode(STRINGS)
+    exact, _ = ClipTextEncoder(str(checkpoint), device="cpu", precision="fp32").encode(STRINGS)
+    assert np.sum(served * exact, axis=1).min() >= MIN_COSINE_BF16
+    if encoder.precision == "bf16":  # this CPU has native bf16: the forward pass really ran in it
+        assert not np.array_equal(served, exact)

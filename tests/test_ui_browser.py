@@ -344,7 +344,8 @@ HOLD_SEARCH = """
   window.__heldSearches = [];
   window.__releaseSearches = () => { window.__heldSearches.splice(0).forEach((release) => release()); };
   window.fetch = async (input, init) => {
-    if (String(input).startsWith('/search')) {
+    // The page fetches relative URLs ("search?k=5"): compare the path they resolve to.
+    if (new URL(String(input), document.baseURI).pathname.startsWith('/search')) {
       await new Promise((release) => window.__heldSearches.push(release));
     }
     return realFetch(input, init);

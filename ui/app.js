@@ -68,7 +68,7 @@
 
   async function loadInfo() {
     try {
-      const response = await fetch("/info", { headers: { Accept: "application/json" } });
+      const response = await fetch("info", { headers: { Accept: "application/json" } });
       if (!response.ok) throw new Error("HTTP " + response.status);
       const info = await response.json();
       state.info = { ...FALLBACK_INFO, ...info };
@@ -592,7 +592,7 @@
   // One request for all photos and phrases: the fields `files` and `text` are repeated, in row
   // order (photos first, as state.queries keeps them).
   async function postSearch(queries, k, signal) {
-    return postForm(`/search?k=${encodeURIComponent(k)}`, queries, signal, false);
+    return postForm(`search?k=${encodeURIComponent(k)}`, queries, signal, false);
   }
 
   async function postForm(url, queries, signal, withWeights) {
@@ -653,7 +653,7 @@
     const started = performance.now();
     let outcome;
     try {
-      outcome = await postForm(`/search/combined?k=${encodeURIComponent(k)}`, toSend, controller.signal, true);
+      outcome = await postForm(`search/combined?k=${encodeURIComponent(k)}`, toSend, controller.signal, true);
     } catch (err) {
       if (err.name === "AbortError") return;
       outcome = { requestError: { code: "network_error" } };

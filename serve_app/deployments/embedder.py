@@ -27,6 +27,8 @@ from serve_app.metrics import EmbedderMetrics
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_BATCHING = BatchingConfig()
+# What /info and the page call a demo checkpoint (random weights): its folder is just "model".
+DEMO_MODEL_NAME = "random CLIP (demo)"
 
 
 def configure_torch_threads(requested: int | None) -> int:
@@ -103,7 +105,7 @@ class Embedder:
         identity = self.encoder.identity
         return {
             "model": identity.name,
-            "name": model_display_name(identity.name),
+            "name": DEMO_MODEL_NAME if self.demo else model_display_name(identity.name),
             "embedding_dim": identity.embedding_dim,
             "fingerprint": identity.fingerprint,
             "preprocessing": self.encoder.spec.to_dict(),

@@ -19,13 +19,20 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
-from image_search.errors import ClientError, ImageNotFound, IndexedImageUnreadable, TextSearchUnavailable
+from image_search.decoding import decoded_pixels
+from image_search.errors import (
+    ClientError,
+    ImageNotFound,
+    IndexedImageUnreadable,
+    TextSearchUnavailable,
+    TooManyRequestPixels,
+)
 from image_search.manifest import ImageRecord
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
-from image_search.storage import Store, StoreError, open_store
+from image_search.storage import Store, open_store
 from serve_app.api_docs import API_DESCRIPTION, DOCS_PAGE, SERVICE_VERSION, swagger_assets
 from serve_app.api_table import endpoints, starlette_routes
 from serve_app.body import read_body
@@ -34,9 +41,10 @@ from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_pa
 from serve_app.config import AppArgs
 from serve_app.downstream import await_with_progress, downstream, retried
 from serve_app.forms import SearchForm, read_search_form
-from serve_app.health import StatusCache, health_report, unknown_report
+from serve_app.health import ServeMessageLog, StatusCache, health_report, unknown_report
 from serve_app.http_app import build_http_app
 from serve_app.http_errors import service_error_response
+from serve_app.image_files import original_chunks, read_verified
 from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload
 from serve_app.openapi import openapi_document
@@ -44,7 +52,7 @@ from serve_app.queries.vectors import parse_vector_body, vector_body_limit
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
 from serve_app.served_index import ServedIndex, Version
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
-from serve_app.thumbnails import LRUBytes, make_thumbnail
+from serve_app.thumbnails import LRUBytes, ThumbnailDiskCache, cached_thumbnail, default_thumbnail_dir, make_thumbnail
 from serve_app.version_records import RecordLookup
 from serve_app.writes.auth import ReadTokenMiddleware
 from serve_app.writes.routes import ImageWrites, load_tokens, parse_wait, read_upload_form
@@ -102,6 +110,8 @@ class Ingress:
             self.embedder.identity.remote(), args.startup_timeout_s, "the Embedder to load its model and answer"
         )
         self.spec = PreprocessSpec.from_dict(self.model["preprocessing"])
+        # A random demo model: every search answer says so, or a curl user sees scores that mean nothing.
+        self.demo = bool(self.model.get("demo", False))
         self.text_search = bool((await self.embedder.text_search.remote())["available"])
         # Replicas start on what is published now (CURRENT), never on a version fixed at deploy time.
         self.index = ServedIndex(open_store(index_root), self.model, self._prepare_searcher, args.images)
@@ -110,9 +120,15 @@ class Ingress:
         )
         self.index.follow(args.reload_interval_s)
         self.status = StatusCache(serve.get_replica_context().app_name, args.health_status_ttl_s)
+        self.serve_messages = ServeMessageLog()
         # Keyed by content hash, not id: the bytes behind an id can change from one version to the next.
         self.thumbnails: LRUBytes[tuple[str, int]] = LRUBytes(THUMBNAIL_CACHE_ENTRIES)
+        self.thumbnail_disk = ThumbnailDiskCache(
+            Path(args.thumbnail_cache_dir) if args.thumbnail_cache_dir else default_thumbnail_dir(),
+            args.thumbnail_cache_max_bytes,
+        )
         self.metrics = IngressMetrics()
+        self.decode_slots = asyncio.Semaphore(self.limits.max_concurrent_decodes)
         # Writes (POST /images, DELETE /images/{id}): the token read here, in the replica's own process.
         self.tokens = load_tokens(args.writes)
         self.writes = ImageWrites(writer, self.tokens, self.index, self.limits, self.metrics)
@@ -160,7 +176,7 @@ class Ingress:
             logger.warning("healthz cannot read Serve's status: %s", str(exc).splitlines()[0][:300])
             status, body = unknown_report("cannot read Serve's status", serving)
         else:
-            status, body = health_report(deployments, serving)
+            status, body = health_report(deployments, serving, self.serve_messages)
         return JSONResponse(body, status_code=status)
 
     async def info(self, request: Request) -> Response:
@@ -174,7 +190,7 @@ class Ingress:
                 **self.index.describe(),
                 "reload_interval_s": self.args.reload_interval_s,
                 "index_type": manifest.index.get("factory"),
-                "demo_data": bool(self.model.get("demo", False)),
+                "demo_data": self.demo,
                 "max_k": self.limits.max_k,
                 "default_k": self.limits.default_k,
                 "max_files": self.limits.max_files,
@@ -218,7 +234,7 @@ class Ingress:
         with self.index.lease() as version:
             scores, ids = await self._search_version(vectors, k, version)
             entries = result_entries([*file_queries, *text_queries], scores, ids, version.manifest, root_path)
-        return JSONResponse({"index_version": version.name, "results": entries})
+        return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
 
     async def search_text(self, request: Request) -> Response:
         """GET /search?q=...&k=...: one text query, for links and scripts."""
@@ -232,7 +248,7 @@ class Ingress:
         with self.index.lease() as version:
             scores, ids = await self._search_version(vectors, k, version)
             entries = result_entries([text_result(query, answer)], scores, ids, version.manifest, root_path)
-        return JSONResponse({"index_version": version.name, "results": entries})
+        return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
 
     async def search_combined(self, request: Request) -> Response:
         """Photos and texts with weights -> one result list for the normalised weighted sum."""
@@ -269,7 +285,9 @@ class Ingress:
                 for query, w, answer in zip(texts, text_weights, text_answers, strict=True)
             ),
         ]
-        return JSONResponse({"index_version": version.name, "results": [{"combined": parts, "matches": matches}]})
+        return JSONResponse(
+            {"index_version": version.name, "demo": self.demo, "results": [{"combined": parts, "matches": matches}]}
+        )
 
     async def search_vectors(self, request: Request) -> Response:
         """JSON vectors in (the seed's Search API), the usual results shape out: one entry per vector."""
@@ -349,7 +367,8 @@ class Ingress:
         return form
 
     async def _prepare_all(self, uploads: list[Upload]) -> list[np.ndarray | ClientError]:
-        prepared = await asyncio.gather(*(asyncio.to_thread(self._prepare, upload) for upload in uploads))
+        self._check_pixel_budget(uploads)
+        prepared = await asyncio.gather(*(self._prepare_in_slot(upload) for upload in uploads))
         for item in prepared:
             self.metrics.count_file(item.code if isinstance(item, ClientError) else "ok")
         return list(prepared)
@@ -378,6 +397,24 @@ class Ingress:
         """One Embedder call per text (batched there with other requests' texts, apart from images)."""
         return list(await downstream(asyncio.gather(*(self.embedder.embed_text.remote(text) for text in texts))))
 
+    def _check_pixel_budget(self, uploads: list[Upload]) -> None:
+        """All files of a request together decode to at most max_request_pixels (read from headers)."""
+        sizes = [
+            decoded_pixels(bytes(upload.data), self.spec.shortest_edge) for upload in uploads if upload.error is None
+        ]
+        # A file over max_pixels is never decoded (that file's own 413): it costs the request nothing.
+        total = sum(size for size in sizes if size <= self.limits.max_pixels)
+        if total > self.limits.max_request_pixels:
+            raise TooManyRequestPixels(
+                f"The files of this request would decode to {total:,} pixels; a request may use at most "
+                f"{self.limits.max_request_pixels:,}. Send fewer or smaller images per request."
+            )
+
+    async def _prepare_in_slot(self, upload: Upload) -> np.ndarray | ClientError:
+        """At most max_concurrent_decodes decodes run at once in this replica, whatever the requests."""
+        async with self.decode_slots:
+            return await asyncio.to_thread(self._prepare, upload)
+
     def _prepare(self, upload: Upload) -> np.ndarray | ClientError:
         if upload.error is not None:
             return upload.error
@@ -398,12 +435,20 @@ class Ingress:
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         if size is None:
-            data = await asyncio.to_thread(self._read_image, images, record)
+            # Streamed in chunks (never read whole unless small enough to verify whole first).
+            chunks = await asyncio.to_thread(original_chunks, images, record)
             media_type = mimetypes.guess_type(record.key)[0] or "application/octet-stream"
-            return Response(data, media_type=media_type, headers=headers)
+            headers["Content-Length"] = str(record.size)
+            return StreamingResponse(chunks, media_type=media_type, headers=headers)
         thumbnail = self.thumbnails.get((record.sha256, size))
         if thumbnail is None:
-            thumbnail = await asyncio.to_thread(self._make_thumbnail, images, record, size)
+            thumbnail = await asyncio.to_thread(
+                cached_thumbnail,
+                self.thumbnail_disk,
+                record.sha256,
+                size,
+                lambda: self._make_thumbnail(images, record, size),
+            )
             self.thumbnails.put((record.sha256, size), thumbnail)
         return Response(thumbnail, media_type="image/jpeg", headers=headers)
 
@@ -415,17 +460,8 @@ class Ingress:
             raise ImageNotFound(f"There is no indexed image with id {image_id}.")
         return record
 
-    @staticmethod
-    def _read_image(images: Store, record: ImageRecord) -> bytes:
-        try:
-            return images.read_bytes(record.key)
-        except StoreError as exc:
-            # The index lists it but the collection lost it: the server's problem, not the client's.
-            logger.error("indexed image %s cannot be read: %s", record.key, exc)
-            raise IndexedImageUnreadable("This indexed image cannot be read right now.") from None
-
     def _make_thumbnail(self, images: Store, record: ImageRecord, size: int) -> bytes:
-        data = self._read_image(images, record)
+        data = read_verified(images, record)  # the record's bytes, or 409/500: a cached thumbnail is the record's
         try:
             return make_thumbnail(data, size, self.limits.max_pixels)
         except ClientError as exc:

@@ -1,0 +1,44 @@
+"""What both engines do with the command line's answers around a build: retention, the removal
+guard, trusting stat data, and the lines printed about the plan. (cli.py parses the command line
+and picks an engine; the engines import this module, never cli.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from image_search.artifact import RetentionPolicy
+from image_search.storage import mtime_margin_ns
+from index_builder.build import BuildError, BuildPlan, Collection
+from index_builder.diff import distrust_fresh_mtimes, removal_refusal
+
+
+def retention_policy(args: argparse.Namespace) -> RetentionPolicy:
+    return RetentionPolicy(retention_s=args.retention_hours * 3600, keep_versions=args.keep_versions)
+
+
+def trusted_stat_only(collection: Collection) -> Collection:
+    """The collection as a build that reads its files from now on may record it: stamps too fresh
+    to rule out a same-size rewrite within their tick are forgotten (index_builder.diff)."""
+    from dataclasses import replace
+
+    entries = distrust_fresh_mtimes(collection.entries, time.time_ns(), mtime_margin_ns(collection.source))
+    return replace(collection, entries=entries)
+
+
+def check_removals(plan: BuildPlan, args: argparse.Namespace) -> None:
+    """Refuse (BuildError) a build that removes more than --max-removed-share of the published images."""
+    if args.allow_mass_removal or plan.previous is None:
+        return
+    refusal = removal_refusal(plan.diff, len(plan.previous.records), args.max_removed_share)
+    if refusal is not None:
+        raise BuildError(
+            f"{refusal}; nothing was published. If {plan.collection.source.uri} is right and that many "
+            "images were removed on purpose, run again with --allow-mass-removal; otherwise check that "
+            "it is the whole collection (mounted, readable, the right --images)"
+        )
+
+
+def announce(plan: BuildPlan) -> None:
+    if plan.full_reason is not None:
+        print(f"full rebuild of {len(plan.collection.entries)} images: {plan.full_reason}")
