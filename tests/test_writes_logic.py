@@ -223,3 +223,28 @@ def test_with_a_read_token_reads_need_it_but_health_and_writes_are_left_to_their
     open_app = Starlette(routes=routes)
     open_app.add_middleware(ReadTokenMiddleware, tokens=Tokens(write=TOKEN))
     assert TestClient(open_app).post("/search").status_code == 200
+
+
+def test_a_poll_that_read_current_before_a_write_switched_does_not_switch_back() -> None:
+    from serve_app.versions import ServedVersion, VersionBook, VersionFollower
+
+    book: VersionBook[str] = VersionBook(current=ServedVersion("v1", "m1"))
+    preparing, release = asyncio.Event(), asyncio.Event()
+
+    async def read_current() -> str:
+        return "v2"  # read before the write's commit made v3
+
+    async def prepare(name: str) -> ServedVersion[str]:
+        preparing.set()
+        await release.wait()
+        return ServedVersion(name, "m")
+
+    async def scenario() -> str:
+        follower = VersionFollower(book, read_current, prepare)
+        poll = asyncio.ensure_future(follower.poll_once())
+        await preparing.wait()
+        book.switch(ServedVersion("v3", "m3"))  # the Ingress serves its write's version meanwhile
+        release.set()
+        return await poll
+
+    assert asyncio.run(scenario()) == "unchanged" and book.current.name == "v3"
