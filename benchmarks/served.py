@@ -15,8 +15,13 @@ a DeploymentHandle cannot reconfigure; `serve deploy` needs the dashboard's REST
 is not a documented public API, but it is what the CLI and the dashboard call, and it exercises the
 real config path (import_path + args + deployment overrides), so it is the most faithful choice.
 
-Baselines measured in the same run, in this process while Serve is idle, between rounds:
-the fp32 batch-32 forward pass (the throughput ceiling) and the fp32 batch-1 forward pass (latency).
+Baselines bracket each measured phase (benchmarks/bracket.py): the fp32 batch-32 forward pass (the
+throughput ceiling) and the batch-1 forward pass in the served precision (latency), sampled at steady
+state in this process right before and right after each phase with Serve idle (the first side with
+the app stopped); each phase's ratio uses its own bracket, and a bracket whose sides differ by more
+than 15% turns the verdict into "too noisy, run again". The idle app's cost is printed too: the
+forward's speed with the app stopped vs up and idle, and the app's own CPU while nobody sends
+anything (target: under 2% of a core).
 
 Also printed: `top`-style %CPU per process role at 16 clients (Ingress, Embedder, Searchers, proxy,
 controller, raylet, GCS, dashboard, this client), sampled from /proc over this run's own process
@@ -53,6 +58,7 @@ import torch
 import yaml
 
 from benchmarks import proc_cpu, stacks
+from benchmarks.bracket import Baseline, Bracket, bracketed_ratios, bracketed_verdict, steady_samples
 from benchmarks.common import (
     forward_seconds,
     machine_note,
@@ -74,9 +80,11 @@ APP_NAME = "image_search"
 CONCURRENCY = (1, 4, 16, 32)
 # Issue 10's targets for served@16 against the fp32 batch-32 forward pass: 0.7x when the app
 # serves fp32, 1.2x with precision auto where it resolves to bf16 (a CPU with native bf16).
-CEILING_RATIO_TARGETS = {"fp32": 0.7, "bf16": 1.2}
+# Issue 22's targets, each against its phase's own bracket.
+CEILING_RATIO_TARGETS = {"fp32": 0.8, "bf16": 1.2}
 BATCHING_GAIN_TARGET = 1.5
-LATENCY_OVERHEAD_TARGET_MS = 30.0
+LATENCY_OVERHEAD_TARGET_MS = 20.0
+IDLE_CPU_TARGET_PERCENT = 2.0
 COLLECTION = 48
 QUERY_IMAGES = 64
 
@@ -275,19 +283,17 @@ def run_text_rows(
     """Served text queries/s at 1 and 16 clients vs the text tower's own forward speed, one table."""
     local = ClipTextEncoder(str(model_dir), device="cpu", precision="fp32")
     texts = text_queries()
-    ceiling: list[float] = []
-    single: list[float] = []
     runs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    brackets: dict[int, list[Bracket]] = defaultdict(list)
 
-    def measure_baselines() -> None:
-        ceiling.append(TEXT_CEILING_BATCH / text_forward_seconds(local, (texts * 2)[:TEXT_CEILING_BATCH], 5))
-        single.append(text_forward_seconds(local, texts[:1], 20))
-        print(
-            f"text baseline: {ceiling[-1]:.1f} texts/s at batch {TEXT_CEILING_BATCH}, "
-            f"batch-1 {1000 * single[-1]:.1f} ms"
+    def measure_side() -> Baseline:
+        side = steady_samples(
+            lambda: TEXT_CEILING_BATCH / text_forward_seconds(local, (texts * 2)[:TEXT_CEILING_BATCH], 1), "app idle"
         )
+        print(f"text baseline (app idle): texts/s at batch {TEXT_CEILING_BATCH} {side.describe()}", flush=True)
+        return side
 
-    measure_baselines()
+    before_side = measure_side()
     for round_index in range(rounds):
         for clients in TEXT_CONCURRENCY:
             before = dict(embedder.text_batch_size_counts.remote().result())
@@ -299,18 +305,20 @@ def run_text_rows(
                 f"p50 {result['p50_ms']:.0f} ms mean batch {result['mean_batch']:.1f} errors {result['errors']}",
                 flush=True,
             )
-        measure_baselines()
-    text_ceiling = median(ceiling)
-    single_ms = 1000 * median(single)
+            after_side = measure_side()
+            brackets[clients].append(Bracket(before_side, after_side))
+            before_side = after_side
     rows = []
     for clients in TEXT_CONCURRENCY:
         q_s = median([run["q_s"] for run in runs[clients]])
+        ratio = median(bracketed_ratios([run["q_s"] for run in runs[clients]], brackets[clients]))
         rows.append(
             [
                 "GET /search?q=",
                 clients,
                 q_s,
-                q_s / text_ceiling,
+                ratio,
+                max(bracket.drift for bracket in brackets[clients]),
                 median([run["p50_ms"] for run in runs[clients]]),
                 median([run["p95_ms"] for run in runs[clients]]),
                 median([run["mean_batch"] for run in runs[clients]]),
@@ -318,9 +326,9 @@ def run_text_rows(
             ]
         )
     print_table(
-        f"Served text queries (median of {rounds} rounds; text tower fp32 batch-{TEXT_CEILING_BATCH} "
-        f"{text_ceiling:.1f} texts/s, batch-1 forward {single_ms:.1f} ms, both measured in this run)",
-        ["route", "clients", "queries/s", "vs text tower", "p50 ms", "p95 ms", "mean batch", "errors"],
+        f"Served text queries (median of {rounds} rounds; each level against its own bracket of the text "
+        f"tower's fp32 batch-{TEXT_CEILING_BATCH} forward, app idle)",
+        ["route", "clients", "queries/s", "vs text tower", "bracket drift", "p50 ms", "p95 ms", "mean batch", "errors"],
         rows,
     )
 
@@ -414,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", default=None, help="embedder.precision (default: serve_config.yaml's, auto); the ceiling is fp32"
     )
     parser.add_argument("--text-only", action="store_true", help="only the text rows (GET /search?q=)")
+    parser.add_argument(
+        "--baseline-seconds", type=float, default=8.0, help="seconds per baseline side, after warm-up (default 8)"
+    )
+    parser.add_argument("--idle-seconds", type=float, default=10.0, help="seconds the idle app's CPU is sampled")
     args = parser.parse_args(argv)
     duration = args.duration or (8.0 if args.quick else 15.0)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -456,19 +468,18 @@ def main(argv: list[str] | None = None) -> int:
         if served_precision == "fp32"
         else ClipImageEncoder(str(model_dir), device="cpu", precision=served_precision)
     )
-    ceiling_samples: list[float] = []
-    single_samples: list[float] = []
 
-    def measure_baselines() -> None:
-        ceiling_samples.append(32 / forward_seconds(local, 32, 2))
-        single_samples.append(forward_seconds(local_served, 1, 10))
-        print(
-            f"baseline: fp32 ceiling {ceiling_samples[-1]:.2f} img/s, "
-            f"{served_precision} batch-1 forward {1000 * single_samples[-1]:.1f} ms"
-        )
+    def measure_sides(state: str) -> tuple[Baseline, Baseline]:
+        """One side of the brackets: the fp32 batch-32 ceiling (img/s) and the served batch-1 forward (s)."""
+        ceiling = steady_samples(lambda: 32 / forward_seconds(local, 32, 1), state, args.baseline_seconds)
+        single = steady_samples(lambda: forward_seconds(local_served, 1, 1), state, args.baseline_seconds)
+        print(f"baseline ({state}): fp32 ceiling img/s {ceiling.describe()}")
+        print(f"baseline ({state}): {served_precision} batch-1 forward s {single.describe()}", flush=True)
+        return ceiling, single
 
+    sides: list[tuple[Baseline, Baseline]] = []
     if not args.text_only:
-        measure_baselines()
+        sides.append(measure_sides("app stopped"))
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -498,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.text_only:
             run_text_rows(base_url, embedder, model_dir, rounds, duration, warmup)
             return 0
+        idle_cpu = measure_idle_cpu(args.idle_seconds)
+        sides.append(measure_sides("app idle"))
         profiled = False
+        phase_brackets: dict[tuple[str, int], list[tuple[Bracket, Bracket]]] = defaultdict(list)
         for round_index in range(rounds):
             names = list(variants) if round_index % 2 == 0 else list(variants)[::-1]
             for name in names:
@@ -539,7 +553,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"errors {result['errors']}",
                         flush=True,
                     )
-                measure_baselines()  # while Serve is idle: the same background load as the levels just run
+                # Right after the phase, with Serve idle: with the side taken right before it, its bracket.
+                sides.append(measure_sides("app idle"))
+                (ceiling_before, single_before), (ceiling_after, single_after) = sides[-2], sides[-1]
+                for clients in CONCURRENCY:
+                    phase_brackets[(name, clients)].append(
+                        (Bracket(ceiling_before, ceiling_after), Bracket(single_before, single_after))
+                    )
         apply(
             client,
             deploy_config(
@@ -552,19 +572,24 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
 
-    ceiling = median(ceiling_samples)
-    single_ms = 1000 * median(single_samples)
+    print_idle_costs(sides, idle_cpu)
     rows = []
     for name in variants:
         for clients in CONCURRENCY:
             runs = results[(name, clients)]
             rate = median([run["img_s"] for run in runs])
+            ceilings = [bracket.value for bracket, _ in phase_brackets[(name, clients)]]
             rows.append(
                 [
                     name,
                     clients,
                     rate,
-                    rate / ceiling,
+                    median(
+                        bracketed_ratios(
+                            [run["img_s"] for run in runs], [b for b, _ in phase_brackets[(name, clients)]]
+                        )
+                    ),
+                    median(ceilings),
                     median([run["p50_ms"] for run in runs]),
                     median([run["p95_ms"] for run in runs]),
                     median([run["p99_ms"] for run in runs]),
@@ -573,39 +598,86 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
     print_table(
-        f"Served throughput (median of {rounds} rounds; fp32 batch-32 ceiling {ceiling:.2f} img/s, "
-        f"{served_precision} batch-1 forward {single_ms:.1f} ms, both measured in this run; "
-        f"the app served {served_precision})",
-        ["Embedder batching", "clients", "img/s", "vs ceiling", "p50 ms", "p95 ms", "p99 ms", "mean batch", "errors"],
+        f"Served throughput (median of {rounds} rounds; each phase against its own bracket: the fp32 batch-32 "
+        f"ceiling and the {served_precision} batch-1 forward sampled right before and right after it with the "
+        f"app idle; the app served {served_precision})",
+        [
+            "Embedder batching",
+            "clients",
+            "img/s",
+            "vs its bracket",
+            "bracket img/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "mean batch",
+            "errors",
+        ],
         rows,
     )
     print_cpu_table(results, list(variants), 16)
     batched = f"max_batch_size {args.batch}"
 
-    def img_s(name: str, clients: int) -> float:
-        return median([run["img_s"] for run in results[(name, clients)]])
+    def ratios(name: str, clients: int) -> list[float]:
+        brackets = [b for b, _ in phase_brackets[(name, clients)]]
+        return bracketed_ratios([run["img_s"] for run in results[(name, clients)]], brackets)
 
-    def p50(name: str, clients: int) -> float:
-        return median([run["p50_ms"] for run in results[(name, clients)]])
+    def brackets_of(name: str, clients: int) -> list[Bracket]:
+        return [bracket for pair in phase_brackets[(name, clients)] for bracket in pair]
 
-    verdict(
+    bracketed_verdict(
         f"served@16 in {served_precision} / fp32 batch-32 ceiling",
-        img_s(batched, 16) / ceiling,
+        median(ratios(batched, 16)),
         CEILING_RATIO_TARGETS[served_precision],
+        brackets_of(batched, 16),
     )
-    verdict(
-        "batched / unbatched at 16 clients", img_s(batched, 16) / img_s("max_batch_size 1", 16), BATCHING_GAIN_TARGET
+    bracketed_verdict(
+        "batched / unbatched at 16 clients",
+        median(ratios(batched, 16)) / median(ratios("max_batch_size 1", 16)),
+        BATCHING_GAIN_TARGET,
+        [*brackets_of(batched, 16), *brackets_of("max_batch_size 1", 16)],
     )
     for name in variants:
-        overhead = p50(name, 1) - single_ms
-        verdict(
+        overheads = [
+            run["p50_ms"] - 1000 * single.value
+            for run, (_, single) in zip(results[(name, 1)], phase_brackets[(name, 1)], strict=True)
+        ]
+        bracketed_verdict(
             f"latency, 1 client, {name}: p50 minus {served_precision} batch-1 forward",
-            overhead,
+            median(overheads),
             LATENCY_OVERHEAD_TARGET_MS,
+            brackets_of(name, 1),
             False,
             " ms",
         )
     return 0
+
+
+def measure_idle_cpu(seconds: float) -> dict[str, float]:
+    """%CPU of one core per process role while the app is up and nobody sends a request."""
+    before, started = proc_cpu.sample(), time.monotonic()
+    time.sleep(seconds)  # the measured interval itself, not a synchronisation
+    return proc_cpu.cpu_percent_by_role(
+        before, proc_cpu.sample(), time.monotonic() - started, proc_cpu.ticks_per_second()
+    )
+
+
+def print_idle_costs(sides: list[tuple[Baseline, Baseline]], idle_cpu: dict[str, float]) -> None:
+    """What an idle app costs: the forward's speed with it stopped vs up and idle, and its own CPU."""
+    if len(sides) >= 2:
+        stopped, idle = sides[0][0], sides[1][0]
+        print(
+            f"fp32 batch-32 forward: {stopped.median:.2f} img/s with the app stopped, {idle.median:.2f} with it up "
+            f"and idle ({idle.median / stopped.median:.3f}x)"
+        )
+    app_cpu = {role: value for role, value in idle_cpu.items() if role != "client"}
+    print_table(
+        "CPU of the idle app (% of one core, nobody sending requests)",
+        ["role", "CPU %"],
+        [[role, value] for role, value in sorted(app_cpu.items(), key=lambda item: -item[1])]
+        + [["all of the app", sum(app_cpu.values())]],
+    )
+    verdict("idle app CPU (all roles)", sum(app_cpu.values()), IDLE_CPU_TARGET_PERCENT, False, "% of a core")
 
 
 if __name__ == "__main__":

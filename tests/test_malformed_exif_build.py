@@ -3,10 +3,10 @@ every build exit with a struct.error traceback and publish nothing)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tests import images
+from tests.living import manifest_of
 from tests.support import synthetic_image
 
 
@@ -27,7 +27,7 @@ def test_a_collection_with_malformed_exif_photos_builds_and_indexes_them(tmp_pat
     code = main(["--images", str(photos), "--out", str(out), "--model", str(tiny_model_dir), "--quiet"])
     assert code == 0
     version = (out / "CURRENT").read_text().strip()
-    manifest = json.loads((out / "versions" / version / "manifest.json").read_text())
+    manifest = manifest_of(out, version)
     # The two whose EXIF only fails to be rewritten are indexed; the one whose EXIF is not TIFF is skipped.
     assert sorted(record["key"] for record in manifest["records"]) == ["0.jpg", "1.webp", "good.png"]
     assert [skipped["path"] for skipped in manifest["skipped"]] == ["2.webp"]
