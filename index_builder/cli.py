@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 from image_search.artifact import DEFAULT_KEEP_VERSIONS, DEFAULT_RETENTION_S
 from image_search.checkpoints import DEFAULT_MODEL
+from image_search.commit_lock import LockBusy, commit_lock, holder_name
 from image_search.precision import PRECISIONS
-from image_search.storage import StoreError, is_s3_uri
+from image_search.storage import StoreError, is_s3_uri, open_store
 from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection, plan_build
 from index_builder.diff import DEFAULT_MAX_REMOVED_SHARE
 from index_builder.options import announce, check_removals, retention_policy, trusted_stat_only
@@ -58,6 +59,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=DEFAULT_KEEP_VERSIONS,
         help=f"keep at least this many newest versions (default {DEFAULT_KEEP_VERSIONS}, minimum 2)",
+    )
+    parser.add_argument(
+        "--lock-wait-s",
+        type=float,
+        default=0.0,
+        help="wait this long for the index's commit lock when another builder or the service's Writer "
+        "holds it (default 0: fail at once, naming the holder)",
     )
     parser.add_argument(
         "--max-removed-share",
@@ -132,13 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_source(args.images)
-        if args.engine == "ray":
-            from index_builder.ray_engine import run_ray
+        # One writer per index: planning, ids and CURRENT are this build's alone until it is done
+        # (the service's Writer takes the same lock for each commit).
+        with commit_lock(open_store(args.out), holder_name("index_builder"), wait_s=args.lock_wait_s):
+            if args.engine == "ray":
+                from index_builder.ray_engine import run_ray
 
-            report = run_ray(args)
-        else:
-            report = run_local(args)
-    except (BuildError, StoreError) as exc:
+                report = run_ray(args)
+            else:
+                report = run_local(args)
+    except (BuildError, StoreError, LockBusy) as exc:
         print(f"index_builder: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -138,6 +138,95 @@ def search_answers(schema: str) -> dict[int, Answer]:
     }
 
 
+WRITE_AUTH = {
+    401: Answer(
+        "No or a wrong 'Authorization: Bearer <write token>' (WWW-Authenticate: Bearer).", codes=("unauthorized",)
+    ),
+    403: Answer("Writes are off: no write token is configured.", codes=("writes_disabled",)),
+}
+WRITE_STORE = {
+    503: Answer(
+        "Overloaded, restarting, the store unwritable, or a CLI builder holding the index; retry after Retry-After.",
+        codes=("overloaded", "timeout", "unavailable", "store_unavailable", "writer_busy"),
+    ),
+    507: Answer("The store has no space left; nothing of the request was stored.", codes=("store_full",)),
+}
+
+
+def wait_param() -> Param:
+    return Param(
+        "wait",
+        "query",
+        {"type": "string", "enum": ["indexed", "stored"], "default": "indexed"},
+        "indexed: answer once this service serves the change (201/200); stored: once it is durable and "
+        "committed (202), possibly before it is served.",
+    )
+
+
+def write_endpoints(args: AppArgs, image_id: Param) -> list[Endpoint]:
+    limits = args.limits
+    upload_errors = search_answers("WriteAnswer")
+    return [
+        Endpoint(
+            "/images",
+            "POST",
+            "add_images",
+            "Add or replace images in the collection (needs the write token).",
+            "images",
+            params=(wait_param(),),
+            body={
+                MULTIPART: {
+                    "type": "object",
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "maxItems": limits.max_files,
+                            "description": f"Images, at most {limits.max_files} of at most "
+                            f"{limits.max_file_bytes} bytes each.",
+                        },
+                        "key": {
+                            "type": "array",
+                            "items": {"type": "string", "maxLength": 512},
+                            "description": "One key per file, in order (e.g. products/123.jpg); missing: "
+                            "uploads/<sha256 prefix>.<ext>.",
+                        },
+                    },
+                }
+            },
+            answers={
+                201: Answer("Committed and served here: one entry (or error) per file.", "WriteAnswer"),
+                202: Answer("Committed (durable) in index_version; served soon.", "WriteAnswer"),
+                400: Answer(
+                    "No file is usable, or the request is malformed (the first failure; `results` lists each).",
+                    codes=("empty_file", "not_an_image", "corrupt_image", "malformed_request", "no_files"),
+                ),
+                413: upload_errors[413],
+                415: upload_errors[415],
+                422: Answer("A bad key or wait.", codes=("invalid_key", "invalid_wait")),
+                **WRITE_AUTH,
+                **WRITE_STORE,
+            },
+        ),
+        Endpoint(
+            "/images/{image_id}",
+            "DELETE",
+            "delete_image",
+            "Remove an image from the index and the collection (needs the write token).",
+            "images",
+            params=(image_id, wait_param()),
+            answers={
+                200: Answer("Removed, and this service no longer serves it.", "DeleteAnswer"),
+                202: Answer("Removed (durable) in index_version; served soon.", "DeleteAnswer"),
+                404: Answer("No indexed image has this id (never indexed, or removed).", codes=("not_found",)),
+                422: Answer("A bad wait.", codes=("invalid_wait",)),
+                **WRITE_AUTH,
+                **WRITE_STORE,
+            },
+        ),
+    ]
+
+
 def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
     limits = args.limits
     k = k_param(args)
@@ -262,6 +351,7 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
                 503: UNAVAILABLE,
             },
         ),
+        *write_endpoints(args, image_id),
         Endpoint(
             "/healthz",
             "GET",

@@ -14,6 +14,8 @@ from serve_app.config import AppArgs
 from serve_app.deployments.embedder import Embedder
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.searcher import Searcher
+from serve_app.deployments.writer import Writer
+from serve_app.writes.routes import load_tokens
 
 # How often Serve's controller calls each replica's health check. A killed replica is noticed at
 # its next check, so /healthz says "ok" for up to this long (plus health_status_ttl_s) after a
@@ -83,4 +85,6 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
 
     embedder = deployment(Embedder, "Embedder").bind(args.model, args.embedder)
     searcher = deployment(Searcher, "Searcher").bind(store.uri, args.searcher, args.cache_dir, args.reload_interval_s)
-    return deployment(Ingress, "Ingress").bind(embedder, searcher, args, store.uri)
+    # The Writer runs only when writes are on (a token configured); a bad token file fails the deploy here.
+    writer = deployment(Writer, "Writer").bind(embedder, args, store.uri) if load_tokens(args.writes).write else None
+    return deployment(Ingress, "Ingress").bind(embedder, searcher, args, store.uri, writer)

@@ -80,6 +80,25 @@ class SearcherOptions(BaseModel):
     health_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
+class WritesOptions(BaseModel):
+    """POST /images and DELETE /images/{id} (serve_app/writes/). Tokens come from files, never from here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A file holding the write token (one line). None: the IMAGE_SEARCH_WRITE_TOKEN environment
+    # variable, and with neither the write routes answer 403 writes_disabled.
+    token_file: str | None = Field(default=None, min_length=1)
+    # Optional: a file holding a read token; then every read route but /healthz needs it (or the write token).
+    # None: IMAGE_SEARCH_READ_TOKEN, and with neither reads stay open.
+    read_token_file: str | None = Field(default=None, min_length=1)
+    # Operations (files and deletes) committed together at most: one segment per commit.
+    max_batch_ops: int = Field(default=256, ge=1, le=4096)
+    # How long a commit waits for the index's commit lock (a CLI builder holds it for its whole build)
+    # before answering 503 writer_busy; the S3 lease's lifetime (a dead holder blocks others this long).
+    lock_wait_s: float = Field(default=10.0, ge=0, le=600)
+    lock_lease_s: float = Field(default=60.0, ge=5, le=3600)
+
+
 class AppArgs(BaseModel):
     """The `args` of the application in serve_config.yaml."""
 
@@ -119,6 +138,7 @@ class AppArgs(BaseModel):
     # as long again, for a Searcher to load the index). Past it the replica fails (and Serve retries
     # it) with a log line naming what it waited for.
     startup_timeout_s: float = Field(default=600.0, gt=0, le=3600)
+    writes: WritesOptions = WritesOptions()
 
     @field_validator("reload_interval_s")
     @classmethod

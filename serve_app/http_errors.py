@@ -41,9 +41,12 @@ def original_error(exc: BaseException) -> BaseException:
 
 def service_error_response(error: ServiceError, extra: dict[str, Any] | None = None) -> JSONResponse:
     """The JSON answer for one of our errors; `extra` adds top-level keys (e.g. per-query results)."""
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    # An error may carry headers of its own (401's WWW-Authenticate); Retry-After from its retry_after_s.
+    headers = dict(getattr(error, "headers", None) or {})
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
     body = {**error_body(error.code, error.message, error.filename), **(extra or {})}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=headers or None)
 
 
 def handle_service_error(_: Request, exc: Exception) -> Response:

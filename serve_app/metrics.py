@@ -74,6 +74,15 @@ class IngressMetrics:
             tag_keys=("outcome",),
         )
 
+        self.writes = Counter(
+            "image_search_writes",
+            description="Images written over HTTP, by outcome (added, replaced, unchanged, deleted or an error code).",
+            tag_keys=("outcome",),
+        )
+
+    def count_write(self, outcome: str) -> None:
+        self.writes.inc(tags={"outcome": outcome})
+
     def count_request(self, route: str, status: int) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
 

@@ -103,6 +103,36 @@ COMPONENTS: dict[str, Any] = {
             },
         },
     },
+    "WriteAnswer": {
+        "type": "object",
+        "required": ["index_version", "results"],
+        "properties": {
+            "index_version": {"type": "string"},
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "filename": {"type": "string"},
+                        "key": {"type": "string"},
+                        "id": {"type": "integer"},
+                        "status": {"type": "string", "enum": ["added", "replaced", "unchanged"]},
+                        "error": QUERY_ERROR,
+                    },
+                },
+            },
+        },
+    },
+    "DeleteAnswer": {
+        "type": "object",
+        "required": ["index_version", "id", "key", "status"],
+        "properties": {
+            "index_version": {"type": "string"},
+            "id": {"type": "integer"},
+            "key": {"type": "string"},
+            "status": {"type": "string", "enum": ["deleted"]},
+        },
+    },
     "Health": {
         "type": "object",
         "required": ["status"],

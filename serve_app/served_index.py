@@ -88,6 +88,7 @@ class ServedIndex:
         self.book: VersionBook[VersionRecords] | None = None
         self.follower: VersionFollower[VersionRecords] | None = None
         self.task: asyncio.Task[None] | None = None
+        self.catching_up: dict[str, asyncio.Future[Version]] = {}
 
     # --- versions -------------------------------------------------------------------------------
 
@@ -189,6 +190,23 @@ class ServedIndex:
         if self.book is None:
             raise RuntimeError("ServedIndex.start() has not run")
         return self.book
+
+    async def serve_at_least(self, name: str) -> None:
+        """Serve `name` (or a newer version) before returning: read-your-writes for the Ingress that took a write.
+
+        Version names sort by creation time. Requests waiting for the same version share one prepare.
+        """
+        book = self._book()
+        if book.current.name >= name:
+            return
+        task = self.catching_up.get(name)
+        if task is None:
+            task = self.catching_up[name] = asyncio.ensure_future(self.prepare(name))
+            task.add_done_callback(lambda _: self.catching_up.pop(name, None))
+        version = await asyncio.shield(task)
+        if book.current.name < name:
+            previous = book.switch(version)
+            logger.info("index version %s now serves after a write (was %s)", name, previous)
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Version]:

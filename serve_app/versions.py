@@ -104,6 +104,7 @@ class VersionFollower(Generic[M]):
         if not self.book.wants(name):
             self._clear_transient()
             return "unchanged"
+        serving = self.book.current.name
         try:
             version = await self.prepare(name)
         except StoreUnavailable as exc:  # says nothing about the version: never refuse it for this
@@ -115,6 +116,10 @@ class VersionFollower(Generic[M]):
         except Exception as exc:
             return self._transient(exc)
         self._clear_transient()
+        if self.book.current.name != serving:
+            # Switched meanwhile by someone who knew of a later publish (a write that waits to be served,
+            # serve_app/served_index.py): what was read is stale, so it must not undo that switch.
+            return "unchanged"
         previous = self.book.switch(version)
         logger.info("index version %s now serves (was %s)", version.name, previous)
         return "switched"

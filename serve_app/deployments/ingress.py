@@ -54,6 +54,8 @@ from serve_app.served_index import ServedIndex, Version
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, ThumbnailDiskCache, cached_thumbnail, default_thumbnail_dir, make_thumbnail
 from serve_app.version_records import RecordLookup
+from serve_app.writes.auth import ReadTokenMiddleware
+from serve_app.writes.routes import ImageWrites, load_tokens, parse_wait, read_upload_form
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,6 +95,7 @@ class Ingress:
         searcher: DeploymentHandle,
         args: AppArgs,
         index_root: str,
+        writer: DeploymentHandle | None = None,
     ) -> None:
         # Calls go over Serve's inter-deployment gRPC rather than Ray actor calls: ~1 ms less of this
         # replica's CPU per request (benchmarks/README.md, "Where the serving CPU goes"). A dead
@@ -126,6 +129,9 @@ class Ingress:
         )
         self.metrics = IngressMetrics()
         self.decode_slots = asyncio.Semaphore(self.limits.max_concurrent_decodes)
+        # Writes (POST /images, DELETE /images/{id}): the token read here, in the replica's own process.
+        self.tokens = load_tokens(args.writes)
+        self.writes = ImageWrites(writer, self.tokens, self.index, self.limits, self.metrics)
 
     async def _prepare_searcher(self, version: str) -> int:
         count: int = await downstream(self.searcher.prepare.remote(version))
@@ -147,7 +153,9 @@ class Ingress:
         self.api = endpoints(self.args, int(self.model["embedding_dim"]))
         self.schema = openapi_document(self.api, "Image search", SERVICE_VERSION, API_DESCRIPTION)
         routes: list[BaseRoute] = [*starlette_routes(self.api, self), swagger_assets()]
-        return build_http_app(routes, self.metrics, self.args.request_timeout_s, UI_DIR)
+        app = build_http_app(routes, self.metrics, self.args.request_timeout_s, UI_DIR)
+        app.add_middleware(ReadTokenMiddleware, tokens=self.tokens)  # passes everything when no read token is set
+        return app
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -192,6 +200,8 @@ class Ingress:
                 "max_texts": self.limits.max_texts,
                 "max_queries": self.limits.max_queries,
                 "thumbnail_sizes": list(self.args.thumbnail_sizes),
+                "writes": self.writes.enabled,
+                "reads_need_token": self.tokens.reads_need_token,
             }
         )
 
@@ -330,6 +340,21 @@ class Ingress:
                 "embeddings": embeddings,
             }
         )
+
+    async def add_images(self, request: Request) -> Response:
+        """POST /images: add or replace images (serve_app/writes/routes.py has the steps)."""
+        self.writes.check(request)
+        wait = parse_wait(request.query_params.get("wait"))
+        uploads, keys = await read_upload_form(request, self.limits)
+        prepared = await self._prepare_all(uploads)
+        puts = [self.writes.put_for(u, item, key) for u, item, key in zip(uploads, prepared, keys, strict=True)]
+        return await self.writes.add(uploads, puts, prepared, self._embed, wait)
+
+    async def delete_image(self, request: Request) -> Response:
+        """DELETE /images/{id}: remove an image from the index and the collection."""
+        self.writes.check(request)
+        wait = parse_wait(request.query_params.get("wait"))
+        return await self.writes.delete(parse_image_id(request.path_params["image_id"]), wait)
 
     async def _read_form(self, request: Request) -> SearchForm:
         form = await read_search_form(
