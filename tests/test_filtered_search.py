@@ -108,7 +108,7 @@ def two_segments(spec: IndexSpec) -> tuple[list, list, dict[int, np.ndarray]]:
 def test_filtered_search_equals_brute_force_over_the_matching_live_subset(exact_max: int, allowed_count: int) -> None:
     segments, rows, live = two_segments(IndexSpec("Flat"))
     rng = np.random.default_rng(allowed_count)
-    candidates = np.asarray(sorted(live) + [10, 11, 700], dtype=np.int64)  # 10, 11 live (second copy); 700 dead
+    candidates = np.asarray([*sorted(live), 10, 11, 700], dtype=np.int64)  # 10, 11 live (second copy); 700 dead
     allowed = np.unique(rng.choice(candidates, size=allowed_count, replace=False))
     allowed = np.unique(np.concatenate([allowed, [12, 700]]))
     queries = unit(rng, 4)
