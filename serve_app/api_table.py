@@ -15,6 +15,12 @@ from typing import Any
 from starlette.routing import Route
 
 from serve_app.config import AppArgs
+from serve_app.queries.duplicates import (
+    DEFAULT_DUPLICATE_LIMIT,
+    MAX_DUPLICATE_LIMIT,
+    MAX_DUPLICATE_OFFSET,
+    MIN_DUPLICATE_THRESHOLD,
+)
 from serve_app.queries.filters import MAX_PREFIX_CHARS, MAX_PREFIXES
 
 JSON = "application/json"
@@ -336,6 +342,38 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
             "The first-level folders (prefixes for `prefix`) of the served version, with live image counts.",
             "search",
             answers={200: Answer("Folders, sorted, and the count of images outside any folder.", "Folders")},
+        ),
+        Endpoint(
+            "/duplicates",
+            "GET",
+            "duplicates",
+            "Groups of near-duplicate images of the collection, byte-identical members marked.",
+            "search",
+            params=(
+                Param(
+                    "threshold",
+                    "query",
+                    {"type": "number", "minimum": MIN_DUPLICATE_THRESHOLD, "maximum": 1},
+                    f"Cosine at or above which two images are near-duplicates (default {limits.dedup_cosine}).",
+                ),
+                Param(
+                    "limit",
+                    "query",
+                    {"type": "integer", "minimum": 1, "maximum": MAX_DUPLICATE_LIMIT},
+                    f"Groups per page (default {DEFAULT_DUPLICATE_LIMIT}).",
+                ),
+                Param(
+                    "offset",
+                    "query",
+                    {"type": "integer", "minimum": 0, "maximum": MAX_DUPLICATE_OFFSET},
+                    "Groups to skip (groups are ordered by their lowest id).",
+                ),
+            ),
+            answers={
+                200: Answer("A page of groups, from one index version.", "Duplicates"),
+                422: Answer("A bad threshold, limit or offset.", codes=("invalid_duplicates_query",)),
+                503: UNAVAILABLE,
+            },
         ),
         Endpoint(
             "/healthz",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from starlette.datastructures import QueryParams
 
+from image_search.duplicate_pairs import duplicate_pairs
 from image_search.faiss_index import build_faiss_index
 from image_search.filtered_search import (
     EXACT_SCAN_MAX_ROWS,
@@ -82,12 +83,17 @@ def test_id_filter_is_a_bitmap_and_without_removes_one_id() -> None:
         IdFilter.of([20], 20)
 
 
-def two_segments(spec: IndexSpec) -> tuple[list, list, dict[int, np.ndarray]]:
-    """Two segments (ids 0..599 and 600..999, id 10..19 re-added in the second: dead in the first)."""
+def two_segments(spec: IndexSpec, copies: tuple[tuple[int, int], ...] = ()) -> tuple[list, list, dict[int, np.ndarray]]:
+    """Two segments (ids 0..599 and 600..999, id 10..19 re-added in the second: dead in the first).
+
+    `copies`: (second-segment id, first-segment id) pairs given the same vector.
+    """
     rng = np.random.default_rng(5)
     first_ids = np.arange(600, dtype=np.int64)
     second_ids = np.concatenate([np.arange(600, 1000), np.arange(10, 20)]).astype(np.int64)
     first, second = unit(rng, len(first_ids)), unit(rng, len(second_ids))
+    for target, source in copies:
+        second[int(np.flatnonzero(second_ids == target)[0])] = first[source]
     segments, rows = [], []
     for name, ids, vectors, dead in (
         ("a", first_ids, first, np.arange(10, 20)),
@@ -212,3 +218,22 @@ def test_dedup_search_asks_for_more_candidates_until_k_groups() -> None:
     assert len(row.ids) == 2 and asked == [8, 16, 32, 42]
     assert sorted([int(row.ids[0]), *row.duplicates[0]]) == list(range(40))  # every copy in the first group
     assert row.duplicates[1] == []
+
+
+def test_duplicate_pairs_are_every_live_pair_at_or_above_the_threshold_once() -> None:
+    # Copies across segments: 650 (second) of 3 (first), and 12's live copy (second) of 5.
+    segments, rows, live = two_segments(IndexSpec("Flat"), ((650, 3), (12, 5)))
+    found = duplicate_pairs(segments, rows, 0.99)
+    ids = np.asarray(sorted(live))
+    matrix = np.stack([live[int(i)] for i in ids])
+    sims = matrix @ matrix.T
+    want = {(int(ids[a]), int(ids[b])) for a, b in zip(*np.nonzero(sims >= 0.99), strict=True) if ids[a] < ids[b]}
+    assert found.complete
+    assert {tuple(pair) for pair in found.pairs.tolist()} == want
+    assert {(3, 650), (5, 12)} <= want
+
+
+def test_duplicate_pairs_stop_at_the_pair_bound_and_say_so() -> None:
+    segments, rows, _ = two_segments(IndexSpec("Flat"))
+    found = duplicate_pairs(segments, rows, -1.0, max_pairs=50)
+    assert not found.complete and len(found.pairs) == 50

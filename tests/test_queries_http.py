@@ -245,8 +245,8 @@ def dup_collection(
     build(collection, out, tiny_model_dir)
     reference = reference_of(out)
     # The threshold between the copies' cosines and the distinct photos' (the tiny model is random:
-    # its cosines are not CLIP's): above every distinct pair, at or below every copy pair.
-    threshold = 0.9999
+    # its cosines are not CLIP's): crops of a photo sit near 0.999 to it, distinct photos below 0.99.
+    threshold = 0.995
     args = {
         "model": str(tiny_model_dir),
         "index": str(out),
@@ -271,8 +271,72 @@ def test_dedup_collapses_near_duplicates_like_the_reference(dup_collection: DupC
     assert [sorted(m["duplicates"]) for m in matches] == [sorted(order[d] for d in g.duplicates) for g in groups]
     assert len(matches) == k  # k distinct groups: the collection has them
     # The byte-identical copy and its original have one vector: they are always one group.
-    original = next(int(i) for i, key in zip(ref.ids, ref.keys, strict=True) if key == "nested/img_0100.jpg")
-    assert {copy_id, original} <= {matches[0]["id"], *matches[0]["duplicates"]}
+    # The copy, the original, its re-encoding and its crop are one group.
+    group = {matches[0]["id"], *matches[0]["duplicates"]}
+    assert group == set(family(ref, 0).values())
+
+
+def family(ref: Reference, n: int) -> dict[str, int]:
+    """The ids of photo n of write_duplicates and of its copy, re-encoding and crop."""
+    original = ("nested/img_0100.jpg", "img_0101.png", "img_0102.jpg")[n]
+    names = {
+        "original": original,
+        "copy": f"dups/copy_{n}",
+        "reencoded": f"dups/reencoded_{n}",
+        "crop": f"dups/crop_{n}",
+    }
+    return {
+        role: next(int(i) for i, key in zip(ref.ids, ref.keys, strict=True) if key.startswith(name))
+        for role, name in names.items()
+    }
+
+
+def test_duplicates_answers_the_groups_of_a_brute_force_range_search(dup_collection: DupCollection) -> None:
+    from serve_app.queries.duplicate_groups import group_pairs
+
+    ref = dup_collection.reference
+    sims = ref.vectors @ ref.vectors.T
+    pairs = [
+        (int(ref.ids[a]), int(ref.ids[b]))
+        for a, b in zip(*np.nonzero(sims >= dup_collection.threshold), strict=True)
+        if a < b
+    ]
+    want = group_pairs(pairs)
+    body = get(dup_collection.base_url, "/duplicates").json()
+    assert body["complete"] and body["threshold"] == dup_collection.threshold and body["index_version"]
+    assert [group["ids"] for group in body["groups"]] == want
+    assert body["total_groups"] == 3
+    for n in range(3):
+        ids = family(ref, n)
+        (group,) = [g for g in body["groups"] if ids["original"] in g["ids"]]
+        assert sorted(group["ids"]) == sorted(ids.values())
+        # Only the byte-identical copy is marked identical; the re-encoding and the crop are similar.
+        assert group["identical_sets"] == [sorted([ids["original"], ids["copy"]])]
+        identical = {m["id"] for m in group["members"] if m["identical"]}
+        assert identical == {ids["original"], ids["copy"]}
+    page = get(dup_collection.base_url, "/duplicates", {"limit": 1, "offset": 1}).json()
+    assert [g["ids"] for g in page["groups"]] == want[1:2]
+    assert get(dup_collection.base_url, "/duplicates", {"threshold": 0.9999}).json()["total_groups"] == 3
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"threshold": "0.5"},
+        {"threshold": "1.01"},
+        {"threshold": "nan"},
+        {"threshold": "x"},
+        {"limit": "0"},
+        {"limit": "501"},
+        {"limit": "-3"},
+        {"offset": "-1"},
+        {"offset": "1.5"},
+    ],
+)
+def test_bad_duplicates_queries_are_422(serve_base_url: str, params: dict) -> None:
+    response = get(serve_base_url, "/duplicates", params)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_duplicates_query"
 
 
 def test_without_dedup_no_duplicates_field(dup_collection: DupCollection) -> None:

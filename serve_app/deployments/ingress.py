@@ -48,6 +48,8 @@ from serve_app.image_files import original_chunks, read_verified
 from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload
 from serve_app.openapi import openapi_document
+from serve_app.queries.duplicate_groups import group_pairs
+from serve_app.queries.duplicates import describe_page, parse_duplicates_query
 from serve_app.queries.filters import (
     FilterCache,
     SearchFilters,
@@ -136,6 +138,7 @@ class Ingress:
         self.decode_slots = asyncio.Semaphore(self.limits.max_concurrent_decodes)
         self.filters = FilterCache()
         self.folder_counts: dict[str, tuple[list[dict[str, object]], int]] = {}
+        self.duplicate_groups: dict[tuple[str, float], tuple[list[list[int]], bool]] = {}
 
     async def _prepare_searcher(self, version: str) -> int:
         count: int = await downstream(self.searcher.prepare.remote(version))
@@ -375,6 +378,35 @@ class Ingress:
                 self.folder_counts = {version.name: cached}  # the served version's only: one entry
             listed, top = cached
         return JSONResponse({"index_version": version.name, "folders": listed, "top_level_images": top})
+
+    async def duplicates(self, request: Request) -> Response:
+        """GET /duplicates: groups of near-duplicate images of the served version (one range search of
+        the index per version and threshold, cached in the Searcher; groups cached here)."""
+        threshold, limit, offset = parse_duplicates_query(request.query_params, self.limits.dedup_cosine)
+        with self.index.lease() as version:
+            key = (version.name, threshold)
+            cached = self.duplicate_groups.get(key)
+            if cached is None:
+                found = await retried(
+                    lambda: self.searcher.duplicate_pairs.remote(version.name, threshold), SEARCH_ATTEMPTS, "Searcher"
+                )
+                groups = await asyncio.to_thread(group_pairs, found.pairs.tolist())
+                cached = (groups, bool(found.complete))
+                self.duplicate_groups = {k: v for k, v in self.duplicate_groups.items() if k[0] == version.name}
+                self.duplicate_groups[key] = cached
+            groups, complete = cached
+            page = describe_page(groups, version.manifest, limit, offset)
+        return JSONResponse(
+            {
+                "index_version": version.name,
+                "threshold": threshold,
+                "complete": complete,
+                "total_groups": len(groups),
+                "offset": offset,
+                "limit": limit,
+                "groups": page,
+            }
+        )
 
     async def embed(self, request: Request) -> Response:
         """Photos and texts in (the seed's Embedding API), unit vectors out, in request order."""

@@ -27,6 +27,7 @@ import numpy as np
 from ray import serve
 
 from image_search.artifact import DEFAULT_CACHE_DIR
+from image_search.duplicate_pairs import DuplicatePairs, duplicate_pairs
 from image_search.errors import IndexUnavailable, StoreUnavailable
 from image_search.faiss_index import apply_search_params
 from image_search.filtered_search import IdFilter, SegmentRows, search_filtered, stored_vectors
@@ -50,6 +51,7 @@ from serve_app.segmented_versions import SegmentedVersions
 from serve_app.store_faults import io_failures_are_transient
 
 logger = logging.getLogger("ray.serve")
+DUPLICATE_CACHE_ENTRIES = 4  # (version, threshold) duplicate scans kept per replica
 
 
 class QueryShapeError(RuntimeError):
@@ -184,6 +186,7 @@ class Searcher:
             self.store, options, Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
         )
         self.metrics = SearcherMetrics()
+        self.duplicates: dict[tuple[str, float], DuplicatePairs] = {}
         # Warm start on what is published now. If CURRENT is broken (a bad build the running
         # Ingress refused), this replica still starts and loads what the Ingress asks for.
         preloader = Preloader(self.holdings, self._read_current)
@@ -259,6 +262,19 @@ class Searcher:
         rows: list[DedupRow] = await self.thread.run(run)
         self.metrics.observe_search(time.perf_counter() - started)
         return rows
+
+    async def duplicate_pairs(self, version: str, threshold: float) -> DuplicatePairs:
+        """Near-duplicate live id pairs of `version` (image_search/duplicate_pairs.py), computed once per
+        version and threshold (the last few kept)."""
+        key = (version, float(threshold))
+        cached = self.duplicates.get(key)
+        if cached is None:
+            loaded = await self._loaded(version)
+            cached = await self.thread.run(duplicate_pairs, loaded.segments, loaded.rows, float(threshold))
+            self.duplicates[key] = cached
+            while len(self.duplicates) > DUPLICATE_CACHE_ENTRIES:
+                self.duplicates.pop(next(iter(self.duplicates)))
+        return cached
 
     async def stored_vectors(self, ids: np.ndarray, version: str) -> tuple[np.ndarray, np.ndarray]:
         """(found (n,) bool, vectors (n, dim)): the vectors `version` holds for these live ids."""
