@@ -21,7 +21,7 @@ lists merge as in segment_search.py: whenever at least k images match, k come ba
 
 API summary:
 - `IdFilter(bitmap, count)`, `IdFilter.of(ids, id_space)`, `.allows(ids) -> bool mask`, `.without(id)`
-- `SegmentRows(ids, vectors)`: a segment's id per row and its raw vectors; `.row_of(id)`
+- `SegmentRows.of(ids, vectors)`: a segment's id per row and its raw vectors; `.rows_of(ids)`
 - `ScanPlan`, `plan_scan(matching, total, nprobe, nlist, exact_max) -> ScanPlan` (pure)
 - `search_filtered(segments, rows, queries, k, id_filter) -> (scores, ids)` like `search_segments`
 - `stored_vectors(segments, rows, ids) -> (found mask, vectors)`: the live vectors of some ids
@@ -81,23 +81,24 @@ class SegmentRows:
 
     ids: np.ndarray  # int64 (n,)
     vectors: np.ndarray  # float32 (n, dim), memory-mapped
-    order: np.ndarray  # argsort of ids, for row_of
+    order: np.ndarray  # argsort of ids, for rows_of
+    sorted_ids: np.ndarray  # ids[order]
 
     @classmethod
     def of(cls, ids: np.ndarray, vectors: np.ndarray) -> SegmentRows:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        return cls(ids, vectors, np.argsort(ids, kind="stable"))
+        order = np.argsort(ids, kind="stable")
+        return cls(ids, vectors, order, ids[order])
 
     def rows_of(self, wanted: np.ndarray) -> np.ndarray:
         """Row of each wanted id, -1 where this segment does not hold it."""
         wanted = np.asarray(wanted, dtype=np.int64)
         if not len(self.ids):
             return np.full(len(wanted), -1, dtype=np.int64)
-        sorted_ids = self.ids[self.order]
-        at = np.clip(np.searchsorted(sorted_ids, wanted), 0, len(sorted_ids) - 1)
-        return np.where(sorted_ids[at] == wanted, self.order[at], -1).astype(np.int64)
+        at = np.clip(np.searchsorted(self.sorted_ids, wanted), 0, len(self.sorted_ids) - 1)
+        return np.where(self.sorted_ids[at] == wanted, self.order[at], -1).astype(np.int64)
 
 
 @dataclass(frozen=True)
