@@ -237,3 +237,15 @@ def test_duplicate_pairs_stop_at_the_pair_bound_and_say_so() -> None:
     segments, rows, _ = two_segments(IndexSpec("Flat"))
     found = duplicate_pairs(segments, rows, -1.0, max_pairs=50)
     assert not found.complete and len(found.pairs) == 50
+
+
+def test_attach_duplicates_skips_entries_with_errors() -> None:
+    from serve_app.queries.filters import attach_duplicates
+
+    entries: list[dict[str, object]] = [
+        {"filename": "bad.jpg", "error": {"code": "corrupt_image"}},
+        {"filename": "a.jpg", "matches": [{"id": 4}, {"id": 7}]},
+    ]
+    attach_duplicates(entries, [{4: [9, 11], 7: []}])
+    assert entries[1]["matches"] == [{"id": 4, "duplicates": [9, 11]}, {"id": 7, "duplicates": []}]
+    assert "matches" not in entries[0]
