@@ -15,6 +15,13 @@ from typing import Any
 from starlette.routing import Route
 
 from serve_app.config import AppArgs
+from serve_app.queries.duplicates import (
+    DEFAULT_DUPLICATE_LIMIT,
+    MAX_DUPLICATE_LIMIT,
+    MAX_DUPLICATE_OFFSET,
+    MIN_DUPLICATE_THRESHOLD,
+)
+from serve_app.queries.filters import MAX_PREFIX_CHARS, MAX_PREFIXES
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -68,6 +75,49 @@ def k_param(args: AppArgs) -> Param:
         {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": limits.default_k},
         f"Matches per query, 1..{limits.max_k} (default {limits.default_k}).",
     )
+
+
+def filter_params(args: AppArgs) -> tuple[Param, ...]:
+    """prefix / min_score / dedup: the filters every search route takes (serve_app/queries/filters.py)."""
+    return (
+        Param(
+            "prefix",
+            "query",
+            {"type": "string", "minLength": 1, "maxLength": MAX_PREFIX_CHARS},
+            f"Only images whose key starts with one of these (a folder, e.g. `holidays/`); "
+            f"repeatable, at most {MAX_PREFIXES}. Applied inside the index scan: k come back whenever "
+            "at least k images match.",
+            repeated=True,
+        ),
+        Param(
+            "min_score",
+            "query",
+            {"type": "number", "minimum": -1, "maximum": 1},
+            "Drop matches scoring (cosine) below this: an answer may then hold fewer than k.",
+        ),
+        Param(
+            "dedup",
+            "query",
+            {"type": "boolean", "default": False},
+            f"Collapse near-duplicates (cosine >= {args.limits.dedup_cosine}) into the best-scoring match, "
+            "which lists the others' ids under `duplicates`; k distinct groups when the collection has them.",
+        ),
+    )
+
+
+FILTER_ERRORS = {
+    422: ("invalid_filter",),
+    413: ("filter_too_large",),
+}
+
+
+def with_filter_errors(answers: dict[int, Answer]) -> dict[int, Answer]:
+    """The answers of a search route, with the filter parameters' error codes added."""
+    out = dict(answers)
+    for status, codes in FILTER_ERRORS.items():
+        base = out.get(status, Answer("A bad filter value." if status == 422 else "Too large."))
+        out[status] = Answer(base.description, base.schema, base.media_type, (*base.codes, *codes))
+    return dict(sorted(out.items()))
 
 
 def form_body(args: AppArgs, weights: bool) -> dict[str, dict[str, Any]]:
@@ -231,6 +281,7 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
     limits = args.limits
     k = k_param(args)
     image_id = Param("image_id", "path", {"type": "integer", "minimum": 0}, "A stable image id.", required=True)
+    filters = filter_params(args)
     return [
         Endpoint(
             "/", "GET", "page", "The search page.", "page", answers={200: Answer("The page.", "Page", "text/html")}
@@ -241,9 +292,9 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
             "search",
             "Search with photos and/or texts: one result list per query.",
             "search",
-            params=(k,),
+            params=(k, *filters),
             body=form_body(args, weights=False),
-            answers=search_answers("SearchAnswer"),
+            answers=with_filter_errors(search_answers("SearchAnswer")),
         ),
         Endpoint(
             "/search",
@@ -260,8 +311,11 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
                     required=True,
                 ),
                 k,
+                *filters,
             ),
-            answers={key: value for key, value in search_answers("SearchAnswer").items() if key != 415},
+            answers=with_filter_errors(
+                {key: value for key, value in search_answers("SearchAnswer").items() if key != 415}
+            ),
         ),
         Endpoint(
             "/search/combined",
@@ -269,9 +323,9 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
             "search_combined",
             "One result list for the normalised weighted sum of photos and texts.",
             "search",
-            params=(k,),
+            params=(k, *filters),
             body=form_body(args, weights=True),
-            answers=search_answers("CombinedAnswer"),
+            answers=with_filter_errors(search_answers("CombinedAnswer")),
         ),
         Endpoint(
             "/search/vectors",
@@ -279,6 +333,7 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
             "search_vectors",
             "The Search API: vectors in, one result list per vector out.",
             "search",
+            params=filters,
             body={
                 JSON: {
                     "type": "object",
@@ -295,18 +350,20 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
                     },
                 }
             },
-            answers={
-                200: Answer("One entry per vector (`vector`: its position).", "SearchAnswer"),
-                400: Answer("Not the JSON object this route takes.", codes=("invalid_json",)),
-                413: Answer(
-                    "Too many vectors, or a body over the limit.", codes=("too_many_queries", "request_too_large")
-                ),
-                422: Answer(
-                    "Vectors of another dimension, not finite, of zero length; a bad k.",
-                    codes=("invalid_vectors", "invalid_k"),
-                ),
-                503: UNAVAILABLE,
-            },
+            answers=with_filter_errors(
+                {
+                    200: Answer("One entry per vector (`vector`: its position).", "SearchAnswer"),
+                    400: Answer("Not the JSON object this route takes.", codes=("invalid_json",)),
+                    413: Answer(
+                        "Too many vectors, or a body over the limit.", codes=("too_many_queries", "request_too_large")
+                    ),
+                    422: Answer(
+                        "Vectors of another dimension, not finite, of zero length; a bad k or filter.",
+                        codes=("invalid_vectors", "invalid_k"),
+                    ),
+                    503: UNAVAILABLE,
+                }
+            ),
         ),
         Endpoint(
             "/embed",
@@ -352,6 +409,62 @@ def endpoints(args: AppArgs, dim: int) -> list[Endpoint]:
             },
         ),
         *write_endpoints(args, image_id),
+        Endpoint(
+            "/images/{image_id}/similar",
+            "GET",
+            "similar",
+            "More like this: the k nearest other images to an indexed one (itself excluded).",
+            "search",
+            params=(image_id, k, *filters),
+            answers=with_filter_errors(
+                {
+                    200: Answer("One entry (`id`: the image asked about) with its matches.", "SearchAnswer"),
+                    404: Answer("No indexed image has this id (never indexed, or removed).", codes=("not_found",)),
+                    422: Answer("A bad id, k or filter.", codes=("invalid_k",)),
+                    503: UNAVAILABLE,
+                }
+            ),
+        ),
+        Endpoint(
+            "/folders",
+            "GET",
+            "folders",
+            "The first-level folders (prefixes for `prefix`) of the served version, with live image counts.",
+            "search",
+            answers={200: Answer("Folders, sorted, and the count of images outside any folder.", "Folders")},
+        ),
+        Endpoint(
+            "/duplicates",
+            "GET",
+            "duplicates",
+            "Groups of near-duplicate images of the collection, byte-identical members marked.",
+            "search",
+            params=(
+                Param(
+                    "threshold",
+                    "query",
+                    {"type": "number", "minimum": MIN_DUPLICATE_THRESHOLD, "maximum": 1},
+                    f"Cosine at or above which two images are near-duplicates (default {limits.dedup_cosine}).",
+                ),
+                Param(
+                    "limit",
+                    "query",
+                    {"type": "integer", "minimum": 1, "maximum": MAX_DUPLICATE_LIMIT},
+                    f"Groups per page (default {DEFAULT_DUPLICATE_LIMIT}).",
+                ),
+                Param(
+                    "offset",
+                    "query",
+                    {"type": "integer", "minimum": 0, "maximum": MAX_DUPLICATE_OFFSET},
+                    "Groups to skip (groups are ordered by their lowest id).",
+                ),
+            ),
+            answers={
+                200: Answer("A page of groups, from one index version.", "Duplicates"),
+                422: Answer("A bad threshold, limit or offset.", codes=("invalid_duplicates_query",)),
+                503: UNAVAILABLE,
+            },
+        ),
         Endpoint(
             "/healthz",
             "GET",

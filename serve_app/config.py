@@ -44,6 +44,8 @@ class UploadLimits(BaseModel):
     # One Searcher call carries every query's vector and its k results, over gRPC whose messages are
     # capped at 4 MiB: 256 queries x max_k 1000 results x 12 bytes = 3 MB fits.
     max_queries: int = Field(default=16, ge=1, le=256, description="files and texts together per request")
+    # dedup=true: matches at least this cosine to a better one are listed under its "duplicates".
+    dedup_cosine: float = Field(default=0.95, ge=-1.0, le=1.0)
 
     @model_validator(mode="after")
     def _default_k_within_max(self) -> UploadLimits:

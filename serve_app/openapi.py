@@ -50,6 +50,7 @@ ENTRY = {
         "filename": {"type": "string"},
         "text": {"type": "string"},
         "vector": {"type": "integer"},
+        "id": {"type": "integer"},
         "truncated": {"type": "boolean"},
         "matches": {"type": "array", "items": {"$ref": "#/components/schemas/Match"}},
         "error": QUERY_ERROR,
@@ -139,6 +140,46 @@ COMPONENTS: dict[str, Any] = {
         "properties": {"status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]}},
     },
     "Info": {"type": "object", "required": ["model", "embedding_dim", "index_version"]},
+    "Duplicates": {
+        "type": "object",
+        "required": ["index_version", "threshold", "complete", "total_groups", "groups"],
+        "properties": {
+            "index_version": {"type": "string"},
+            "threshold": {"type": "number"},
+            "complete": {"type": "boolean"},
+            "total_groups": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "groups": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["ids", "members", "identical_sets"],
+                    "properties": {
+                        "ids": {"type": "array", "items": {"type": "integer"}},
+                        "members": {"type": "array", "items": {"type": "object"}},
+                        "identical_sets": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+                    },
+                },
+            },
+        },
+    },
+    "Folders": {
+        "type": "object",
+        "required": ["index_version", "folders", "top_level_images"],
+        "properties": {
+            "index_version": {"type": "string"},
+            "folders": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["prefix", "count"],
+                    "properties": {"prefix": {"type": "string"}, "count": {"type": "integer"}},
+                },
+            },
+            "top_level_images": {"type": "integer"},
+        },
+    },
     "Object": {"type": "object"},
     "Page": {"type": "string"},
     "Binary": {"type": "string", "format": "binary"},

@@ -12,7 +12,7 @@ record manifest parsed on the loop stalled it for 364 ms).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,6 +66,13 @@ class VersionRecords:
             if record is not None and image_id not in lookup.dead:
                 return self.overrides.get(image_id, record)
         return None
+
+    def live(self) -> Iterator[ImageRecord]:
+        """Every live record (overrides applied), segment by segment: for filters and folder counts."""
+        for lookup in self.lookups:
+            for image_id, record in lookup.records.by_id.items():
+                if image_id not in lookup.dead:
+                    yield self.overrides.get(image_id, record)
 
     @property
     def name(self) -> str:

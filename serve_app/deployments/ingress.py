@@ -48,6 +48,16 @@ from serve_app.image_files import original_chunks, read_verified
 from serve_app.metrics import IngressMetrics
 from serve_app.multipart import Upload
 from serve_app.openapi import openapi_document
+from serve_app.queries.duplicate_groups import group_pairs
+from serve_app.queries.duplicates import describe_page, parse_duplicates_query
+from serve_app.queries.filters import (
+    FilterCache,
+    SearchFilters,
+    attach_duplicates,
+    below_min_score,
+    folders,
+    parse_filters,
+)
 from serve_app.queries.vectors import parse_vector_body, vector_body_limit
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
 from serve_app.served_index import ServedIndex, Version
@@ -132,6 +142,9 @@ class Ingress:
         # Writes (POST /images, DELETE /images/{id}): the token read here, in the replica's own process.
         self.tokens = load_tokens(args.writes)
         self.writes = ImageWrites(writer, self.tokens, self.index, self.limits, self.metrics)
+        self.filters = FilterCache()
+        self.folder_counts: dict[str, tuple[list[dict[str, object]], int]] = {}
+        self.duplicate_groups: dict[tuple[str, float], tuple[list[list[int]], bool]] = {}
 
     async def _prepare_searcher(self, version: str) -> int:
         count: int = await downstream(self.searcher.prepare.remote(version))
@@ -143,6 +156,42 @@ class Ingress:
             lambda: self.searcher.search.remote(vectors, k, version.name), SEARCH_ATTEMPTS, "Searcher"
         )
         return result
+
+    async def _search_filtered(
+        self, vectors: np.ndarray, k: int, version: Version, filters: SearchFilters, exclude: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[dict[int, list[int]]] | None]:
+        """Search with the request's filters (serve_app/queries/filters.py): prefixes inside the scan,
+        `exclude` (similar-to's own image) never returned, min_score applied, dedup collapsed."""
+        id_filter = None
+        if filters.restricts or exclude is not None:
+            id_filter = await self.filters.get(version.manifest, filters.prefixes)
+            if exclude is not None:
+                id_filter = id_filter.without(exclude)
+        duplicates: list[dict[int, list[int]]] | None = None
+        if filters.dedup:
+            threshold = self.limits.dedup_cosine
+            rows = await retried(
+                lambda: self.searcher.search_dedup.remote(vectors, k, version.name, id_filter, threshold),
+                SEARCH_ATTEMPTS,
+                "Searcher",
+            )
+            scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+            ids = np.full((len(rows), k), -1, dtype=np.int64)
+            for i, row in enumerate(rows):
+                scores[i, : len(row.ids)] = row.scores
+                ids[i, : len(row.ids)] = row.ids
+            duplicates = [
+                {int(image_id): dups for image_id, dups in zip(row.ids.tolist(), row.duplicates, strict=True)}
+                for row in rows
+            ]
+        elif id_filter is None:
+            scores, ids = await self._search_version(vectors, k, version)
+        else:
+            chosen = id_filter
+            scores, ids = await retried(
+                lambda: self.searcher.search.remote(vectors, k, version.name, chosen), SEARCH_ATTEMPTS, "Searcher"
+            )
+        return scores, below_min_score(scores, ids, filters.min_score), duplicates
 
     async def check_health(self) -> None:
         if not self.index.following_works():
@@ -208,6 +257,7 @@ class Ingress:
     async def search(self, request: Request) -> Response:
         """Photos and texts: one entry per file, then per text, in request order."""
         k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
+        filters = parse_filters(request.query_params)
         form = await self._read_form(request)
         prepared = await self._prepare_all(form.uploads)
         texts = [self._checked_text(query) for query in form.texts]
@@ -232,13 +282,15 @@ class Ingress:
         # One version for the whole answer: the Searcher searches the version this request holds,
         # and that version's manifest turns the ids into records, whatever switches meanwhile.
         with self.index.lease() as version:
-            scores, ids = await self._search_version(vectors, k, version)
+            scores, ids, duplicates = await self._search_filtered(vectors, k, version, filters)
             entries = result_entries([*file_queries, *text_queries], scores, ids, version.manifest, root_path)
+            attach_duplicates(entries, duplicates)
         return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
 
     async def search_text(self, request: Request) -> Response:
         """GET /search?q=...&k=...: one text query, for links and scripts."""
         k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
+        filters = parse_filters(request.query_params)
         query = self._checked_text(TextQuery(single_query_param(request.scope.get("query_string", b""), self.limits)))
         if query.error is not None:
             raise query.error
@@ -246,13 +298,15 @@ class Ingress:
         vectors = answer["vector"][None, :]
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         with self.index.lease() as version:
-            scores, ids = await self._search_version(vectors, k, version)
+            scores, ids, duplicates = await self._search_filtered(vectors, k, version, filters)
             entries = result_entries([text_result(query, answer)], scores, ids, version.manifest, root_path)
+            attach_duplicates(entries, duplicates)
         return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
 
     async def search_combined(self, request: Request) -> Response:
         """Photos and texts with weights -> one result list for the normalised weighted sum."""
         k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
+        filters = parse_filters(request.query_params)
         form = await self._read_form(request)
         file_weights = parse_weights(form.file_weights, len(form.uploads), FILE_WEIGHT_FIELD, "file")
         text_weights = parse_weights(form.text_weights, len(form.texts), TEXT_WEIGHT_FIELD, "text")
@@ -273,8 +327,9 @@ class Ingress:
         combined = weighted_sum(vectors, [*file_weights, *text_weights])[None, :]
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         with self.index.lease() as version:
-            scores, ids = await self._search_version(combined, k, version)
+            scores, ids, duplicates = await self._search_filtered(combined, k, version, filters)
             matches = matches_for_row(scores[0], ids[0], version.manifest, root_path)
+            attach_duplicates([{"matches": matches}], duplicates)
         parts = [
             *(
                 combined_part("filename", upload.filename, w)
@@ -292,15 +347,76 @@ class Ingress:
     async def search_vectors(self, request: Request) -> Response:
         """JSON vectors in (the seed's Search API), the usual results shape out: one entry per vector."""
         dim = int(self.model["embedding_dim"])
+        filters = parse_filters(request.query_params)
         limit = vector_body_limit(self.limits.max_queries, dim)
         body = await read_body(request.headers.get("content-length"), request.stream(), limit)
         query = parse_vector_body(body, dim, self.limits.max_queries, self.limits.default_k, self.limits.max_k)
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         queries = [Query("vector", position) for position in range(len(query.vectors))]
         with self.index.lease() as version:
-            scores, ids = await self._search_version(query.vectors, query.k, version)
+            scores, ids, duplicates = await self._search_filtered(query.vectors, query.k, version, filters)
             entries = result_entries(queries, scores, ids, version.manifest, root_path)
+            attach_duplicates(entries, duplicates)
         return JSONResponse({"index_version": version.name, "results": entries})
+
+    async def similar(self, request: Request) -> Response:
+        """GET /images/{id}/similar: the k nearest other images to an indexed one, by its stored vector."""
+        image_id = parse_image_id(request.path_params["image_id"])
+        k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
+        filters = parse_filters(request.query_params)
+        root_path = str(request.scope.get("root_path", "")).rstrip("/")
+        with self.index.lease() as version:
+            self._record(image_id, version.manifest)  # unknown or removed: 404
+            found, vectors = await retried(
+                lambda: self.searcher.stored_vectors.remote(np.asarray([image_id], dtype=np.int64), version.name),
+                SEARCH_ATTEMPTS,
+                "Searcher",
+            )
+            if not bool(found[0]):
+                raise RuntimeError(f"the Searcher holds no vector for live id {image_id} of {version.name}")
+            scores, ids, duplicates = await self._search_filtered(vectors, k, version, filters, exclude=image_id)
+            entries = result_entries([Query("id", image_id)], scores, ids, version.manifest, root_path)
+            attach_duplicates(entries, duplicates)
+        return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
+
+    async def folders(self, request: Request) -> Response:
+        """GET /folders: the first-level folders of the served version with their live image counts."""
+        with self.index.lease() as version:
+            cached = self.folder_counts.get(version.name)
+            if cached is None:
+                cached = await asyncio.to_thread(folders, version.manifest.live())
+                self.folder_counts = {version.name: cached}  # the served version's only: one entry
+            listed, top = cached
+        return JSONResponse({"index_version": version.name, "folders": listed, "top_level_images": top})
+
+    async def duplicates(self, request: Request) -> Response:
+        """GET /duplicates: groups of near-duplicate images of the served version (one range search of
+        the index per version and threshold, cached in the Searcher; groups cached here)."""
+        threshold, limit, offset = parse_duplicates_query(request.query_params, self.limits.dedup_cosine)
+        with self.index.lease() as version:
+            key = (version.name, threshold)
+            cached = self.duplicate_groups.get(key)
+            if cached is None:
+                found = await retried(
+                    lambda: self.searcher.duplicate_pairs.remote(version.name, threshold), SEARCH_ATTEMPTS, "Searcher"
+                )
+                groups = await asyncio.to_thread(group_pairs, found.pairs.tolist())
+                cached = (groups, bool(found.complete))
+                self.duplicate_groups = {k: v for k, v in self.duplicate_groups.items() if k[0] == version.name}
+                self.duplicate_groups[key] = cached
+            groups, complete = cached
+            page = describe_page(groups, version.manifest, limit, offset)
+        return JSONResponse(
+            {
+                "index_version": version.name,
+                "threshold": threshold,
+                "complete": complete,
+                "total_groups": len(groups),
+                "offset": offset,
+                "limit": limit,
+                "groups": page,
+            }
+        )
 
     async def embed(self, request: Request) -> Response:
         """Photos and texts in (the seed's Embedding API), unit vectors out, in request order."""

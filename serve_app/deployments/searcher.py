@@ -27,20 +27,31 @@ import numpy as np
 from ray import serve
 
 from image_search.artifact import DEFAULT_CACHE_DIR
+from image_search.duplicate_pairs import DuplicatePairs, duplicate_pairs
 from image_search.errors import IndexUnavailable, StoreUnavailable
 from image_search.faiss_index import apply_search_params
+from image_search.filtered_search import IdFilter, SegmentRows, search_filtered, stored_vectors
 from image_search.segment_search import SearchableSegment, search_segments, searchable
-from image_search.segments import SegmentInfo, Version, open_segment_index, read_pointer, read_version
+from image_search.segments import (
+    SegmentInfo,
+    Version,
+    open_segment_index,
+    open_segment_vectors,
+    read_pointer,
+    read_version,
+)
 from image_search.storage import Store, is_s3_uri, open_store
 from serve_app.config import SearcherOptions
 from serve_app.loaded_versions import Preloader
 from serve_app.metrics import SearcherMetrics
+from serve_app.queries.dedup_search import DedupRow, dedup_search
 from serve_app.search_thread import SearchThread
 from serve_app.segment_cache import DEFAULT_CACHE_GRACE_S, SegmentCache
 from serve_app.segmented_versions import SegmentedVersions
 from serve_app.store_faults import io_failures_are_transient
 
 logger = logging.getLogger("ray.serve")
+DUPLICATE_CACHE_ENTRIES = 4  # (version, threshold) duplicate scans kept per replica
 
 
 class QueryShapeError(RuntimeError):
@@ -51,6 +62,7 @@ class QueryShapeError(RuntimeError):
 class LoadedSegment:
     name: str
     index: faiss.Index
+    rows: SegmentRows  # ids per row and the raw vectors (filtered exact scans, stored vectors)
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class LoadedIndex:
     segments: tuple[SearchableSegment, ...]
     dim: int
     count: int  # live vectors
+    rows: tuple[SegmentRows, ...] = ()  # per segment, in the same order
 
 
 def load_segment(store: Store, options: SearcherOptions, cache_dir: Path, info: SegmentInfo) -> LoadedSegment:
@@ -71,14 +84,18 @@ def load_segment(store: Store, options: SearcherOptions, cache_dir: Path, info: 
         {key: value for key, value in (("nprobe", options.nprobe), ("ef_search", options.ef_search)) if value}
     )
     apply_search_params(index, params)
-    return LoadedSegment(info.name, index)
+    # Row i of vectors.npy is the i-th vector added to the IndexIDMap2: its id_map says under which id.
+    ids = faiss.vector_to_array(getattr(faiss.downcast_index(index), "id_map"))  # noqa: B009  (untyped SWIG)
+    rows = SegmentRows.of(ids, open_segment_vectors(store, info, cache_dir))
+    return LoadedSegment(info.name, index, rows)
 
 
 def assemble_index(version: Version, segments: Sequence[LoadedSegment]) -> LoadedIndex:
     searchables = tuple(
         searchable(segment.name, segment.index, version.deleted_ids(segment.name)) for segment in segments
     )
-    return LoadedIndex(version.name, searchables, version.embedding_dim, version.live_count)
+    rows = tuple(segment.rows for segment in segments)
+    return LoadedIndex(version.name, searchables, version.embedding_dim, version.live_count, rows)
 
 
 class SegmentHoldings:
@@ -169,6 +186,7 @@ class Searcher:
             self.store, options, Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
         )
         self.metrics = SearcherMetrics()
+        self.duplicates: dict[tuple[str, float], DuplicatePairs] = {}
         # Warm start on what is published now. If CURRENT is broken (a bad build the running
         # Ingress refused), this replica still starts and loads what the Ingress asks for.
         preloader = Preloader(self.holdings, self._read_current)
@@ -187,23 +205,83 @@ class Searcher:
         checks, StoreUnavailable when its files cannot be read just now."""
         return (await self.holdings.get(version)).count
 
-    async def search(self, vectors: np.ndarray, k: int, version: str) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) unit vectors -> (scores, ids) of `version`, each (n, min(k, live count)), best first.
-
-        Ids are the stable record ids; exact across segments (segment_search.py); -1 pads when an
-        approximate segment finds fewer.
-        """
+    async def _loaded(self, version: str) -> LoadedIndex:
         try:
-            loaded = await self.holdings.get(version)
+            return await self.holdings.get(version)
         except StoreUnavailable as exc:
             logger.warning("a search needed index version %s, which cannot be read just now: %s", version, exc)
             raise IndexUnavailable("The index cannot be read right now; try again in a moment.") from None
+
+    async def search(
+        self, vectors: np.ndarray, k: int, version: str, id_filter: IdFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n, dim) unit vectors -> (scores, ids) of `version`, each (n, min(k, live count)), best first.
+
+        Ids are the stable record ids; exact across segments (segment_search.py); -1 pads when an
+        approximate segment finds fewer. With `id_filter`, only the ids it allows, inside the scan
+        (image_search/filtered_search.py).
+        """
+        loaded = await self._loaded(version)
         queries = check_queries(vectors, loaded.dim)
         started = time.perf_counter()
-        result: tuple[np.ndarray, np.ndarray] = await self.thread.run(
-            search_segments, loaded.segments, queries, max(1, min(k, loaded.count))
-        )
+        result: tuple[np.ndarray, np.ndarray]
+        if id_filter is None:
+            result = await self.thread.run(search_segments, loaded.segments, queries, max(1, min(k, loaded.count)))
+        else:
+            result = await self.thread.run(
+                search_filtered, loaded.segments, loaded.rows, queries, max(1, min(k, loaded.count)), id_filter
+            )
         self.metrics.observe_search(time.perf_counter() - started)
+        return result
+
+    async def search_dedup(
+        self, vectors: np.ndarray, k: int, version: str, id_filter: IdFilter | None, threshold: float
+    ) -> list[DedupRow]:
+        """Per query, k groups of near-duplicates (serve_app/queries/dedup_search.py), inside the filter."""
+        loaded = await self._loaded(version)
+        queries = check_queries(vectors, loaded.dim)
+        available = loaded.count if id_filter is None else min(loaded.count, id_filter.count)
+        if available <= 0:
+            return [DedupRow(np.empty(0, np.float32), np.empty(0, np.int64), []) for _ in queries]
+
+        def search(query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+            if id_filter is None:
+                return search_segments(loaded.segments, query, n)
+            return search_filtered(loaded.segments, loaded.rows, query, n, id_filter)
+
+        def vectors_of(ids: np.ndarray) -> np.ndarray:
+            return stored_vectors(loaded.segments, loaded.rows, ids, loaded.dim)[1]
+
+        def run() -> list[DedupRow]:
+            return [
+                dedup_search(search, vectors_of, queries[i : i + 1], k, available, threshold)
+                for i in range(len(queries))
+            ]
+
+        started = time.perf_counter()
+        rows: list[DedupRow] = await self.thread.run(run)
+        self.metrics.observe_search(time.perf_counter() - started)
+        return rows
+
+    async def duplicate_pairs(self, version: str, threshold: float) -> DuplicatePairs:
+        """Near-duplicate live id pairs of `version` (image_search/duplicate_pairs.py), computed once per
+        version and threshold (the last few kept)."""
+        key = (version, float(threshold))
+        cached = self.duplicates.get(key)
+        if cached is None:
+            loaded = await self._loaded(version)
+            cached = await self.thread.run(duplicate_pairs, loaded.segments, loaded.rows, float(threshold))
+            self.duplicates[key] = cached
+            while len(self.duplicates) > DUPLICATE_CACHE_ENTRIES:
+                self.duplicates.pop(next(iter(self.duplicates)))
+        return cached
+
+    async def stored_vectors(self, ids: np.ndarray, version: str) -> tuple[np.ndarray, np.ndarray]:
+        """(found (n,) bool, vectors (n, dim)): the vectors `version` holds for these live ids."""
+        loaded = await self._loaded(version)
+        result: tuple[np.ndarray, np.ndarray] = await self.thread.run(
+            stored_vectors, loaded.segments, loaded.rows, np.asarray(ids, dtype=np.int64), loaded.dim
+        )
         return result
 
     def omp_threads(self) -> int:

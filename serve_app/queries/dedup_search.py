@@ -1,0 +1,59 @@
+"""A de-duplicated search for one query: candidates, collapsed, fetched again with more until k groups.
+
+The Searcher runs it next to the index, so candidates' vectors never cross to the Ingress: only
+the k kept matches and their duplicates' ids come back. Each try asks the index for
+`candidate_count(k, available, attempt)` candidates (4k, then 8k, ...), collapses them
+(serve_app/queries/dedup.py) and stops when k groups formed, when every allowed vector was a
+candidate, or at `MAX_DEDUP_CANDIDATES` (a bound on time and memory: past it, fewer than k groups
+may come back).
+
+No Ray and no FAISS: the search and the vector lookup arrive as callables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve_app.queries.dedup import candidate_count, collapse, enough_groups
+
+MAX_DEDUP_CANDIDATES = 4096  # candidates one de-duplicated query may score and collapse
+
+
+@dataclass(frozen=True)
+class DedupRow:
+    """One query's answer: the kept matches (best first) and, per kept match, its duplicates' ids."""
+
+    scores: np.ndarray  # float32 (g,)
+    ids: np.ndarray  # int64 (g,)
+    duplicates: list[list[int]]
+
+
+def dedup_search(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    vectors_of: Callable[[np.ndarray], np.ndarray],
+    query: np.ndarray,
+    k: int,
+    available: int,
+    threshold: float,
+    max_candidates: int = MAX_DEDUP_CANDIDATES,
+) -> DedupRow:
+    """`search(query (1, dim), n) -> (scores (1, n), ids (1, n))`; `vectors_of(ids) -> (len, dim)`."""
+    limit = max(1, min(available, max_candidates))
+    attempt = 0
+    while True:
+        wanted = max(1, min(limit, candidate_count(k, available, attempt)))
+        scores, ids = search(query, wanted)
+        keep = ids[0] >= 0
+        row_scores, row_ids = scores[0][keep], ids[0][keep]
+        groups = collapse(vectors_of(row_ids), k, threshold)
+        if enough_groups(groups, k, wanted, available) or wanted >= limit:
+            break
+        attempt += 1
+    return DedupRow(
+        np.asarray([row_scores[g.row] for g in groups], dtype=np.float32),
+        np.asarray([row_ids[g.row] for g in groups], dtype=np.int64),
+        [[int(row_ids[d]) for d in g.duplicates] for g in groups],
+    )
