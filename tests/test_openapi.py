@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import requests
@@ -104,7 +103,3 @@ def test_the_server_keeps_to_its_schema(
         case.call_and_validate(timeout=REQUEST_TIMEOUT_S * 2, checks=SCHEMA_CHECKS)
 
     check()
-
-
-def test_schema_file_is_in_the_repo() -> None:
-    assert Path(COMMITTED).is_file()
