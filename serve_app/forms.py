@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from python_multipart.multipart import parse_options_header
 
-from image_search.errors import InvalidWeights, MalformedRequest, NotMultipart, RequestTooLarge, TooManyFields
-from serve_app.client_values import parse_decimal
+from image_search.errors import InvalidWeights, MalformedRequest, NotMultipart, TooManyFields
+from serve_app.body import read_body
 from serve_app.combined import FILE_WEIGHT_FIELD, MAX_WEIGHT_CHARS, TEXT_WEIGHT_FIELD
 from serve_app.config import UploadLimits
 from serve_app.multipart import FILES_FIELD, FormField, Upload, human_bytes, read_form
@@ -84,18 +84,12 @@ async def read_urlencoded(
     and its fields are counted before it is split (an 8 MiB `a&a&...` would otherwise become a
     list of millions of objects)."""
     cap = max_urlencoded_bytes(limits)
-    too_large = RequestTooLarge(
-        f"An urlencoded request may carry at most {human_bytes(cap)} (texts only; send photos as multipart)."
+    raw = await read_body(
+        content_length,
+        body,
+        cap,
+        f"An urlencoded request may carry at most {human_bytes(cap)} (texts only; send photos as multipart).",
     )
-    declared = parse_decimal(content_length) if content_length is not None else None
-    if declared is not None and declared > cap:
-        raise too_large
-    data = bytearray()
-    async for chunk in body:
-        data += chunk
-        if len(data) > cap:
-            raise too_large
-    raw = bytes(data)
     # An upper bound on the non-empty fields, counted without splitting.
     if raw.strip(b"&").count(b"&") + 1 > limits.max_fields:
         raise TooManyFields(f"Send at most {limits.max_fields} form fields per request.")
