@@ -41,6 +41,7 @@ from image_search.segments import (
     read_version,
 )
 from image_search.storage import Store, is_s3_uri, open_store
+from serve_app.computed_once import ComputedOnce
 from serve_app.config import SearcherOptions
 from serve_app.loaded_versions import Preloader
 from serve_app.metrics import SearcherMetrics
@@ -186,7 +187,7 @@ class Searcher:
             self.store, options, Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
         )
         self.metrics = SearcherMetrics()
-        self.duplicates: dict[tuple[str, float], DuplicatePairs] = {}
+        self.duplicates: ComputedOnce[tuple[str, float], DuplicatePairs] = ComputedOnce(DUPLICATE_CACHE_ENTRIES)
         # Warm start on what is published now. If CURRENT is broken (a bad build the running
         # Ingress refused), this replica still starts and loads what the Ingress asks for.
         preloader = Preloader(self.holdings, self._read_current)
@@ -265,16 +266,16 @@ class Searcher:
 
     async def duplicate_pairs(self, version: str, threshold: float) -> DuplicatePairs:
         """Near-duplicate live id pairs of `version` (image_search/duplicate_pairs.py), computed once per
-        version and threshold (the last few kept)."""
-        key = (version, float(threshold))
-        cached = self.duplicates.get(key)
-        if cached is None:
+        version and threshold (the last few kept); callers asking at once share one computation."""
+
+        async def compute() -> DuplicatePairs:
             loaded = await self._loaded(version)
-            cached = await self.thread.run(duplicate_pairs, loaded.segments, loaded.rows, float(threshold))
-            self.duplicates[key] = cached
-            while len(self.duplicates) > DUPLICATE_CACHE_ENTRIES:
-                self.duplicates.pop(next(iter(self.duplicates)))
-        return cached
+            pairs: DuplicatePairs = await self.thread.run(
+                duplicate_pairs, loaded.segments, loaded.rows, float(threshold)
+            )
+            return pairs
+
+        return await self.duplicates.get((version, float(threshold)), compute)
 
     async def stored_vectors(self, ids: np.ndarray, version: str) -> tuple[np.ndarray, np.ndarray]:
         """(found (n,) bool, vectors (n, dim)): the vectors `version` holds for these live ids."""
