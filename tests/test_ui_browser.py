@@ -1142,6 +1142,10 @@ def test_a_wrong_token_is_refused_in_words_and_asked_for_again(
     size_before = api_get(writes_app.url + "/info")["index_size"]
     photo = new_photo(tmp_path, 9100)
     page.locator("#add-file-input").set_input_files(str(photo))
+    # An empty token is not sent: the dialog stays and says what is missing.
+    page.locator("#token-submit").click()
+    expect(page.locator("#token-message")).to_have_text("Type the write token first.")
+    expect(page.locator("#token-dialog")).to_be_visible()
     page.locator("#token-input").fill("not-the-token-0123456789abcdef")
     page.locator("#token-submit").click()
     status = page.locator("#collection-status")

@@ -998,6 +998,7 @@
   function askToken(message) {
     if (state.tokenResolve) state.tokenResolve(null);
     el.tokenMessage.textContent = message || "";
+    el.tokenMessage.classList.remove("is-error");
     el.tokenInput.value = "";
     el.tokenDialog.showModal();
     el.tokenInput.focus();
@@ -1027,6 +1028,7 @@
       const token = el.tokenInput.value.trim();
       if (!token) {
         el.tokenMessage.textContent = "Type the write token first.";
+        el.tokenMessage.classList.add("is-error");
         el.tokenInput.focus();
         return;
       }
