@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -89,7 +91,8 @@ class Ui:
         self.page.locator("input[type=file]#file-input").set_input_files([str(p) for p in paths])
 
     def search_requests(self) -> list[Request]:
-        return [r for r in self.requests if r.method == "POST" and urlsplit(r.url).path == "/search"]
+        # (Under a route prefix too: the writes app is served at /pagewrites/.)
+        return [r for r in self.requests if r.method == "POST" and urlsplit(r.url).path.endswith("/search")]
 
 
 def open_page(browser: Browser, base_url: str, viewport: dict, init_script: str | None = None):
@@ -377,12 +380,13 @@ def test_busy_state_while_searching_and_a_second_search_after(
         expect(status).to_have_attribute("aria-busy", "false")
         expect(status.locator(".spinner")).to_be_hidden()
 
-        # A second search, with other photos, once the first has finished.
+        # A second search, with other photos, once the first has finished: they join as rows of their
+        # own (the earlier row stays, as it does for phrases), all searched in one request.
         ui.upload(indexed_images[1], indexed_images[2])
         expect(status).to_have_attribute("aria-busy", "true")
         page.wait_for_function("() => window.__heldSearches.length === 1")
         page.evaluate("window.__releaseSearches()")
-        assert_rows_have_results(ui, [indexed_images[1].name, indexed_images[2].name], expected_matches(api_info))
+        assert_rows_have_results(ui, [p.name for p in indexed_images[:3]], expected_matches(api_info))
         expect(status).to_have_attribute("aria-busy", "false")
         assert len(ui.search_requests()) == 2
         assert_same_origin(ui)
@@ -717,3 +721,446 @@ def test_the_search_box_says_when_the_model_has_no_text_search(
         page.screenshot(path=str(screenshots / "ui-no-text-search.png"), full_page=True)
     finally:
         context.close()
+
+
+# ---------------------------------------------------------------- issue 20: every feature on the page
+
+
+def match_ids(row) -> list[int]:
+    return [int(item.get_attribute("data-id")) for item in row.locator(".matches > li").all()]
+
+
+def match_paths(row) -> list[str]:
+    return [item.get_attribute("data-path") or "" for item in row.locator(".matches > li").all()]
+
+
+def api_get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.load(response)
+
+
+def test_similar_on_a_result_adds_a_row_of_more_like_it_without_that_image(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    ui.upload(indexed_images[0])
+    first_row = ui.rows().nth(0)
+    per_row = expected_matches(api_info)
+    expect(first_row.locator(".match")).to_have_count(per_row)
+    before = match_ids(first_row)
+    # The second match (the first is the photo itself): "Similar" under it.
+    chosen = first_row.locator(".matches > li").nth(1)
+    chosen_id = int(chosen.get_attribute("data-id"))
+    name = chosen.get_attribute("data-name")
+    chosen.get_by_role("button", name=f"More like {name}").click()
+
+    rows = ui.rows()
+    expect(rows).to_have_count(2)  # the photo's row stays; the new query adds a row
+    similar = rows.nth(1)
+    expect(similar).to_have_attribute("data-similar-to", str(chosen_id))
+    expect(similar.locator(".query-kind")).to_have_text("More like this")
+    expect(similar.locator(".query-name")).to_have_text(name)
+    expect(similar.locator(".match")).to_have_count(min(api_info["default_k"], api_info["index_size"] - 1))
+    ids = match_ids(similar)
+    assert chosen_id not in ids, (chosen_id, ids)
+    assert ids != before
+    # What the row shows is what the service answers for GET /images/{id}/similar.
+    answer = api_get(f"{ui.base_url}/images/{chosen_id}/similar?k={api_info['default_k']}")
+    assert ids == [match["id"] for match in answer["results"][0]["matches"]]
+    assert any(urlsplit(r.url).path == f"/images/{chosen_id}/similar" for r in ui.requests)
+    wait_thumbnails_loaded(ui, per_row + len(ids))
+    screenshot(ui, screenshots, "similar")
+    assert_same_origin(ui)
+    assert_no_page_errors(ui)
+
+
+def test_similar_in_combine_mode_joins_as_a_chip(ui: Ui, api_info: dict, indexed_images: list[Path]):
+    ui.upload(indexed_images[0])
+    row = ui.rows().nth(0)
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info))
+    chosen = row.locator(".matches > li").nth(1)
+    name = chosen.get_attribute("data-name")
+    ui.page.locator("#combine-input").check()
+    ui.rows().nth(0).locator(".matches > li").nth(1).get_by_role("button", name=f"More like {name}").click()
+    chips = ui.rows().nth(0).locator(".chip")
+    expect(chips).to_have_count(2)
+    expect(chips.nth(1)).to_have_attribute("data-kind", "similar")
+    expect(ui.rows().nth(0)).to_have_attribute("data-state", "done")
+    expect(ui.rows().nth(0).locator(".match")).to_have_count(expected_matches(api_info))
+    combined = [r for r in ui.requests if urlsplit(r.url).path == "/search/combined" and r.response() is not None]
+    (entry,) = answered_queries(combined[-1])
+    assert [part.get("filename") for part in entry["combined"]] == [indexed_images[0].name, Path(name).name]
+
+
+def test_the_folder_filter_restricts_every_row_to_that_folder(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    folders = api_get(ui.base_url + "/folders")["folders"]
+    nested = next(folder for folder in folders if folder["prefix"] == "nested/")
+    select = ui.page.locator("#folder-select")
+    expect(select.locator("option")).to_have_count(1 + len(folders))
+    expect(select.locator("option").nth(1)).to_have_text(f"nested/ ({nested['count']} images)")
+
+    outside = next(p for p in indexed_images if p.parent.name != "nested")
+    ui.upload(outside)
+    search_words(ui, "a photo")
+    rows = ui.rows()
+    expect(rows).to_have_count(2)
+    per_row = expected_matches(api_info)
+    expect(rows.nth(1).locator(".match")).to_have_count(per_row)
+
+    select.select_option("nested/")
+    in_folder = min(api_info["default_k"], nested["count"])
+    for i in range(2):
+        expect(rows.nth(i).locator(".row-status")).to_contain_text("in nested/")
+        expect(rows.nth(i).locator(".match")).to_have_count(in_folder)
+        paths = match_paths(rows.nth(i))
+        assert paths and all(path.startswith("nested/") for path in paths), paths
+    last = ui.search_requests()[-1]
+    assert parse_qs(urlsplit(last.url).query)["prefix"] == ["nested/"]
+    wait_thumbnails_loaded(ui, 2 * in_folder)
+    screenshot(ui, screenshots, "folder-filter")
+
+    # The photo outside the folder finds itself again once the filter is off.
+    select.select_option("")
+    expect(rows.nth(0).locator(".row-status")).not_to_contain_text("in nested/")
+    expect(rows.nth(0).locator(".match")).to_have_count(per_row)
+    assert match_paths(rows.nth(0))[0] == outside.name
+    assert "prefix" not in parse_qs(urlsplit(ui.search_requests()[-1].url).query)
+    assert_no_page_errors(ui)
+
+
+def test_photos_and_phrases_both_add_rows_and_the_page_says_so(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    hint = ui.page.locator("#rows-hint")
+    expect(hint).to_be_visible()
+    expect(hint).to_contain_text("Each photo and each phrase adds a row")
+    expect(hint).to_contain_text("Clear")
+    per_row = expected_matches(api_info)
+    ui.upload(indexed_images[0])
+    expect(ui.rows().nth(0).locator(".match")).to_have_count(per_row)
+    search_words(ui, "a cat")
+    expect(ui.rows().nth(1).locator(".match")).to_have_count(per_row)
+    # A photo chosen after the phrase no longer wipes the rows: it adds one, at the end.
+    ui.upload(indexed_images[1])
+    rows = ui.rows()
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0).locator(".query-name")).to_have_text(indexed_images[0].name)
+    expect(rows.nth(1)).to_have_attribute("data-text", "a cat")
+    expect(rows.nth(2).locator(".query-name")).to_have_text(indexed_images[1].name)
+    for i in range(3):
+        expect(rows.nth(i).locator(".match")).to_have_count(per_row)
+    # One request (photos first, as the server answers); each row shows its own query's answer.
+    entries = answered_queries(ui.search_requests()[-1])
+    by_query = {entry.get("filename") or entry.get("text"): [m["id"] for m in entry["matches"]] for entry in entries}
+    assert match_ids(rows.nth(0)) == by_query[indexed_images[0].name]
+    assert match_ids(rows.nth(1)) == by_query["a cat"]
+    assert match_ids(rows.nth(2)) == by_query[indexed_images[1].name]
+    # "Clear" starts over.
+    ui.page.locator("#clear-button").click()
+    expect(ui.rows()).to_have_count(0)
+    expect(ui.page.locator("#empty-state")).to_be_visible()
+
+
+def test_k_of_zero_and_k_above_the_maximum_both_say_what_was_used(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    ui.upload(indexed_images[0])
+    row = ui.rows().nth(0)
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info))
+    k_input, note = ui.page.locator("#k-input"), ui.page.locator("#k-note")
+    expect(note).to_be_hidden()
+
+    k_input.fill("0")
+    k_input.press("Enter")
+    expect(k_input).to_have_value("1")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("Raised to 1")
+    expect(row.locator(".match")).to_have_count(1)
+    assert parse_qs(urlsplit(ui.search_requests()[-1].url).query)["k"] == ["1"]
+    screenshot(ui, screenshots, "k-zero")
+
+    k_input.fill("500")
+    k_input.press("Enter")
+    expect(k_input).to_have_value(str(api_info["max_k"]))
+    expect(note).to_contain_text(f"Capped at {api_info['max_k']}")
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info, api_info["max_k"]))
+    screenshot(ui, screenshots, "k-capped")
+
+    # A number in range clears the note.
+    k_input.fill("3")
+    k_input.press("Enter")
+    expect(row.locator(".match")).to_have_count(expected_matches(api_info, 3))
+    expect(note).to_be_hidden()
+
+
+# Dispatches a drag event with a file on the drop zone (what a person's drag from the desktop does).
+DRAG_FILE = """([type, name, b64]) => {
+    const data = new DataTransfer();
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    data.items.add(new File([bytes], name, { type: 'image/jpeg' }));
+    const zone = document.querySelector('#drop-zone');
+    zone.dispatchEvent(new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: data }));
+}"""
+
+
+def test_dragging_a_file_over_the_page_highlights_the_drop_zone_plainly(
+    ui: Ui, api_info: dict, indexed_images: list[Path], screenshots: Path
+):
+    import base64
+
+    page, zone = ui.page, ui.page.locator("#drop-zone")
+    photo = indexed_images[0]
+    b64 = base64.b64encode(photo.read_bytes()).decode()
+    style = "(el) => { const s = getComputedStyle(el); return [s.borderTopStyle, s.borderTopWidth, s.boxShadow]; }"
+    resting = zone.evaluate(style)
+    assert resting[0] == "dashed" and resting[2] == "none", resting
+
+    page.evaluate(DRAG_FILE, ["dragenter", photo.name, b64])
+    expect(zone).to_have_class(re.compile(r"\bis-dragover\b"))
+    expect(zone.locator(".drop-now")).to_be_visible()
+    expect(zone.locator(".drop-now")).to_have_text("Drop to search")
+    border_style, border_width, shadow = zone.evaluate(style)
+    assert border_style == "solid" and float(border_width.rstrip("px")) >= 3, (border_style, border_width)
+    assert shadow != "none", shadow
+    screenshot(ui, screenshots, "drag-over")
+
+    page.evaluate(DRAG_FILE, ["dragleave", photo.name, b64])
+    expect(zone).not_to_have_class(re.compile(r"\bis-dragover\b"))
+    expect(zone.locator(".drop-now")).to_be_hidden()
+
+    # Dropping it searches with it, like choosing it.
+    page.evaluate(DRAG_FILE, ["dragenter", photo.name, b64])
+    page.evaluate(DRAG_FILE, ["drop", photo.name, b64])
+    expect(zone).not_to_have_class(re.compile(r"\bis-dragover\b"))
+    assert_rows_have_results(ui, [photo.name], expected_matches(api_info))
+    assert match_paths(ui.rows().nth(0))[0].endswith(photo.name)
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [("model", "an unnamed CLIP model"), ("random CLIP (demo)", "random CLIP (demo)")],
+    ids=["bare-folder-name", "demo"],
+)
+def test_the_header_names_the_model_in_words(
+    browser: Browser, serve_base_url: str, api_info: dict, model: str, shown: str
+):
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        fake = json.dumps({**api_info, "model": model})
+        page.route("**/info", lambda route: route.fulfill(status=200, content_type="application/json", body=fake))
+        page.goto(serve_base_url + "/")
+        info = page.locator("#index-info")
+        expect(info).to_contain_text(f"searched with {shown}")
+        assert "model model" not in info.inner_text().lower()
+    finally:
+        context.close()
+
+
+def test_the_real_model_name_is_shown_and_writes_controls_stay_hidden_when_writes_are_off(
+    ui: Ui, api_info: dict, indexed_images: list[Path]
+):
+    assert api_info["writes"] is False
+    expect(ui.page.locator("#index-info")).to_contain_text(f"searched with {api_info['model']}")
+    expect(ui.page.locator("#collection-panel")).to_be_hidden()
+    ui.upload(indexed_images[0])
+    row = ui.rows().nth(0)
+    expect(row.locator(".match-similar")).to_have_count(expected_matches(api_info))
+    expect(row.locator(".match-remove")).to_have_count(0)
+
+
+# ---------------------------------------------------------------- writes and near-duplicates: an app of our own
+
+PAGE_APP = "pagewrites"
+WRITE_TOKEN = "page-write-token-0123456789abcdef"
+# Between the copies' cosines and the distinct photos' for the tiny random model (tests/test_queries_http.py).
+DEDUP_COSINE = 0.995
+
+
+@dataclass
+class WritesApp:
+    url: str
+    original: Path  # a photo with three near-duplicates in dups/
+    original_key: str
+    copies: list[str]  # their keys
+
+
+@pytest.fixture(scope="module")
+def writes_app(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, serve_port: int) -> Iterator[WritesApp]:
+    """A second application on the session's Serve instance: writes on (a token file), and a collection
+    with near-duplicates of one photo (an exact copy, a re-encoding, a crop)."""
+    import io
+
+    from PIL import Image
+
+    from tests.living import build, served_app
+    from tests.support import write_image_folder
+
+    root = tmp_path_factory.mktemp("page-writes")
+    images, index = root / "images", root / "index"
+    originals = write_image_folder(images, 8, start_seed=300)
+    original = next(p for p in originals if p.suffix == ".jpg")
+    dups = images / "dups"
+    dups.mkdir()
+    (dups / "copy.jpg").write_bytes(original.read_bytes())
+    picture = Image.open(original).convert("RGB")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=60)
+    (dups / "reencoded.jpg").write_bytes(buffer.getvalue())
+    w, h = picture.size
+    picture.crop((4, 4, w - 4, h - 4)).save(dups / "crop.png")
+    build(images, index, tiny_model_dir)
+    (root / "token").write_text(WRITE_TOKEN + "\n")
+    args = {
+        "model": str(tiny_model_dir),
+        "index": str(index),
+        "thumbnail_cache_dir": str(root / "thumbnails"),
+        "embedder": {"num_threads": 1},
+        "limits": {"max_files": 8, "max_file_bytes": 2_000_000, "dedup_cosine": DEDUP_COSINE},
+        "request_timeout_s": 30,
+        "reload_interval_s": 0.5,
+        "writes": {"token_file": str(root / "token"), "lock_wait_s": 5},
+    }
+    options = {"Writer": {"ray_actor_options": {"num_cpus": 0.1}}, "Ingress": {"ray_actor_options": {"num_cpus": 0.1}}}
+    with served_app(PAGE_APP, serve_port, args, options) as base_url:
+        key = original.relative_to(images).as_posix()
+        yield WritesApp(base_url, original, key, ["dups/copy.jpg", "dups/reencoded.jpg", "dups/crop.png"])
+
+
+@pytest.fixture
+def writes_ui(browser: Browser, writes_app: WritesApp):
+    context, ui = open_page(browser, writes_app.url, DESKTOP)
+    yield ui
+    context.close()
+
+
+def test_hide_near_duplicates_collapses_copies_into_one_match(writes_ui: Ui, writes_app: WritesApp, screenshots: Path):
+    ui = writes_ui
+    group = {writes_app.original_key, *writes_app.copies}
+    ui.upload(writes_app.original)
+    row = ui.rows().nth(0)
+    expect(row.locator(".match")).to_have_count(5)
+    # Without the switch the photo and its three copies fill the top four places.
+    assert set(match_paths(row)[:4]) == group, match_paths(row)
+    expect(row.locator(".match-duplicates")).to_have_count(0)
+
+    ui.page.locator("#dedup-input").check()
+    expect(row.locator(".row-status")).to_contain_text("near-duplicates hidden")
+    expect(row.locator(".match")).to_have_count(5)
+    paths = match_paths(row)
+    assert len(group & set(paths)) == 1, paths  # one match stands for the group
+    expect(row.locator(".match-duplicates")).to_have_count(1)
+    expect(row.locator(".matches > li").first.locator(".match-duplicates")).to_have_text("+3 near-duplicates hidden")
+    last = ui.search_requests()[-1]
+    assert parse_qs(urlsplit(last.url).query)["dedup"] == ["true"]
+    (entry,) = answered_queries(last)
+    assert match_ids(row) == [m["id"] for m in entry["matches"]]
+    assert len(entry["matches"][0]["duplicates"]) == 3
+    wait_thumbnails_loaded(ui, 5)
+    screenshot(ui, screenshots, "dedup")
+
+    ui.page.locator("#dedup-input").uncheck()
+    expect(row.locator(".match-duplicates")).to_have_count(0)
+    expect(row.locator(".row-status")).not_to_contain_text("near-duplicates hidden")
+    assert_no_page_errors(ui)
+
+
+def new_photo(tmp_path: Path, seed: int) -> Path:
+    from tests.support import synthetic_image
+
+    path = tmp_path / f"new-{seed}.jpg"
+    synthetic_image(seed).save(path, format="JPEG", quality=90)
+    return path
+
+
+def test_add_with_the_token_makes_an_image_searchable_and_remove_takes_it_away(
+    writes_ui: Ui, writes_app: WritesApp, tmp_path: Path, screenshots: Path
+):
+    ui, page = writes_ui, writes_ui.page
+    size_before = api_get(writes_app.url + "/info")["index_size"]
+    panel = page.locator("#collection-panel")
+    expect(panel).to_be_visible()
+    photos = [new_photo(tmp_path, 9001), new_photo(tmp_path, 9002)]
+
+    page.locator("#add-file-input").set_input_files([str(p) for p in photos])
+    dialog = page.locator("#token-dialog")
+    expect(dialog).to_be_visible()
+    screenshot(ui, screenshots, "token-dialog")
+    page.locator("#token-input").fill(WRITE_TOKEN)
+    page.locator("#token-submit").click()
+    expect(dialog).to_be_hidden()
+
+    outcomes = page.locator("#add-outcomes > li")
+    expect(outcomes).to_have_count(2)
+    for i in range(2):
+        expect(outcomes.nth(i)).to_have_attribute("data-status", "added")
+        expect(outcomes.nth(i)).to_contain_text(photos[i].name)
+        expect(outcomes.nth(i)).to_contain_text("Added as uploads/")
+    expect(page.locator("#add-progress")).to_have_attribute("value", "2")
+    expect(page.locator("#collection-status")).to_have_text("2 files added to the collection.")
+    expect(page.locator("#index-info")).to_contain_text(f"{size_before + 2:,}")
+    screenshot(ui, screenshots, "add")
+
+    posts = [r for r in ui.requests if r.method == "POST" and urlsplit(r.url).path == f"/{PAGE_APP}/images"]
+    assert len(posts) == 2  # one request per file, so progress moves per file
+    assert all(r.all_headers().get("authorization") == f"Bearer {WRITE_TOKEN}" for r in posts)
+    added = [r.response().json()["results"][0] for r in posts]
+    # Kept for this tab only: in sessionStorage, never in localStorage or a cookie.
+    assert page.evaluate("() => sessionStorage.getItem('image-search.write-token')") == WRITE_TOKEN
+    assert page.evaluate("() => localStorage.length") == 0 and page.context.cookies() == []
+
+    # The added photo is searchable: its own upload as a query finds it first.
+    ui.upload(photos[0])
+    row = ui.rows().nth(0)
+    expect(row.locator(".match")).to_have_count(5)
+    assert match_ids(row)[0] == added[0]["id"]
+
+    # Remove on that result (confirmed): gone from the rows and from the service; the token is not asked again.
+    page.once("dialog", lambda confirm: confirm.accept())
+    row.locator(f'.matches > li[data-id="{added[0]["id"]}"] .match-remove').click()
+    expect(page.locator("#collection-status")).to_contain_text("Removed")
+    expect(dialog).to_be_hidden()
+    expect(row.locator(f'.matches > li[data-id="{added[0]["id"]}"]')).to_have_count(0)
+    expect(row.locator(".match")).to_have_count(5)
+    expect(page.locator("#index-info")).to_contain_text(f"{size_before + 1:,}")
+    deletes = [r for r in ui.requests if r.method == "DELETE"]
+    assert [urlsplit(r.url).path for r in deletes] == [f"/{PAGE_APP}/images/{added[0]['id']}"]
+    assert deletes[0].all_headers().get("authorization") == f"Bearer {WRITE_TOKEN}"
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        urllib.request.urlopen(f"{writes_app.url}/images/{added[0]['id']}", timeout=30)
+    assert gone.value.code == 404
+    screenshot(ui, screenshots, "removed")
+    assert_same_origin(ui)
+    assert_no_page_errors(ui)
+
+
+def test_a_wrong_token_is_refused_in_words_and_asked_for_again(
+    writes_ui: Ui, writes_app: WritesApp, tmp_path: Path, screenshots: Path
+):
+    ui, page = writes_ui, writes_ui.page
+    size_before = api_get(writes_app.url + "/info")["index_size"]
+    photo = new_photo(tmp_path, 9100)
+    page.locator("#add-file-input").set_input_files(str(photo))
+    # An empty token is not sent: the dialog stays and says what is missing.
+    page.locator("#token-submit").click()
+    expect(page.locator("#token-message")).to_have_text("Type the write token first.")
+    expect(page.locator("#token-dialog")).to_be_visible()
+    page.locator("#token-input").fill("not-the-token-0123456789abcdef")
+    page.locator("#token-submit").click()
+    status = page.locator("#collection-status")
+    expect(status).to_contain_text("The write token was not accepted")
+    expect(status).to_have_class(re.compile(r"\bis-error\b"))
+    outcome = page.locator("#add-outcomes > li")
+    expect(outcome).to_have_attribute("data-status", "error")
+    expect(outcome).to_contain_text("not accepted")
+    screenshot(ui, screenshots, "wrong-token")
+    # The refused token is forgotten: nothing kept, and the next try asks again.
+    assert page.evaluate("() => sessionStorage.getItem('image-search.write-token')") is None
+    assert api_get(writes_app.url + "/info")["index_size"] == size_before
+    page.locator("#add-file-input").set_input_files(str(photo))
+    expect(page.locator("#token-dialog")).to_be_visible()
+    page.locator("#token-cancel").click()
+    expect(page.locator("#token-dialog")).to_be_hidden()
+    expect(status).to_contain_text("Nothing was added")
+    assert_no_page_errors(ui, allowed=re.compile(r"status of 401"))

@@ -4,9 +4,15 @@
  * Flow: the person picks, drops or pastes photos -> each photo gets a result row at once
  * (preview from an object URL, no upload needed) -> all photos go to the server in ONE
  * POST /search (field `files` repeated) -> each row is filled with its matches or its error.
- * Phrases typed in the search box (Enter) join the current search as rows of their own (field
- * `text`, after the photos, as the server answers them). In "combine" mode the photos and phrases
- * of the search are chips with weights, sent to POST /search/combined, answered as one row.
+ * Phrases typed in the search box (Enter) and "Similar" on a result (GET /images/{id}/similar)
+ * add rows the same way: every new query adds a row, nothing added wipes the earlier rows;
+ * "Clear" starts over. In "combine" mode the queries of the search are chips with weights, sent to
+ * POST /search/combined, answered as one row. Every search carries the filters: a folder
+ * (`prefix`, from GET /folders) and "hide near-duplicates" (`dedup=true`).
+ *
+ * Writes, when /info says they are on: "Add to collection" uploads files one by one to POST /images
+ * (progress and each file's outcome shown) and "Remove" on a result sends DELETE /images/{id}. The
+ * write token is asked once and kept for the tab (sessionStorage), sent as `Authorization: Bearer`.
  *
  * Plain browser JavaScript, no build step, no third-party code, no requests to other origins.
  */
@@ -17,8 +23,10 @@
   const FALLBACK_INFO = {
     model: null, index_size: null, max_k: 100, default_k: 5,
     max_files: 16, max_file_bytes: 10 * 1024 * 1024,
-    text_search: true, max_text_chars: 1000, max_texts: 16,
+    text_search: true, max_text_chars: 1000, max_texts: 16, writes: false,
   };
+  // Where the write token is kept: this tab only, gone when it closes.
+  const TOKEN_KEY = "image-search.write-token";
   // Combined searches: weights move in these steps, within these bounds.
   const WEIGHT_STEP = 0.5;
   const MAX_WEIGHT = 5;
@@ -26,10 +34,19 @@
   const state = {
     info: { ...FALLBACK_INFO },
     infoLoaded: false,
-    // The current queries, photos first then phrases (the order the server answers them in):
+    // The current queries, in the order they were added (one row each):
     // [{ kind: "file", file, previewUrl, row, clientError, weight }
-    //  | { kind: "text", text, row, clientError, weight }]
+    //  | { kind: "text", text, row, clientError, weight }
+    //  | { kind: "similar", id, path, name, url, thumbUrl, file?, row, clientError, weight }]
     queries: [],
+    // Filters of every search: a folder prefix ("" = all) and whether near-duplicates collapse.
+    prefix: "",
+    dedup: false,
+    folders: [],
+    // The write token when the person has typed it (also in sessionStorage), and the pending ask.
+    token: null,
+    tokenResolve: null,
+    uploading: false,
     // Combine mode: one row (combinedRow) for the weighted sum of all queries.
     combine: false,
     combinedRow: null,
@@ -49,7 +66,10 @@
       "search-status-text", "results", "empty-state", "empty-index-info", "index-info", "limits-hint",
       "lightbox", "lightbox-image", "lightbox-caption", "lightbox-open", "lightbox-close",
       "result-row-template", "demo-banner", "k-note", "combined-row-template", "chip-template", "text-form",
-      "text-input", "text-button", "text-hint", "combine-input",
+      "text-input", "text-button", "text-hint", "combine-input", "rows-hint", "folder-control", "folder-select",
+      "dedup-input", "collection-panel", "add-button", "forget-token-button", "add-file-input", "add-progress-box",
+      "add-progress", "add-progress-label", "collection-status", "add-outcomes", "token-dialog", "token-form",
+      "token-message", "token-input", "token-cancel",
     ]) {
       el[camel(id)] = document.getElementById(id);
     }
@@ -60,13 +80,17 @@
     bindTextSearch();
     bindCombine();
     bindLightbox();
+    bindFilters();
+    bindMatchActions();
+    bindWrites();
     setStatus("idle", "");
-    loadInfo();
+    loadInfo().then(loadFolders);
   }
 
   // ---------------------------------------------------------------- /info
 
-  async function loadInfo() {
+  // `refresh`: after a write, only the numbers change; the k the person typed stays.
+  async function loadInfo(refresh = false) {
     try {
       const response = await fetch("info", { headers: { Accept: "application/json" } });
       if (!response.ok) throw new Error("HTTP " + response.status);
@@ -78,7 +102,7 @@
       el.indexInfo.textContent = "Index details are unavailable right now.";
       el.emptyIndexInfo.textContent = "";
     }
-    applyKLimits();
+    if (!refresh) applyKLimits();
   }
 
   function renderInfo() {
@@ -86,8 +110,9 @@
     // Offline demo data (random CLIP): say so plainly, or its 0.98 scores would look meaningful.
     el.demoBanner.hidden = !state.info.demo_data;
     const count = formatCount(size, "image", "images");
+    const modelName = modelLabel(model);
     el.indexInfo.replaceChildren(
-      strong(count), document.createTextNode(" indexed · model "), strong(model || "unknown"),
+      strong(count), document.createTextNode(" indexed · searched with "), strong(modelName),
     );
     el.indexInfo.title = [
       state.info.index_type && "Index type: " + state.info.index_type,
@@ -96,10 +121,20 @@
     ].filter(Boolean).join("\n");
     el.emptyIndexInfo.textContent = size === 0
       ? "The index is empty, so there is nothing to match against yet."
-      : `The collection has ${count}, indexed with the ${model} model.`;
+      : `The collection has ${count}, indexed with ${modelName}.`;
     el.limitsHint.textContent =
       `Up to ${state.info.max_files} photos at once, ${formatBytes(state.info.max_file_bytes)} each.`;
     renderTextAvailability();
+    renderWritesAvailability();
+  }
+
+  // The name /info gives (never a server path). A bare folder name such as "model" says nothing, and
+  // after the word "model" read "model model": then the page says what it is instead.
+  function modelLabel(model) {
+    const name = String(model || "").trim();
+    if (!name) return "an unknown model";
+    if (/^(model|checkpoint|clip)s?$/i.test(name)) return "an unnamed CLIP model";
+    return name;
   }
 
   // A checkpoint without a text tower still serves photos; the search box says so instead.
@@ -124,10 +159,21 @@
     const raw = parseInt(el.kInput.value, 10);
     const k = clamp(Number.isFinite(raw) ? raw : state.info.default_k, 1, state.info.max_k);
     el.kInput.value = String(k); // show the value actually used
-    // Say why the number changed, rather than silently searching with another one.
-    el.kNote.textContent = Number.isFinite(raw) && raw > state.info.max_k
-      ? `Capped at ${state.info.max_k}, the most this index answers.`
-      : "";
+    // Say why the number changed, rather than silently searching with another one: both ways. Only a
+    // newly typed number changes the note (Enter and `change` both fire for one edit; the second one
+    // sees the corrected value and must not wipe what the first said).
+    if (el.kInput.dataset.typed !== "true") return k;
+    if (Number.isFinite(raw) && raw > state.info.max_k) {
+      el.kNote.textContent = `Capped at ${state.info.max_k}, the most this index answers.`;
+    } else if (Number.isFinite(raw) && raw < 1) {
+      el.kNote.textContent = `Raised to 1: ${raw} matches would show nothing, so each search shows at least one.`;
+    } else if (!Number.isFinite(raw)) {
+      el.kNote.textContent = `Not a number, so the default of ${k} is used.`;
+    } else {
+      el.kNote.textContent = "";
+    }
+    el.kInput.dataset.typed = "false";
+    el.kNote.classList.toggle("is-shown", Boolean(el.kNote.textContent));
     return k;
   }
 
@@ -206,8 +252,10 @@
     // Changing k re-runs the search for the photos already chosen. Enter and `change` can
     // both fire for one edit, so only a k different from the last search's starts a new one.
     const searchIfKChanged = () => {
-      if (state.queries.length && currentK() !== state.searchedK) runSearch();
+      const k = currentK(); // also says when the typed number was changed
+      if (state.queries.length && k !== state.searchedK) runSearch();
     };
+    el.kInput.addEventListener("input", () => { el.kInput.dataset.typed = "true"; });
     el.kInput.addEventListener("change", searchIfKChanged);
     el.kInput.addEventListener("keydown", (event) => {
       if (event.key === "Enter") {
@@ -223,18 +271,26 @@
 
   // ---------------------------------------------------------------- rows
 
-  // New photos start a new search; in combine mode they join the current one instead.
+  // New photos join the current search as rows of their own, after the earlier rows: the same rule
+  // as for phrases and "Similar" (the page says so in #rows-hint). "Clear" starts over.
   function startWithFiles(files) {
-    if (!state.combine) clearQueries();
     let accepted = state.queries.filter((q) => q.kind === "file" && !q.clientError).length;
     const added = files.map((file) => {
       const clientError = checkFileLocally(file, accepted);
       if (!clientError) accepted += 1;
       return { kind: "file", file, previewUrl: URL.createObjectURL(file), row: null, clientError, weight: 1 };
     });
-    // Photos before phrases: the order in which the server answers.
-    const firstText = state.queries.findIndex((q) => q.kind === "text");
-    state.queries.splice(firstText < 0 ? state.queries.length : firstText, 0, ...added);
+    state.queries.push(...added);
+    showQueries();
+    runSearch();
+  }
+
+  // "Similar" on a result: more like that image of the collection, as a row (or chip) of its own.
+  function addSimilar(match) {
+    state.queries.push({
+      kind: "similar", id: match.id, path: match.path, name: match.name, url: match.url,
+      thumbUrl: match.thumbUrl, row: null, clientError: null, weight: 1,
+    });
     showQueries();
     runSearch();
   }
@@ -308,12 +364,15 @@
   }
 
   function queryName(query) {
-    return query.kind === "text" ? query.text : query.file.name || "Pasted image";
+    if (query.kind === "text") return query.text;
+    if (query.kind === "similar") return query.name;
+    return query.file.name || "Pasted image";
   }
 
   function createRow(query) {
     const row = el.resultRowTemplate.content.firstElementChild.cloneNode(true);
     if (query.kind === "text") return fillTextRow(row, query.text);
+    if (query.kind === "similar") return fillSimilarRow(row, query);
     const name = query.file.name || "Pasted image";
     row.dataset.filename = name;
     const image = row.querySelector(".query-image");
@@ -325,6 +384,24 @@
     const caption = row.querySelector(".query-name");
     caption.textContent = name;
     caption.title = name;
+    return row;
+  }
+
+  // "More like this": the collection image's thumbnail where a photo's preview would be.
+  function fillSimilarRow(row, query) {
+    row.classList.add("similar-row");
+    row.dataset.similarTo = String(query.id);
+    const image = row.querySelector(".query-image");
+    image.alt = `Collection image: ${query.name}`;
+    image.addEventListener("error", () => row.classList.add("no-preview"), { once: true });
+    image.src = query.thumbUrl;
+    const kind = document.createElement("p");
+    kind.className = "query-kind";
+    kind.textContent = "More like this";
+    row.querySelector(".query").prepend(kind);
+    const caption = row.querySelector(".query-name");
+    caption.textContent = query.name;
+    caption.title = query.path;
     return row;
   }
 
@@ -360,9 +437,9 @@
     chip.dataset.name = name;
     const image = chip.querySelector(".chip-image");
     const words = chip.querySelector(".chip-text");
-    if (query.kind === "file") {
-      image.src = query.previewUrl;
-      image.alt = `Your photo: ${name}`;
+    if (query.kind === "file" || query.kind === "similar") {
+      image.src = query.kind === "file" ? query.previewUrl : query.thumbUrl;
+      image.alt = query.kind === "file" ? `Your photo: ${name}` : `Collection image: ${name}`;
       words.textContent = name;
       words.classList.add("chip-filename");
     } else {
@@ -438,13 +515,15 @@
     row.querySelector(".result-error")?.remove();
   }
 
-  function setRowMatches(row, matches, truncated = false) {
+  function setRowMatches(row, matches, truncated = false, filters = {}) {
     row.dataset.state = "done";
     row.querySelector(".result-error")?.remove();
     const status = row.querySelector(".row-status");
+    const where = filters.prefix ? ` in ${filters.prefix}` : "";
     status.textContent = matches.length
-      ? `Top ${matches.length} ${matches.length === 1 ? "match" : "matches"}`
-      : "No matches found.";
+      ? `Top ${matches.length} ${matches.length === 1 ? "match" : "matches"}${where}`
+      : `No matches found${where}.`;
+    if (filters.dedup) status.textContent += " · near-duplicates hidden";
     // The model reads a limited number of words; say when the end of a phrase was left out.
     row.dataset.truncated = String(Boolean(truncated));
     if (truncated) status.textContent += " · only the beginning of this long text was used";
@@ -487,6 +566,7 @@
     });
   }
 
+  // Each match: its link (lightbox), and below it "Similar" and, when writes are on, "Remove".
   function renderMatch(match, index, label) {
     const item = document.createElement("li");
     const name = label || basename(match.path) || `Image ${match.id}`;
@@ -529,8 +609,39 @@
     nameText.textContent = name;
 
     meta.append(scoreText, bar, nameText);
+    // De-duplicated answers name the near-duplicates each match stands for.
+    const duplicates = Array.isArray(match.duplicates) ? match.duplicates.length : 0;
+    if (duplicates) {
+      const dups = document.createElement("span");
+      dups.className = "match-duplicates";
+      dups.textContent = `+${duplicates} near-duplicate${duplicates === 1 ? "" : "s"} hidden`;
+      meta.append(dups);
+      link.title += `; stands for ${formatCount(duplicates, "near-duplicate", "near-duplicates")}`;
+    }
     link.append(image, meta);
-    item.append(link);
+
+    const actions = document.createElement("span");
+    actions.className = "match-actions";
+    const similar = document.createElement("button");
+    similar.type = "button";
+    similar.className = "match-action match-similar";
+    similar.textContent = "Similar";
+    similar.setAttribute("aria-label", `More like ${name}`);
+    actions.append(similar);
+    if (state.info.writes) {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "match-action match-remove";
+      remove.textContent = "Remove";
+      remove.setAttribute("aria-label", `Remove ${name} from the collection`);
+      actions.append(remove);
+    }
+    item.dataset.id = String(match.id);
+    item.dataset.path = String(match.path || "");
+    item.dataset.name = name;
+    item.dataset.url = match.url;
+    item.dataset.thumbUrl = match.thumbnail_url;
+    item.append(link, actions);
     return item;
   }
 
@@ -570,35 +681,70 @@
 
     setBusy(true, `Searching ${describeQueries(toSend)}…`);
     const started = performance.now();
-    let outcome;
+    const filters = currentFilters();
+    // Photos and phrases in one POST /search (photos first, as the server answers them, whatever the
+    // rows' order); each "Similar" row in a GET of its own, all at once.
+    const form = [...toSend.filter((q) => q.kind === "file"), ...toSend.filter((q) => q.kind === "text")];
+    const tasks = [];
+    if (form.length) tasks.push(postSearch(form, k, controller.signal).then((outcome) => ({ queries: form, outcome })));
+    for (const query of toSend.filter((q) => q.kind === "similar")) {
+      tasks.push(getSimilar(query, k, controller.signal).then((outcome) => ({ queries: [query], outcome })));
+    }
+    let outcomes;
     try {
-      outcome = await postSearch(toSend, k, controller.signal);
+      outcomes = await Promise.all(tasks);
     } catch (err) {
       if (err.name === "AbortError") return; // superseded; the newer search owns the page
-      outcome = { requestError: { code: "network_error" } };
+      outcomes = [{ queries: toSend, outcome: { requestError: { code: "network_error" } } }];
     }
     if (seq !== state.searchSeq) return;
     state.controller = null;
-    applyOutcome(toSend, outcome, performance.now() - started);
+    applyOutcomes(toSend, outcomes, filters, performance.now() - started);
   }
 
   function describeQueries(queries) {
     const files = queries.filter((q) => q.kind === "file").length;
-    const texts = queries.length - files;
-    return [files && formatCount(files, "photo", "photos"), texts && formatCount(texts, "phrase", "phrases")]
-      .filter(Boolean).join(" and ");
+    const texts = queries.filter((q) => q.kind === "text").length;
+    const similar = queries.length - files - texts;
+    const parts = [
+      files && formatCount(files, "photo", "photos"),
+      texts && formatCount(texts, "phrase", "phrases"),
+      similar && formatCount(similar, "collection image", "collection images"),
+    ].filter(Boolean);
+    return parts.length > 1 ? `${parts.slice(0, -1).join(", ")} and ${parts[parts.length - 1]}` : parts[0] || "";
   }
 
   // One request for all photos and phrases: the fields `files` and `text` are repeated, in row
   // order (photos first, as state.queries keeps them).
   async function postSearch(queries, k, signal) {
-    return postForm(`search?k=${encodeURIComponent(k)}`, queries, signal, false);
+    return postForm(`search?${searchParams(k)}`, queries, signal, false);
+  }
+
+  // The filters as they are now, and the query string of a search with them (k first).
+  function currentFilters() {
+    return { prefix: state.prefix, dedup: state.dedup };
+  }
+
+  function searchParams(k) {
+    const params = new URLSearchParams({ k: String(k) });
+    if (state.prefix) params.append("prefix", state.prefix);
+    if (state.dedup) params.set("dedup", "true");
+    return params.toString();
+  }
+
+  // GET images/{id}/similar: the server leaves the image itself out of its own matches.
+  async function getSimilar(query, k, signal) {
+    const response = await fetch(`images/${encodeURIComponent(query.id)}/similar?${searchParams(k)}`, {
+      signal, headers: { Accept: "application/json" },
+    });
+    return toOutcome(response, await readBody(response));
   }
 
   async function postForm(url, queries, signal, withWeights) {
     const form = new FormData();
     for (const query of queries) {
-      if (query.kind !== "file") continue;
+      // Photos, and in combine mode the collection images of "Similar" (their bytes, fetched once).
+      if (!query.file || query.kind === "text") continue;
       form.append("files", query.file, query.file.name || "image");
       if (withWeights) form.append("file_weight", String(query.weight));
     }
@@ -613,8 +759,10 @@
       signal,
       headers: { Accept: "application/json" },
     });
-    const body = await readBody(response);
+    return toOutcome(response, await readBody(response));
+  }
 
+  function toOutcome(response, body) {
     // Per-file results may come with a 200 (some failed) or, if the server chooses, a 4xx.
     if (body && Array.isArray(body.results)) return { results: body.results };
     const error = (body && body.error) || {};
@@ -651,9 +799,11 @@
     setRowPending(row);
     setBusy(true, `Searching ${describeQueries(toSend)} combined…`);
     const started = performance.now();
+    const filters = currentFilters();
     let outcome;
     try {
-      outcome = await postForm(`search/combined?k=${encodeURIComponent(k)}`, toSend, controller.signal, true);
+      await fetchCollectionImages(toSend, controller.signal);
+      outcome = await postForm(`search/combined?${searchParams(k)}`, toSend, controller.signal, true);
     } catch (err) {
       if (err.name === "AbortError") return;
       outcome = { requestError: { code: "network_error" } };
@@ -662,7 +812,7 @@
     state.controller = null;
     const entry = outcome.results && outcome.results[0];
     if (entry && Array.isArray(entry.matches)) {
-      setRowMatches(row, entry.matches);
+      setRowMatches(row, entry.matches, false, filters);
       const skipped = state.queries.length - toSend.length;
       setBusy(false, skipped
         ? `Combined ${describeQueries(toSend)}; ${formatCount(skipped, "query", "queries")} left out (see the marked chips).`
@@ -674,6 +824,16 @@
     }
   }
 
+  // A combined search takes photos and phrases: a "Similar" image goes in as its own bytes.
+  async function fetchCollectionImages(queries, signal) {
+    await Promise.all(queries.filter((q) => q.kind === "similar" && !q.file).map(async (query) => {
+      const response = await fetch(query.url, { signal });
+      if (!response.ok) throw new Error(`HTTP ${response.status} for ${query.url}`);
+      const blob = await response.blob();
+      query.file = new File([blob], basename(query.path) || `image-${query.id}`, { type: blob.type });
+    }));
+  }
+
   function statusToCode(status) {
     if (status === 503 || status === 429) return "overloaded";
     if (status === 413) return "request_too_large";
@@ -682,36 +842,44 @@
     return "request_failed";
   }
 
-  function applyOutcome(queries, outcome, elapsedMs) {
-    if (outcome.results) {
-      applyResults(queries, outcome.results, elapsedMs);
+  // One outcome per request (the POST of photos and phrases, one GET per "Similar"); then one status.
+  function applyOutcomes(sent, outcomes, filters, elapsedMs) {
+    let failed = 0;
+    let requestError = null;
+    for (const { queries, outcome } of outcomes) {
+      if (outcome.results) {
+        failed += applyResults(queries, outcome.results, filters);
+      } else {
+        failed += applyRequestError(queries, outcome.requestError);
+        requestError = requestError || outcome.requestError;
+      }
+    }
+    const failedLocally = state.queries.length - sent.length;
+    const problems = failed + failedLocally;
+    if (problems === 0) {
+      setBusy(false, `Found matches for ${describeQueries(sent)} in ${formatDuration(elapsedMs)}.`);
+    } else if (problems < state.queries.length) {
+      setBusy(false, `${formatCount(problems, "query", "queries")} could not be searched; the others are below.`);
+    } else if (requestError && outcomes.length === 1) {
+      setBusy(false, friendlyMessage(requestError), true);
     } else {
-      applyRequestError(queries, outcome.requestError);
+      setBusy(false, "Nothing could be searched. See the messages below.", true);
     }
   }
 
-  // Entries come back in upload order; match them by position, not by (possibly repeated) name.
-  function applyResults(queries, results, elapsedMs) {
+  // Entries come back in request order; match them by position, not by (possibly repeated) name.
+  function applyResults(queries, results, filters) {
     let failed = 0;
     queries.forEach((query, i) => {
       const entry = results[i];
       if (entry && Array.isArray(entry.matches)) {
-        setRowMatches(query.row, entry.matches, entry.truncated === true);
+        setRowMatches(query.row, entry.matches, entry.truncated === true, filters);
       } else {
         failed += 1;
         setRowError(query.row, (entry && entry.error) || { code: "missing_result" });
       }
     });
-    const took = formatDuration(elapsedMs);
-    const failedLocally = state.queries.length - queries.length;
-    const problems = failed + failedLocally;
-    if (problems === 0) {
-      setBusy(false, `Found matches for ${describeQueries(queries)} in ${took}.`);
-    } else if (problems < state.queries.length) {
-      setBusy(false, `${formatCount(problems, "query", "queries")} could not be searched; the others are below.`);
-    } else {
-      setBusy(false, "Nothing could be searched. See the messages below.", true);
-    }
+    return failed;
   }
 
   // The whole request failed. A file-level error names one file; put the specific
@@ -732,7 +900,298 @@
         });
       }
     }
-    setBusy(false, friendlyMessage(error), true);
+    return queries.length;
+  }
+
+  // ---------------------------------------------------------------- filters
+
+  // GET /folders: the first-level folders of the served version, offered as `prefix` values.
+  async function loadFolders() {
+    try {
+      const response = await fetch("folders", { headers: { Accept: "application/json" } });
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const body = await response.json();
+      state.folders = Array.isArray(body.folders) ? body.folders : [];
+    } catch (err) {
+      state.folders = [];
+    }
+    renderFolders();
+  }
+
+  function renderFolders() {
+    const options = [new Option("All folders", "")];
+    for (const folder of state.folders) {
+      options.push(new Option(`${folder.prefix} (${formatCount(folder.count, "image", "images")})`, folder.prefix));
+    }
+    // A chosen folder that has just lost its last image stays chosen (and says it is empty).
+    if (state.prefix && !state.folders.some((folder) => folder.prefix === state.prefix)) {
+      options.push(new Option(`${state.prefix} (no images)`, state.prefix));
+    }
+    el.folderSelect.replaceChildren(...options);
+    el.folderSelect.value = state.prefix;
+    el.folderControl.hidden = state.folders.length === 0 && !state.prefix;
+  }
+
+  function bindFilters() {
+    el.folderSelect.addEventListener("change", () => {
+      state.prefix = el.folderSelect.value;
+      if (state.queries.length) runSearch();
+    });
+    el.dedupInput.addEventListener("change", () => {
+      state.dedup = el.dedupInput.checked;
+      if (state.queries.length) runSearch();
+    });
+  }
+
+  // ---------------------------------------------------------------- actions on a match
+
+  function bindMatchActions() {
+    el.results.addEventListener("click", (event) => {
+      const button = event.target.closest("button.match-action");
+      if (!button) return;
+      const item = button.closest("li[data-id]");
+      const match = {
+        id: Number(item.dataset.id), path: item.dataset.path, name: item.dataset.name,
+        url: item.dataset.url, thumbUrl: item.dataset.thumbUrl,
+      };
+      if (button.classList.contains("match-similar")) addSimilar(match);
+      else if (button.classList.contains("match-remove")) removeImage(match);
+    });
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  function renderWritesAvailability() {
+    el.collectionPanel.hidden = !state.info.writes;
+    el.forgetTokenButton.hidden = !writeToken();
+  }
+
+  function writeToken() {
+    if (state.token) return state.token;
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch {
+      return null; // storage blocked: the token lives in memory only
+    }
+  }
+
+  function keepToken(token) {
+    state.token = token;
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch {
+      // storage blocked: memory only
+    }
+    el.forgetTokenButton.hidden = !token;
+  }
+
+  // The token, asked for once (a dialog) and then kept for the tab; null when the person cancels.
+  async function ensureToken(why) {
+    const kept = writeToken();
+    if (kept) return kept;
+    const typed = await askToken(why);
+    if (typed) keepToken(typed);
+    return typed;
+  }
+
+  function askToken(message) {
+    if (state.tokenResolve) state.tokenResolve(null);
+    el.tokenMessage.textContent = message || "";
+    el.tokenMessage.classList.remove("is-error");
+    el.tokenInput.value = "";
+    el.tokenDialog.showModal();
+    el.tokenInput.focus();
+    return new Promise((resolve) => { state.tokenResolve = resolve; });
+  }
+
+  function answerToken(token) {
+    const resolve = state.tokenResolve;
+    state.tokenResolve = null;
+    if (el.tokenDialog.open) el.tokenDialog.close();
+    if (resolve) resolve(token);
+  }
+
+  function bindWrites() {
+    el.addButton.addEventListener("click", () => el.addFileInput.click());
+    el.addFileInput.addEventListener("change", () => {
+      const files = Array.from(el.addFileInput.files || []);
+      el.addFileInput.value = "";
+      if (files.length) addToCollection(files);
+    });
+    el.forgetTokenButton.addEventListener("click", () => {
+      keepToken(null);
+      setCollectionStatus("The write token is forgotten; it will be asked for again.");
+    });
+    el.tokenForm.addEventListener("submit", (event) => {
+      event.preventDefault(); // the page handles the token itself; nothing is submitted
+      const token = el.tokenInput.value.trim();
+      if (!token) {
+        el.tokenMessage.textContent = "Type the write token first.";
+        el.tokenMessage.classList.add("is-error");
+        el.tokenInput.focus();
+        return;
+      }
+      answerToken(token);
+    });
+    el.tokenCancel.addEventListener("click", () => answerToken(null));
+    el.tokenDialog.addEventListener("close", () => answerToken(null)); // Escape, or closed by the page
+  }
+
+  function setCollectionStatus(text, isError = false) {
+    el.collectionStatus.textContent = text;
+    el.collectionStatus.classList.toggle("is-error", isError);
+  }
+
+  function outcomeItem(name) {
+    const item = document.createElement("li");
+    item.className = "add-outcome";
+    item.dataset.status = "pending";
+    item.dataset.filename = name;
+    const label = document.createElement("span");
+    label.className = "add-outcome-name";
+    label.textContent = name;
+    const text = document.createElement("span");
+    text.className = "add-outcome-text";
+    text.textContent = "Waiting…";
+    item.append(label, text);
+    el.addOutcomes.append(item);
+    return item;
+  }
+
+  function setOutcome(item, status, text) {
+    item.dataset.status = status;
+    item.querySelector(".add-outcome-text").textContent = text;
+  }
+
+  // POST /images one file at a time: the progress bar moves per file and each file gets its outcome.
+  async function addToCollection(files) {
+    if (state.uploading) return;
+    state.uploading = true;
+    el.addButton.disabled = true;
+    el.addOutcomes.replaceChildren();
+    const items = files.map((file) => outcomeItem(file.name || "Pasted image"));
+    el.addProgress.max = files.length;
+    el.addProgress.value = 0;
+    el.addProgressBox.hidden = false;
+    el.addProgressLabel.textContent = `Uploading 0 of ${files.length}…`;
+    setCollectionStatus("");
+    let added = 0;
+    try {
+      const token = await ensureToken("Adding images needs the service's write token.");
+      if (!token) {
+        items.forEach((item) => setOutcome(item, "skipped", "Not added: no write token was given."));
+        setCollectionStatus("Nothing was added: adding needs the write token.", true);
+        return;
+      }
+      for (let i = 0; i < files.length; i += 1) {
+        el.addProgressLabel.textContent = `Uploading ${i + 1} of ${files.length}: ${files[i].name}`;
+        setOutcome(items[i], "pending", "Uploading…");
+        const result = await postImage(files[i], token);
+        el.addProgress.value = i + 1;
+        if (result.unauthorized) {
+          keepToken(null);
+          for (const item of items.slice(i)) setOutcome(item, "error", "Not added: the write token was not accepted.");
+          setCollectionStatus(
+            "The write token was not accepted, so nothing more was added. Choose the files again to type it again.",
+            true,
+          );
+          return;
+        }
+        setOutcome(items[i], result.status, result.text);
+        if (result.ok) added += 1;
+      }
+      el.addProgressLabel.textContent = `Uploaded ${files.length} of ${files.length}.`;
+      const failed = files.length - added;
+      setCollectionStatus(failed
+        ? `${formatCount(added, "file", "files")} added, ${formatCount(failed, "file", "files")} not: see below.`
+        : `${formatCount(added, "file", "files")} added to the collection.`, failed > 0);
+    } finally {
+      state.uploading = false;
+      el.addButton.disabled = false;
+      if (added) await afterWrite();
+    }
+  }
+
+  const ADDED_WORDS = {
+    added: "Added",
+    replaced: "Replaced the earlier image of this name",
+    unchanged: "Already in the collection",
+  };
+
+  async function postImage(file, token) {
+    const form = new FormData();
+    form.append("files", file, file.name || "image");
+    let response;
+    let body;
+    try {
+      response = await fetch("images", {
+        method: "POST", body: form, headers: { Accept: "application/json", Authorization: `Bearer ${token}` },
+      });
+      body = await readBody(response);
+    } catch (err) {
+      return { ok: false, status: "error", text: friendlyMessage({ code: "network_error" }) };
+    }
+    if (response.status === 401) return { unauthorized: true };
+    const entry = body && Array.isArray(body.results) ? body.results[0] : null;
+    if (entry && !entry.error && entry.status) {
+      const words = ADDED_WORDS[entry.status] || entry.status;
+      const later = response.status === 202 ? "; searchable in a moment" : "";
+      return { ok: true, status: entry.status, text: `${words} as ${entry.key} (id ${entry.id})${later}.` };
+    }
+    const error = (entry && entry.error) || (body && body.error) || { code: statusToCode(response.status) };
+    return {
+      ok: false, status: "error",
+      text: `Not added: ${friendlyMessage({ ...error, retryAfter: response.headers.get("Retry-After") })}`,
+    };
+  }
+
+  // DELETE images/{id}, after the person confirms; the rows are searched again without it.
+  async function removeImage(match) {
+    if (!window.confirm(`Remove ${match.name} from the collection? It is deleted from the index and the store.`)) {
+      return;
+    }
+    const token = await ensureToken("Removing images needs the service's write token.");
+    if (!token) {
+      setCollectionStatus("Nothing was removed: removing needs the write token.", true);
+      return;
+    }
+    let response;
+    let body;
+    try {
+      response = await fetch(`images/${encodeURIComponent(match.id)}`, {
+        method: "DELETE", headers: { Accept: "application/json", Authorization: `Bearer ${token}` },
+      });
+      body = await readBody(response);
+    } catch (err) {
+      setCollectionStatus(friendlyMessage({ code: "network_error" }), true);
+      return;
+    }
+    if (response.status === 401) {
+      keepToken(null);
+      setCollectionStatus(`The write token was not accepted, so ${match.name} was not removed. Try again to type it again.`, true);
+      return;
+    }
+    if (response.ok || response.status === 404) {
+      setCollectionStatus(response.ok
+        ? `Removed ${match.name} from the collection.`
+        : `${match.name} was already removed.`);
+      // "Similar" rows about the removed image have nothing left to ask about.
+      const gone = state.queries.filter((q) => q.kind === "similar" && q.id === match.id);
+      state.queries = state.queries.filter((q) => !gone.includes(q));
+      if (gone.length) showQueries();
+      await afterWrite();
+      return;
+    }
+    const error = (body && body.error) || { code: statusToCode(response.status) };
+    setCollectionStatus(`${match.name} was not removed: ${friendlyMessage({ ...error, retryAfter: response.headers.get("Retry-After") })}`, true);
+  }
+
+  // The collection changed: new counts, folders, and the rows searched again against it.
+  async function afterWrite() {
+    await loadInfo(true);
+    await loadFolders();
+    if (state.queries.length) runSearch();
   }
 
   // ---------------------------------------------------------------- messages
@@ -766,7 +1225,7 @@
       case "too_many_files":
         return `Too many photos at once. You can search up to ${info.max_files} at a time.`;
       case "over_file_limit":
-        return `Not searched: up to ${info.max_files} photos are searched at once. Search this one separately.`;
+        return `Not searched: up to ${info.max_files} photos are searched at once. Clear some, then add this one again.`;
       case "no_files":
       case "no_query":
         return "No photo or phrase was received. Please choose a photo or type a few words.";
@@ -803,6 +1262,22 @@
       case "server_error":
       case "internal":
         return "Something went wrong on the server. Please try again.";
+      case "not_found":
+        return "This image is no longer in the collection (it was removed).";
+      case "invalid_filter":
+      case "filter_too_large":
+        return "The folder filter wasn't accepted. Choose another folder, or all folders.";
+      case "unauthorized":
+        return "The write token was not accepted. Check it and try again.";
+      case "writes_disabled":
+        return "Adding and removing images is switched off on this service.";
+      case "store_full":
+        return "The collection's storage is full, so nothing was stored.";
+      case "store_unavailable":
+      case "writer_busy":
+        return `The collection can't be changed right now. Please try again ${retry || "in a few seconds"}.`;
+      case "invalid_key":
+        return "The server didn't accept the name for this file.";
       case "missing_result":
         return "The server didn't return a result for this photo. Please try again.";
       default:
