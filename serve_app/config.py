@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from image_search.checkpoints import DEFAULT_MODEL
 from image_search.precision import Precision
+from image_search.shards import MAX_SHARDS
 
 # How often replicas read CURRENT (one small read): a publish serves within about this long.
 DEFAULT_RELOAD_INTERVAL_S = 1.0
@@ -80,6 +81,16 @@ class SearcherOptions(BaseModel):
     max_versions: int = Field(default=3, ge=2, le=16)
     # The health check runs one search on the search thread; longer than this means it is stuck.
     health_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Shard groups a version's segments are split across (image_search/shards.py): each shard is its
+    # own Searcher deployment (`Searcher_0` .. `Searcher_{N-1}`, each with its own replicas) holding
+    # only its segments, and the Ingress asks every shard and merges their top-k. 1: one deployment
+    # named `Searcher` holding every segment (the single-node layout).
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
+    # With shards > 1: how long the Ingress waits for each shard's answer (retries on another
+    # replica included). Past it the answer is 503 shard_unavailable, or with allow_partial a 200
+    # that says "partial": true and which shards are missing (/duplicates is never partial).
+    shard_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    allow_partial: bool = False
 
 
 class WritesOptions(BaseModel):
