@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from image_search.checkpoints import DEFAULT_MODEL
+from image_search.index_planner import DEFAULT_MAX_INDEX_MEMORY, parse_byte_size
 from image_search.precision import Precision
 from image_search.shards import MAX_SHARDS
 
@@ -152,6 +153,17 @@ class AppArgs(BaseModel):
     # it) with a log line naming what it waited for.
     startup_timeout_s: float = Field(default=600.0, gt=0, le=3600)
     writes: WritesOptions = WritesOptions()
+    # The index planner's memory budget per segment (as the builder's --max-index-memory), for the
+    # compactions the Writer runs after API writes: bytes, or "512MiB", "16GiB". (A commit's own
+    # segment holds at most writes.max_batch_ops vectors: always exact.)
+    max_index_memory: int = Field(default=DEFAULT_MAX_INDEX_MEMORY, gt=0)
+
+    @field_validator("max_index_memory", mode="before")
+    @classmethod
+    def _byte_size(cls, value: object) -> int:
+        if isinstance(value, int | str):
+            return parse_byte_size(value)
+        raise ValueError(f"max_index_memory must be bytes or a size such as 4GiB, not {value!r}")
 
     @field_validator("reload_interval_s")
     @classmethod

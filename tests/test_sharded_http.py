@@ -99,6 +99,9 @@ def test_both_layouts_serve_the_same_version_and_the_sharded_one_has_a_deploymen
     one = requests.get(f"{layouts.one}/info", timeout=30).json()
     two = requests.get(f"{layouts.two}/info", timeout=30).json()
     assert one["index_version"] == two["index_version"] and one["index_size"] == two["index_size"]
+    assert (one["shards"], two["shards"]) == (1, 2)
+    assert one["recall"] == two["recall"] and one["recall"]["min_recall"] == 1.0  # exact segments
+    assert len(one["recall"]["segments"]) == 3
     health = requests.get(f"{layouts.two}/healthz", timeout=30).json()
     assert {"Searcher_0", "Searcher_1"} <= set(health["deployments"]) and "Searcher" not in health["deployments"]
     assert all(health["deployments"][f"Searcher_{shard}"]["status"] == "HEALTHY" for shard in range(2))

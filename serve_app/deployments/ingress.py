@@ -59,6 +59,7 @@ from serve_app.queries.filters import (
     parse_filters,
 )
 from serve_app.queries.vectors import parse_vector_body, vector_body_limit
+from serve_app.recall_info import recall_report
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
 from serve_app.served_index import ServedIndex, Version
 from serve_app.sharded_searcher import ShardedSearcher, ShardUnavailable, partial_fields
@@ -229,6 +230,9 @@ class Ingress:
                 **self.index.describe(),
                 "reload_interval_s": self.args.reload_interval_s,
                 "index_type": manifest.index.get("factory"),
+                # Measured when each segment was written (tuned to the target), from the version file.
+                "recall": recall_report(manifest.version, self.args.searcher.nprobe, self.args.searcher.ef_search),
+                "shards": self.searcher.shards,
                 "demo_data": self.demo,
                 "max_k": self.limits.max_k,
                 "default_k": self.limits.default_k,
