@@ -161,9 +161,9 @@ COMPONENTS: dict[str, Any] = {
                 "tuned search knob (false when searcher.nprobe / ef_search override it)",
                 "properties": {
                     "target": {"type": "number"},
-                    "min_recall": {"type": ["number", "null"]},
+                    "min_recall": {"type": "number", "nullable": True},
                     "met": {"type": "boolean"},
-                    "overridden": {"type": ["object", "null"]},
+                    "overridden": {"type": "object", "nullable": True},
                     "segments": {"type": "array", "items": {"type": "object"}},
                 },
             },

@@ -10,6 +10,11 @@ version names are dropped (serve_app/segmented_versions.py). A replica starts wi
 loaded, never with a version pinned at deploy time, and preloads each newly published version, so
 it is ready when the Ingress switches. On S3, the node cache drops the segment folders no version
 still listed in the store names (`prune_segment_cache`).
+
+With `searcher.shards: N` there are N Searcher deployments; each replica of shard i holds only the
+segments image_search/shards.py assigns to shard i (its versions are `version_shard` views of the
+version files), and the Ingress merges the shards' answers (serve_app/sharded_searcher.py);
+`live_block` and `cross_pairs` serve the duplicate pairs that span shards.
 """
 
 from __future__ import annotations
