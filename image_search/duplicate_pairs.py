@@ -8,6 +8,8 @@ id first). The work is bounded: at most `MAX_DUPLICATE_PAIRS` pairs and `MAX_DUP
 past either, the answer says `complete=False` (the pairs found so far are real pairs).
 
 API: `duplicate_pairs(segments, rows, threshold, ...) -> DuplicatePairs(pairs (m, 2) int64, complete)`.
+Sharded Searchers (image_search/shards.py) add the pairs that span two shards: `live_block` hands out
+one shard's live vectors a block at a time and `cross_pairs` range-searches them on another shard.
 """
 
 from __future__ import annotations
@@ -54,31 +56,85 @@ def duplicate_pairs(
     """Live id pairs with cosine >= threshold (see the module docstring)."""
     started = time.monotonic()
     ids, vectors = live_vectors(segments, rows)
-    # FAISS keeps scores > radius: a hair below the threshold keeps scores equal to it.
-    radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))
+    radius = range_radius(threshold)
     found: list[np.ndarray] = []
     total = 0
     for start in range(0, len(ids), QUERY_BLOCK):
         block_ids = ids[start : start + QUERY_BLOCK]
         block = np.ascontiguousarray(vectors[start : start + QUERY_BLOCK])
         for segment in segments:
-            if segment.live_count <= 0:
-                continue
-            params = segment.search_parameters()
-            if params is None:
-                lims, _, hits = segment.index.range_search(block, radius)
-            else:
-                lims, _, hits = segment.index.range_search(block, radius, params=params)
-            counts = np.asarray(lims[1:], dtype=np.int64) - np.asarray(lims[:-1], dtype=np.int64)
-            firsts = np.repeat(block_ids, counts)
-            keep = firsts < hits  # each pair once, and never an image with itself
-            if keep.any():
-                pairs = np.stack([firsts[keep], hits[keep]], axis=1)
+            pairs = segment_pairs(segment, block_ids, block, radius, cross=False)
+            if len(pairs):
                 found.append(pairs)
                 total += len(pairs)
             if total >= max_pairs or time.monotonic() - started > max_seconds:
                 return DuplicatePairs(_sorted(found)[:max_pairs], complete=False)
     return DuplicatePairs(_sorted(found), complete=True)
+
+
+def range_radius(threshold: float) -> float:
+    """FAISS keeps scores > radius: a hair below the threshold keeps scores equal to it."""
+    return float(np.nextafter(np.float32(threshold), np.float32(-2)))
+
+
+def segment_pairs(
+    segment: SearchableSegment, block_ids: np.ndarray, block: np.ndarray, radius: float, cross: bool
+) -> np.ndarray:
+    """(m, 2) pairs (lower id first) of query rows `block` (under `block_ids`) with the segment's live
+    vectors scoring above `radius`. Not `cross`: the queries are the same version's own vectors, so
+    each pair is kept once (from its lower id's query) and an image never pairs with itself. `cross`:
+    the queries are another shard's vectors (ids disjoint from this segment's live ones), every hit kept."""
+    if segment.live_count <= 0 or not len(block_ids):
+        return np.empty((0, 2), dtype=np.int64)
+    params = segment.search_parameters()
+    if params is None:
+        lims, _, hits = segment.index.range_search(block, radius)
+    else:
+        lims, _, hits = segment.index.range_search(block, radius, params=params)
+    counts = np.asarray(lims[1:], dtype=np.int64) - np.asarray(lims[:-1], dtype=np.int64)
+    firsts = np.repeat(np.asarray(block_ids, dtype=np.int64), counts)
+    hits = np.asarray(hits, dtype=np.int64)
+    if cross:
+        keep = firsts != hits
+        return np.stack([np.minimum(firsts, hits)[keep], np.maximum(firsts, hits)[keep]], axis=1)
+    keep = firsts < hits  # each pair once, and never an image with itself
+    return np.stack([firsts[keep], hits[keep]], axis=1)
+
+
+def cross_pairs(
+    segments: Sequence[SearchableSegment], query_ids: np.ndarray, queries: np.ndarray, threshold: float
+) -> np.ndarray:
+    """Pairs (lower id first, sorted, unique) of other shards' live vectors `queries` (under `query_ids`)
+    with this shard's live vectors at cosine >= threshold: the pairs that span two shards."""
+    radius = range_radius(threshold)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    found = [segment_pairs(segment, query_ids, queries, radius, cross=True) for segment in segments]
+    return _sorted([pairs for pairs in found if len(pairs)])
+
+
+def live_block(
+    segments: Sequence[SearchableSegment], rows: Sequence[SegmentRows], offset: int, limit: int
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(ids, vectors, next offset or None at the end): the live vectors among stored rows
+    [offset, offset + limit) of the segments one after another. Lets another shard range-search a
+    shard's vectors a block at a time, without gathering them all (`live_vectors`) per block."""
+    ids: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    start = 0
+    end = offset + limit
+    for segment, segment_rows in zip(segments, rows, strict=True):
+        stop = start + len(segment_rows.ids)
+        low, high = max(offset, start), min(end, stop)
+        if low < high:
+            at = np.arange(low - start, high - start)
+            live = at[~np.isin(segment_rows.ids[at], segment.deleted)]
+            ids.append(segment_rows.ids[live])
+            vectors.append(np.asarray(segment_rows.vectors[live], dtype=np.float32))
+        start = stop
+    dim = int(rows[0].vectors.shape[1]) if rows and rows[0].vectors.ndim == 2 else 0
+    block_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    block = np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32)
+    return block_ids, block, (end if end < start else None)
 
 
 def _sorted(found: list[np.ndarray]) -> np.ndarray:

@@ -47,6 +47,7 @@ many segments gives each its share.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 GiB = 2**30
@@ -101,6 +102,27 @@ class IndexPlan:
         if self.search_param == "ef_search":
             return {"ef_search": DEFAULT_EF_SEARCH}
         return {}
+
+
+BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20}
+BYTE_UNITS.update({"g": 10**9, "gb": 10**9, "gib": GiB, "t": 10**12, "tb": 10**12, "tib": 2**40})
+
+
+def parse_byte_size(text: str | int) -> int:
+    """`--max-index-memory` / `max_index_memory`: bytes, or a number with a unit (`512MiB`, `4GiB`, `16GB`)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in BYTE_UNITS:
+            raise ValueError(
+                f"{text!r} is not a size: write bytes, or a number with KiB, MiB, GiB, TiB (or kB, MB, GB)"
+            )
+        value = int(float(match.group(1)) * BYTE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"a memory budget must be positive, not {text!r}")
+    return value
 
 
 def human_bytes(count: float) -> str:

@@ -53,7 +53,7 @@ from image_search.artifact import (
 from image_search.decoding import IMAGE_EXTENSIONS
 from image_search.errors import ArtifactError
 from image_search.faiss_index import ivf_centroids
-from image_search.index_spec import IndexSpec, choose_index_spec
+from image_search.index_spec import DEFAULT_MAX_INDEX_MEMORY, IndexSpec, choose_index_spec
 from image_search.manifest import ImageRecord, Manifest
 from image_search.merge_policy import MergePolicy, SegmentStats, full_merge, plan_merges
 from image_search.segments import (
@@ -151,6 +151,8 @@ class BuildPlan:
     published: Published | None = None
     compact: bool = False  # --compact: merge every segment into one after publishing
     merge_policy: MergePolicy = field(default_factory=MergePolicy)
+    # --max-index-memory: the planner's budget for each segment's index (image_search/index_planner.py).
+    max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY
 
 
 @dataclass
@@ -235,6 +237,7 @@ def plan_build(
     retention: RetentionPolicy | None = None,
     compact: bool = False,
     merge_policy: MergePolicy | None = None,
+    max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY,
 ) -> BuildPlan:
     """Diff the collection against the published version's records (reading no vectors)."""
     published = read_published(collection.out, full)
@@ -266,6 +269,7 @@ def plan_build(
         published=published,
         compact=compact,
         merge_policy=merge_policy or MergePolicy(),
+        max_index_memory=max_index_memory,
     )
 
 
@@ -324,7 +328,7 @@ def finish_build(
     added: list[SegmentInfo] = []
     spec = None
     if new_records:
-        spec = choose_index_spec(len(new_records), plan.model.embedding_dim)
+        spec = choose_index_spec(len(new_records), plan.model.embedding_dim, max_memory_bytes=plan.max_index_memory)
         added.append(
             build_segment(
                 out,
@@ -367,7 +371,7 @@ def finish_build(
         publish(out, changed_version, plan.retention, before_pointer=lambda: checkpoint("version-written"))
         checkpoint("published")
         final = changed_version
-    compacted = compact(out, final, plan.retention, plan.merge_policy, force=plan.compact)
+    compacted = compact(out, final, plan.retention, plan.merge_policy, plan.compact, plan.max_index_memory)
     if compacted is not None:
         final = compacted
     return BuildReport(
@@ -440,7 +444,12 @@ def reusable_centroids(
 
 
 def compact(
-    out: Store, version: Version, retention: RetentionPolicy, policy: MergePolicy, force: bool = False
+    out: Store,
+    version: Version,
+    retention: RetentionPolicy,
+    policy: MergePolicy,
+    force: bool = False,
+    max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY,
 ) -> Version | None:
     """Merge what the policy (or `force`: everything) calls for and publish it; the new version, or None.
 
@@ -483,7 +492,7 @@ def compact(
             ordered = [records[i] for i in order]
             folded.update(ids)
             checkpoint("compaction-started")
-            spec = choose_index_spec(len(ids), version.embedding_dim)
+            spec = choose_index_spec(len(ids), version.embedding_dim, max_memory_bytes=max_index_memory)
             centroids = reusable_centroids(out, [by_name[name] for name in group], version, spec, len(ids), Path(cache))
             merged.append(
                 build_segment(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from image_search.artifact import DEFAULT_KEEP_VERSIONS, DEFAULT_RETENTION_S
 from image_search.checkpoints import DEFAULT_MODEL
 from image_search.commit_lock import LockBusy, commit_lock, holder_name
+from image_search.index_planner import DEFAULT_MAX_INDEX_MEMORY, parse_byte_size
 from image_search.precision import PRECISIONS
 from image_search.storage import StoreError, is_s3_uri, open_store
 from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection, plan_build
@@ -21,6 +22,14 @@ from index_builder.diff import DEFAULT_MAX_REMOVED_SHARE
 from index_builder.options import announce, check_removals, retention_policy, trusted_stat_only
 
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a SIGINT
+
+
+def byte_size(text: str) -> int:
+    """argparse type of --max-index-memory: bytes, or a number with a unit (image_search/index_planner.py)."""
+    try:
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,6 +57,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--full", action="store_true", help="embed every image again (default: only what changed)")
     parser.add_argument("--compact", action="store_true", help="merge every segment into one after publishing")
+    parser.add_argument(
+        "--max-index-memory",
+        type=byte_size,
+        default=DEFAULT_MAX_INDEX_MEMORY,
+        help="memory budget of each segment's FAISS index, e.g. 512MiB or 16GiB (default 4GiB): the planner "
+        "picks the least lossy index type that fits (Flat, IVF-Flat, IVF-SQ8, HNSW, (OPQ) IVF-PQ)",
+    )
     parser.add_argument(
         "--retention-hours",
         type=float,
@@ -116,7 +132,14 @@ def run_local(args: argparse.Namespace) -> BuildReport:
     )
     # From here on every file is read after this moment: stamps newer than it cannot be trusted.
     collection = trusted_stat_only(collection)
-    plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
+    plan = plan_build(
+        collection,
+        model,
+        full=args.full,
+        retention=retention_policy(args),
+        compact=args.compact,
+        max_index_memory=args.max_index_memory,
+    )
     check_removals(plan, args)
     announce(plan)
     keys = list(plan.diff.to_embed)

@@ -204,7 +204,14 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         model = driver_model_info(args.model, precision)
         # From here on every file is read after this moment: stamps newer than it cannot be trusted.
         collection = trusted_stat_only(collection)
-        plan = plan_build(collection, model, full=args.full, retention=retention_policy(args), compact=args.compact)
+        plan = plan_build(
+            collection,
+            model,
+            full=args.full,
+            retention=retention_policy(args),
+            compact=args.compact,
+            max_index_memory=args.max_index_memory,
+        )
         check_removals(plan, args)
         announce(plan)
         keys = list(plan.diff.to_embed)

@@ -84,7 +84,22 @@ def build_graph(args: AppArgs, deployment_options: dict[str, dict[str, Any]] | N
         )
 
     embedder = deployment(Embedder, "Embedder").bind(args.model, args.embedder)
-    searcher = deployment(Searcher, "Searcher").bind(store.uri, args.searcher, args.cache_dir, args.reload_interval_s)
+    searchers = [
+        # A shard's deployment takes the options given for "Searcher", then its own name's.
+        cast(Deployment, Searcher)
+        .options(
+            name=name,
+            **{"health_check_period_s": HEALTH_CHECK_PERIOD_S, **options.get("Searcher", {}), **options.get(name, {})},
+        )
+        .bind(store.uri, args.searcher, args.cache_dir, args.reload_interval_s, shard)
+        for shard, name in enumerate(searcher_names(args.searcher.shards))
+    ]
     # The Writer runs only when writes are on (a token configured); a bad token file fails the deploy here.
     writer = deployment(Writer, "Writer").bind(embedder, args, store.uri) if load_tokens(args.writes).write else None
-    return deployment(Ingress, "Ingress").bind(embedder, searcher, args, store.uri, writer)
+    return deployment(Ingress, "Ingress").bind(embedder, searchers, args, store.uri, writer)
+
+
+def searcher_names(shards: int) -> list[str]:
+    """The Searcher deployments' names: `Searcher` alone, or `Searcher_0` .. `Searcher_{N-1}` for N shards
+    (the names a config's `deployments:` entries use to size each shard)."""
+    return ["Searcher"] if shards == 1 else [f"Searcher_{shard}" for shard in range(shards)]

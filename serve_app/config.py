@@ -11,7 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from image_search.checkpoints import DEFAULT_MODEL
+from image_search.index_planner import DEFAULT_MAX_INDEX_MEMORY, parse_byte_size
 from image_search.precision import Precision
+from image_search.shards import MAX_SHARDS
 
 # How often replicas read CURRENT (one small read): a publish serves within about this long.
 DEFAULT_RELOAD_INTERVAL_S = 1.0
@@ -80,6 +82,16 @@ class SearcherOptions(BaseModel):
     max_versions: int = Field(default=3, ge=2, le=16)
     # The health check runs one search on the search thread; longer than this means it is stuck.
     health_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Shard groups a version's segments are split across (image_search/shards.py): each shard is its
+    # own Searcher deployment (`Searcher_0` .. `Searcher_{N-1}`, each with its own replicas) holding
+    # only its segments, and the Ingress asks every shard and merges their top-k. 1: one deployment
+    # named `Searcher` holding every segment (the single-node layout).
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
+    # With shards > 1: how long the Ingress waits for each shard's answer (retries on another
+    # replica included). Past it the answer is 503 shard_unavailable, or with allow_partial a 200
+    # that says "partial": true and which shards are missing (/duplicates is never partial).
+    shard_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    allow_partial: bool = False
 
 
 class WritesOptions(BaseModel):
@@ -141,6 +153,17 @@ class AppArgs(BaseModel):
     # it) with a log line naming what it waited for.
     startup_timeout_s: float = Field(default=600.0, gt=0, le=3600)
     writes: WritesOptions = WritesOptions()
+    # The index planner's memory budget per segment (as the builder's --max-index-memory), for the
+    # compactions the Writer runs after API writes: bytes, or "512MiB", "16GiB". (A commit's own
+    # segment holds at most writes.max_batch_ops vectors: always exact.)
+    max_index_memory: int = Field(default=DEFAULT_MAX_INDEX_MEMORY, gt=0)
+
+    @field_validator("max_index_memory", mode="before")
+    @classmethod
+    def _byte_size(cls, value: object) -> int:
+        if isinstance(value, int | str):
+            return parse_byte_size(value)
+        raise ValueError(f"max_index_memory must be bytes or a size such as 4GiB, not {value!r}")
 
     @field_validator("reload_interval_s")
     @classmethod

@@ -44,6 +44,11 @@ MATCH = {
     },
 }
 QUERY_ERROR = {"$ref": "#/components/schemas/ErrorDetail"}
+# Only with searcher.allow_partial, when a shard did not answer in time: the others' merged answer.
+PARTIAL = {
+    "partial": {"type": "boolean", "description": "true: some index shards did not answer; matches are the others'"},
+    "missing_shards": {"type": "array", "items": {"type": "integer"}},
+}
 ENTRY = {
     "type": "object",
     "properties": {
@@ -63,7 +68,11 @@ COMPONENTS: dict[str, Any] = {
     "SearchAnswer": {
         "type": "object",
         "required": ["index_version", "results"],
-        "properties": {"index_version": {"type": "string"}, "results": {"type": "array", "items": ENTRY}},
+        "properties": {
+            "index_version": {"type": "string"},
+            "results": {"type": "array", "items": ENTRY},
+            **PARTIAL,
+        },
     },
     "CombinedAnswer": {
         "type": "object",
@@ -80,6 +89,7 @@ COMPONENTS: dict[str, Any] = {
                     },
                 },
             },
+            **PARTIAL,
         },
     },
     "EmbedAnswer": {
@@ -139,7 +149,26 @@ COMPONENTS: dict[str, Any] = {
         "required": ["status"],
         "properties": {"status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]}},
     },
-    "Info": {"type": "object", "required": ["model", "embedding_dim", "index_version"]},
+    "Info": {
+        "type": "object",
+        "required": ["model", "embedding_dim", "index_version"],
+        "properties": {
+            "shards": {"type": "integer", "description": "Searcher shard groups the index is split across"},
+            "recall": {
+                "type": "object",
+                "description": "recall@k measured per segment when it was written (tuned to the target); "
+                "min_recall over the segments; met: every approximate segment reached its target with its "
+                "tuned search knob (false when searcher.nprobe / ef_search override it)",
+                "properties": {
+                    "target": {"type": "number"},
+                    "min_recall": {"type": "number", "nullable": True},
+                    "met": {"type": "boolean"},
+                    "overridden": {"type": "object", "nullable": True},
+                    "segments": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+        },
+    },
     "Duplicates": {
         "type": "object",
         "required": ["index_version", "threshold", "complete", "total_groups", "groups"],

@@ -39,11 +39,15 @@ def fake_build(
     merge_policy: MergePolicy | None = None,
     retention: RetentionPolicy | None = None,
     out_store: Store | None = None,
+    max_index_memory: int | None = None,
 ) -> BuildReport:
     collection = open_collection(str(images), str(out))
     if out_store is not None:
         collection = type(collection)(source=collection.source, out=out_store, entries=collection.entries)
-    plan = plan_build(collection, MODEL, full=full, compact=compact, merge_policy=merge_policy, retention=retention)
+    budget = {} if max_index_memory is None else {"max_index_memory": max_index_memory}
+    plan = plan_build(
+        collection, MODEL, full=full, compact=compact, merge_policy=merge_policy, retention=retention, **budget
+    )
     records, vectors = [], []
     for key in plan.diff.to_embed:
         data = collection.source.read_bytes(key)

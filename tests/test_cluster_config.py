@@ -48,7 +48,9 @@ INSTANCE_TYPES: dict[str, dict[str, Any]] = {
 }
 GPU_FAMILIES = ("g4dn.", "g5.", "g6.")
 
-EXPECTED_PLACEMENT = {"Embedder": "gpu_worker", "Searcher": "cpu_worker", "Ingress": "cpu_worker"}
+# The cluster config is sharded (searcher.shards: 2): one Searcher deployment per shard.
+SEARCHERS = ("Searcher_0", "Searcher_1")
+EXPECTED_PLACEMENT = {"Embedder": "gpu_worker", **dict.fromkeys(SEARCHERS, "cpu_worker"), "Ingress": "cpu_worker"}
 
 
 def _fake_describe_instance_types(region: str, aws_credentials: Any = None) -> list[dict[str, Any]]:
@@ -333,11 +335,24 @@ def test_overload_is_bounded(deployments: dict[str, dict[str, Any]]) -> None:
         if auto:
             assert d["max_ongoing_requests"] >= auto["target_ongoing_requests"], name
     assert deployments["Ingress"]["backpressure_config"]["status_code"] == 503
-    for name in ("Embedder", "Searcher"):
+    for name in ("Embedder", *SEARCHERS):
         assert deployments[name].get("autoscaling_config"), name
     embedder = deployments["Embedder"]
     assert embedder["max_ongoing_requests"] >= embedder["user_config"]["max_batch_size"]
-    assert deployments["Searcher"]["autoscaling_config"]["min_replicas"] >= 2
+    for name in SEARCHERS:  # a replica lost never leaves a shard unserved
+        assert deployments[name]["autoscaling_config"]["min_replicas"] >= 2, name
+
+
+def test_every_shard_has_its_deployment_entry(serve_config: dict[str, Any]) -> None:
+    """searcher.shards names the Searcher deployments (serve_app.app.searcher_names): each one sized
+    and placed here, none left to the code's defaults (no cpu_worker resource), and no stale `Searcher`."""
+    from serve_app.app import searcher_names
+    from serve_app.config import AppArgs
+
+    (app,) = serve_config["applications"]
+    shards = AppArgs.model_validate(app["args"]).searcher.shards
+    named = [d["name"] for d in app["deployments"] if d["name"].startswith("Searcher")]
+    assert shards == 2 and named == searcher_names(shards) == list(SEARCHERS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,11 @@ Three `ray start` nodes stand for the AWS node types (cluster/README.md): a head
 no CPUs), a `cpu_worker` node and a `gpu_worker` node (a logical GPU; the Embedder runs on the CPU).
 The config is deployed with `serve deploy` through the head's dashboard, with token authentication
 on, and the test checks that searches answer over HTTP and that every replica runs on the node type
-its deployment asks for.
+its deployment asks for. The config is sharded (`searcher.shards: 2`, deployments `Searcher_0` and
+`Searcher_1` with two replicas each) and serves an index of three segments; a second application in
+the same deployment (`unsharded`, one `Searcher`) serves the same index, so the test can check that
+2 shards answer what 1 Searcher answers, and that killing a replica of one shard fails no request
+while the shard's other replica serves.
 
 Isolation from the session's in-process Ray (`ray_cluster`): this cluster has its own temp dir,
 its own ports (all chosen free), and its own auth token (RAY_AUTH_TOKEN, never ~/.ray/auth_token).
@@ -35,8 +39,11 @@ import pytest
 import requests
 import yaml
 
+from tests import images
 from tests.conftest import REPO_ROOT, wait_until_ok
+from tests.living import build, current_version, manifest_of
 from tests.support import free_port, post_search
+from tests.test_faults import load_while
 
 BIN = Path(sys.executable).parent
 APP = "image_search"
@@ -47,12 +54,17 @@ START_ATTEMPTS = 3
 # node name -> (custom resources, `ray start` resource flags)
 NODES: dict[str, tuple[dict[str, float], list[str]]] = {
     "head": ({"head_node": 1}, ["--num-cpus=0"]),
-    "cpu": ({"cpu_worker": 1}, ["--num-cpus=3"]),
+    # Logical CPUs: 2 shards x 2 Searcher replicas and the Ingress (1 each), and the comparison app (3 x 0.5).
+    "cpu": ({"cpu_worker": 1}, ["--num-cpus=7"]),
     "gpu": ({"gpu_worker": 1}, ["--num-cpus=2", "--num-gpus=1"]),
 }
 # deployment -> the custom resource of the node type it must run on (serve_config.cluster.yaml)
-EXPECTED_PLACEMENT = {"Embedder": "gpu_worker", "Searcher": "cpu_worker", "Ingress": "cpu_worker"}
-REPLICAS = {"Embedder": 1, "Searcher": 2, "Ingress": 1}
+SEARCHERS = ("Searcher_0", "Searcher_1")  # serve_config.cluster.yaml: searcher.shards 2
+EXPECTED_PLACEMENT = {"Embedder": "gpu_worker", **dict.fromkeys(SEARCHERS, "cpu_worker"), "Ingress": "cpu_worker"}
+REPLICAS = {"Embedder": 1, **dict.fromkeys(SEARCHERS, 2), "Ingress": 1}
+# The comparison application: the same index behind one Searcher, all on the cpu node, small CPU asks.
+UNSHARDED = "unsharded"
+SMALL_ON_CPU_NODE = {"num_cpus": 0.5, "resources": {"cpu_worker": 0.01}}
 
 
 @dataclass
@@ -250,7 +262,43 @@ def derived_config(index_dir: Path, model_dir: Path, http_port: int) -> dict[str
         deployment["autoscaling_config"].update(min_replicas=count, initial_replicas=count, max_replicas=count)
     for before, after in zip(original["applications"][0]["deployments"], app["deployments"], strict=True):
         assert before["ray_actor_options"] == after["ray_actor_options"]
+    unsharded_args = copy.deepcopy(app["args"])
+    unsharded_args["searcher"] = {"num_threads": 1}  # shards: 1, the default
+    config["applications"].append(
+        {
+            "name": UNSHARDED,
+            "route_prefix": f"/{UNSHARDED}",
+            "import_path": app["import_path"],
+            "args": unsharded_args,
+            "deployments": [
+                {"name": name, "num_replicas": 1, "ray_actor_options": SMALL_ON_CPU_NODE}
+                for name in ("Embedder", "Searcher", "Ingress")
+            ],
+        }
+    )
     return config
+
+
+@pytest.fixture(scope="module")
+def staged_index(image_folder: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's collection built in three steps: three segments, so each of two shards holds some."""
+    from image_search.segments import read_current_version
+    from image_search.shards import version_shard
+    from image_search.storage import LocalStore
+
+    root = tmp_path_factory.mktemp("staged")
+    collection, out = root / "collection", root / "index"
+    files = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    for stage in (files[:12], files[12:20], files[20:]):
+        for path in stage:
+            target = collection / path.relative_to(image_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        build(collection, out, tiny_model_dir)
+    version = read_current_version(LocalStore(out))
+    assert version is not None and len(version.segments) == 3
+    assert all(version_shard(version, shard, 2).segments for shard in range(2))
+    return out
 
 
 def serve_cli(cluster: LocalCluster, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
@@ -265,24 +313,34 @@ def serve_cli(cluster: LocalCluster, *args: str, timeout_s: float = 120) -> subp
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster: LocalCluster, index_dir: Path, tiny_model_dir: Path) -> str:
+def deployed(cluster: LocalCluster, staged_index: Path, tiny_model_dir: Path) -> str:
     http_port = free_port()
     config_path = cluster.temp_dir / "serve_config.test.yaml"
-    config_path.write_text(yaml.safe_dump(derived_config(index_dir, tiny_model_dir, http_port), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(derived_config(staged_index, tiny_model_dir, http_port), sort_keys=False))
     result = serve_cli(cluster, "deploy", str(config_path))
     assert result.returncode == 0, result.stdout + result.stderr
 
     def running() -> bool:
         details = cluster.get("/api/serve/applications/").json()
-        status = details["applications"][APP]["status"]
-        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise AssertionError(f"{APP} is {status}: {details['applications'][APP].get('message')}")
-        return bool(status == "RUNNING")
+        for name in (APP, UNSHARDED):
+            status = details["applications"][name]["status"]
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise AssertionError(f"{name} is {status}: {details['applications'][name].get('message')}")
+            if status != "RUNNING":
+                return False
+        return True
 
-    wait_for(running, f"{APP} RUNNING", DEPLOY_TIMEOUT_S, cluster)
+    wait_for(running, f"{APP} and {UNSHARDED} RUNNING", DEPLOY_TIMEOUT_S, cluster)
     base = f"http://127.0.0.1:{http_port}"
     wait_until_ok(f"{base}/healthz", timeout_s=60)
+    wait_until_ok(f"{base}/{UNSHARDED}/healthz", timeout_s=60)
     return base
+
+
+def staged_records(staged_index: Path) -> dict[int, str]:
+    """id -> key of the staged index's live images."""
+    manifest = manifest_of(staged_index, current_version(staged_index))
+    return {int(record["id"]): str(record["key"]) for record in manifest["records"]}
 
 
 def test_token_authentication_is_on(cluster: LocalCluster) -> None:
@@ -317,15 +375,67 @@ def test_serve_cli_finds_the_token_file_the_way_the_readme_says(cluster: LocalCl
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
 
 
-def test_searches_answer_over_http(deployed: str, indexed_images: list[Path]) -> None:
-    for expected_id in (0, 7, 19):
-        path = indexed_images[expected_id]
+def test_searches_answer_over_http(deployed: str, staged_index: Path, image_folder: Path) -> None:
+    records = staged_records(staged_index)
+    for expected_id in (0, 13, 22):  # one from each segment
+        path = image_folder / records[expected_id]
         response = post_search(deployed, [(path.name, path.read_bytes())])
         assert response.status_code == 200, response.text
         top = response.json()["results"][0]["matches"][0]
         assert top["id"] == expected_id and top["score"] >= 0.99
     info = requests.get(f"{deployed}/info", timeout=30).json()
     assert info["index_size"] == 24
+
+
+def both(deployed: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    """The JSON the sharded and the unsharded application answer (200 both), checked equal (urls aside)."""
+    bodies = []
+    for base, prefix in ((deployed, ""), (f"{deployed}/{UNSHARDED}", f"/{UNSHARDED}")):
+        response = requests.request(method, f"{base}{path}", timeout=60, **kwargs)
+        assert response.status_code == 200, (base, path, response.text)
+        text = response.text.replace(f'"{prefix}/', '"/') if prefix else response.text
+        bodies.append(json.loads(text))
+    assert bodies[0] == bodies[1], path
+    return dict(bodies[0])
+
+
+def test_two_shards_answer_what_one_searcher_answers(deployed: str, staged_index: Path, image_folder: Path) -> None:
+    records = staged_records(staged_index)
+    for image_id in (1, 12, 21):
+        path = image_folder / records[image_id]
+        files = [("files", (path.name, path.read_bytes(), "image/jpeg"))]
+        body = both(deployed, "POST", "/search", files=files, data={"text": "a red circle"}, params={"k": 24})
+        assert len(body["results"][0]["matches"]) == 24  # every image: both shards' segments in one ranking
+        both(deployed, "GET", f"/images/{image_id}/similar", params={"k": 6, "prefix": "nested/"})
+        both(deployed, "GET", f"/images/{image_id}/similar", params={"k": 4, "dedup": "true"})
+    both(deployed, "GET", "/search", params={"q": "a blue square", "k": 5})
+    both(deployed, "GET", "/duplicates", params={"threshold": "0.9"})
+
+
+def running_pids(cluster: LocalCluster, app: str, deployment: str) -> list[int]:
+    details = cluster.get("/api/serve/applications/").json()["applications"][app]["deployments"][deployment]
+    return [int(replica["pid"]) for replica in details["replicas"] if replica["state"] == "RUNNING"]
+
+
+def test_a_killed_shard_replica_fails_no_request(cluster: LocalCluster, deployed: str) -> None:
+    """SIGKILL one of shard 1's two replicas under load: every search still answers 200 (not partial:
+    allow_partial is off, so each answer holds shard 1's segments, from its other replica), and Serve
+    starts a replacement."""
+    pids = running_pids(cluster, APP, "Searcher_1")
+    assert len(pids) == 2
+    victim = pids[0]
+    outcomes = load_while(
+        deployed, images.jpeg(12), action_after=6, action=lambda: os.kill(victim, signal.SIGKILL), after_action=30
+    )
+    statuses = [status for _, status in outcomes]
+    assert statuses.count(200) == len(statuses), statuses
+
+    def replaced() -> bool:
+        now = running_pids(cluster, APP, "Searcher_1")
+        return len(now) == 2 and victim not in now
+
+    wait_for(replaced, "a replacement Searcher_1 replica", DEPLOY_TIMEOUT_S, cluster)
+    assert len(running_pids(cluster, APP, "Searcher_0")) == 2  # the other shard was never touched
 
 
 def test_each_deployment_runs_on_its_node_type(cluster: LocalCluster, deployed: str) -> None:
@@ -347,7 +457,7 @@ def test_each_deployment_runs_on_its_node_type(cluster: LocalCluster, deployed: 
 
 
 def test_batching_changes_in_place_with_serve_deploy(
-    cluster: LocalCluster, deployed: str, index_dir: Path, tiny_model_dir: Path, indexed_images: list[Path]
+    cluster: LocalCluster, deployed: str, staged_index: Path, tiny_model_dir: Path, image_folder: Path
 ) -> None:
     """Editing the Embedder's user_config and running `serve deploy` again reconfigures the running
     replica (same process), as the README promises."""
@@ -359,7 +469,7 @@ def test_batching_changes_in_place_with_serve_deploy(
     before = embedder()
     pids_before = {replica["pid"] for replica in before["replicas"] if replica["state"] == "RUNNING"}
     http_port = int(deployed.rsplit(":", 1)[1])
-    config = derived_config(index_dir, tiny_model_dir, http_port)
+    config = derived_config(staged_index, tiny_model_dir, http_port)
     (embedder_config,) = (d for d in config["applications"][0]["deployments"] if d["name"] == "Embedder")
     embedder_config["user_config"] = {"max_batch_size": 3, "batch_wait_timeout_s": 0.002}
     config_path = cluster.temp_dir / "serve_config.batching.yaml"
@@ -377,6 +487,6 @@ def test_batching_changes_in_place_with_serve_deploy(
     wait_for(applied, "new user_config applied", DEPLOY_TIMEOUT_S, cluster)
     pids_after = {replica["pid"] for replica in embedder()["replicas"] if replica["state"] == "RUNNING"}
     assert pids_after == pids_before
-    path = indexed_images[3]
+    path = image_folder / staged_records(staged_index)[3]
     response = post_search(deployed, [(path.name, path.read_bytes())])
     assert response.status_code == 200 and response.json()["results"][0]["matches"][0]["id"] == 3

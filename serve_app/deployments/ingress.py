@@ -39,7 +39,7 @@ from serve_app.body import read_body
 from serve_app.client_values import parse_image_id, parse_k, parse_thumbnail_size
 from serve_app.combined import FILE_WEIGHT_FIELD, TEXT_WEIGHT_FIELD, combined_part, parse_weights, weighted_sum
 from serve_app.config import AppArgs
-from serve_app.downstream import await_with_progress, downstream, retried
+from serve_app.downstream import await_with_progress, downstream
 from serve_app.forms import SearchForm, read_search_form
 from serve_app.health import ServeMessageLog, StatusCache, health_report, unknown_report
 from serve_app.http_app import build_http_app
@@ -59,8 +59,10 @@ from serve_app.queries.filters import (
     parse_filters,
 )
 from serve_app.queries.vectors import parse_vector_body, vector_body_limit
+from serve_app.recall_info import recall_report
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
 from serve_app.served_index import ServedIndex, Version
+from serve_app.sharded_searcher import ShardedSearcher, ShardUnavailable, partial_fields
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, ThumbnailDiskCache, cached_thumbnail, default_thumbnail_dir, make_thumbnail
 from serve_app.version_records import RecordLookup
@@ -78,7 +80,6 @@ def find_ui_dir() -> Path:
 
 UI_DIR = find_ui_dir()
 THUMBNAIL_CACHE_ENTRIES = 1024
-SEARCH_ATTEMPTS = 3
 # Revalidate every time: the ETag (the content hash) makes that a cheap 304, and a cached copy can
 # never outlive what the id means in the index being served (ids are stable, but an edited photo
 # keeps its id with new bytes, and a removed one becomes 404).
@@ -102,7 +103,7 @@ class Ingress:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self,
         embedder: DeploymentHandle,
-        searcher: DeploymentHandle,
+        searchers: list[DeploymentHandle],
         args: AppArgs,
         index_root: str,
         writer: DeploymentHandle | None = None,
@@ -113,12 +114,13 @@ class Ingress:
         # Messages are capped at 4 MiB (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH): ours are one
         # crop (~150 KB) or one search of at most max_queries vectors (bounded for this in config.py).
         self.embedder = embedder.options(_by_reference=False)
-        self.searcher = searcher.options(_by_reference=False)
         self.args = args
         self.limits = args.limits
         self.model = await await_with_progress(
             self.embedder.identity.remote(), args.startup_timeout_s, "the Embedder to load its model and answer"
         )
+        # Every Searcher call goes through here: one deployment, or each shard's answers merged.
+        self.searcher = ShardedSearcher(searchers, args.searcher, int(self.model["embedding_dim"]))
         self.spec = PreprocessSpec.from_dict(self.model["preprocessing"])
         # A random demo model: every search answer says so, or a curl user sees scores that mean nothing.
         self.demo = bool(self.model.get("demo", False))
@@ -147,34 +149,27 @@ class Ingress:
         self.duplicate_groups: dict[tuple[str, float], tuple[list[list[int]], bool]] = {}
 
     async def _prepare_searcher(self, version: str) -> int:
-        count: int = await downstream(self.searcher.prepare.remote(version))
-        return count
-
-    async def _search_version(self, vectors: np.ndarray, k: int, version: Version) -> tuple[np.ndarray, np.ndarray]:
-        """Search the version the request holds (the Searcher loads it if it lacks it)."""
-        result: tuple[np.ndarray, np.ndarray] = await retried(
-            lambda: self.searcher.search.remote(vectors, k, version.name), SEARCH_ATTEMPTS, "Searcher"
-        )
-        return result
+        return await self.searcher.prepare(version)
 
     async def _search_filtered(
         self, vectors: np.ndarray, k: int, version: Version, filters: SearchFilters, exclude: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray, list[dict[int, list[int]]] | None]:
-        """Search with the request's filters (serve_app/queries/filters.py): prefixes inside the scan,
-        `exclude` (similar-to's own image) never returned, min_score applied, dedup collapsed."""
+    ) -> tuple[np.ndarray, np.ndarray, list[dict[int, list[int]]] | None, tuple[int, ...]]:
+        """Search the version the request holds (the Searchers load it if they lack it) with the request's
+        filters (serve_app/queries/filters.py): prefixes inside the scan, `exclude` (similar-to's own image)
+        never returned, min_score applied, dedup collapsed. Last: the shards that did not answer
+        (only with searcher.allow_partial; `partial_fields` says so in the answer)."""
         id_filter = None
         if filters.restricts or exclude is not None:
             id_filter = await self.filters.get(version.manifest, filters.prefixes)
             if exclude is not None:
                 id_filter = id_filter.without(exclude)
         duplicates: list[dict[int, list[int]]] | None = None
+        live = version.manifest.count
         if filters.dedup:
-            threshold = self.limits.dedup_cosine
-            rows = await retried(
-                lambda: self.searcher.search_dedup.remote(vectors, k, version.name, id_filter, threshold),
-                SEARCH_ATTEMPTS,
-                "Searcher",
+            found = await self.searcher.search_dedup(
+                vectors, k, version.name, live, id_filter, self.limits.dedup_cosine
             )
+            rows, missing = found.value, found.missing
             scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
             ids = np.full((len(rows), k), -1, dtype=np.int64)
             for i, row in enumerate(rows):
@@ -184,14 +179,10 @@ class Ingress:
                 {int(image_id): dups for image_id, dups in zip(row.ids.tolist(), row.duplicates, strict=True)}
                 for row in rows
             ]
-        elif id_filter is None:
-            scores, ids = await self._search_version(vectors, k, version)
         else:
-            chosen = id_filter
-            scores, ids = await retried(
-                lambda: self.searcher.search.remote(vectors, k, version.name, chosen), SEARCH_ATTEMPTS, "Searcher"
-            )
-        return scores, below_min_score(scores, ids, filters.min_score), duplicates
+            answer = await self.searcher.search(vectors, k, version.name, live, id_filter)
+            (scores, ids), missing = answer.value, answer.missing
+        return scores, below_min_score(scores, ids, filters.min_score), duplicates, missing
 
     async def check_health(self) -> None:
         if not self.index.following_works():
@@ -239,6 +230,9 @@ class Ingress:
                 **self.index.describe(),
                 "reload_interval_s": self.args.reload_interval_s,
                 "index_type": manifest.index.get("factory"),
+                # Measured when each segment was written (tuned to the target), from the version file.
+                "recall": recall_report(manifest.version, self.args.searcher.nprobe, self.args.searcher.ef_search),
+                "shards": self.searcher.shards,
                 "demo_data": self.demo,
                 "max_k": self.limits.max_k,
                 "default_k": self.limits.default_k,
@@ -282,10 +276,12 @@ class Ingress:
         # One version for the whole answer: the Searcher searches the version this request holds,
         # and that version's manifest turns the ids into records, whatever switches meanwhile.
         with self.index.lease() as version:
-            scores, ids, duplicates = await self._search_filtered(vectors, k, version, filters)
+            scores, ids, duplicates, missing = await self._search_filtered(vectors, k, version, filters)
             entries = result_entries([*file_queries, *text_queries], scores, ids, version.manifest, root_path)
             attach_duplicates(entries, duplicates)
-        return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
+        return JSONResponse(
+            {"index_version": version.name, "demo": self.demo, "results": entries, **partial_fields(missing)}
+        )
 
     async def search_text(self, request: Request) -> Response:
         """GET /search?q=...&k=...: one text query, for links and scripts."""
@@ -298,10 +294,12 @@ class Ingress:
         vectors = answer["vector"][None, :]
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         with self.index.lease() as version:
-            scores, ids, duplicates = await self._search_filtered(vectors, k, version, filters)
+            scores, ids, duplicates, missing = await self._search_filtered(vectors, k, version, filters)
             entries = result_entries([text_result(query, answer)], scores, ids, version.manifest, root_path)
             attach_duplicates(entries, duplicates)
-        return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
+        return JSONResponse(
+            {"index_version": version.name, "demo": self.demo, "results": entries, **partial_fields(missing)}
+        )
 
     async def search_combined(self, request: Request) -> Response:
         """Photos and texts with weights -> one result list for the normalised weighted sum."""
@@ -327,7 +325,7 @@ class Ingress:
         combined = weighted_sum(vectors, [*file_weights, *text_weights])[None, :]
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         with self.index.lease() as version:
-            scores, ids, duplicates = await self._search_filtered(combined, k, version, filters)
+            scores, ids, duplicates, missing = await self._search_filtered(combined, k, version, filters)
             matches = matches_for_row(scores[0], ids[0], version.manifest, root_path)
             attach_duplicates([{"matches": matches}], duplicates)
         parts = [
@@ -341,7 +339,12 @@ class Ingress:
             ),
         ]
         return JSONResponse(
-            {"index_version": version.name, "demo": self.demo, "results": [{"combined": parts, "matches": matches}]}
+            {
+                "index_version": version.name,
+                "demo": self.demo,
+                "results": [{"combined": parts, "matches": matches}],
+                **partial_fields(missing),
+            }
         )
 
     async def search_vectors(self, request: Request) -> Response:
@@ -354,10 +357,10 @@ class Ingress:
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         queries = [Query("vector", position) for position in range(len(query.vectors))]
         with self.index.lease() as version:
-            scores, ids, duplicates = await self._search_filtered(query.vectors, query.k, version, filters)
+            scores, ids, duplicates, missing = await self._search_filtered(query.vectors, query.k, version, filters)
             entries = result_entries(queries, scores, ids, version.manifest, root_path)
             attach_duplicates(entries, duplicates)
-        return JSONResponse({"index_version": version.name, "results": entries})
+        return JSONResponse({"index_version": version.name, "results": entries, **partial_fields(missing)})
 
     async def similar(self, request: Request) -> Response:
         """GET /images/{id}/similar: the k nearest other images to an indexed one, by its stored vector."""
@@ -367,17 +370,20 @@ class Ingress:
         root_path = str(request.scope.get("root_path", "")).rstrip("/")
         with self.index.lease() as version:
             self._record(image_id, version.manifest)  # unknown or removed: 404
-            found, vectors = await retried(
-                lambda: self.searcher.stored_vectors.remote(np.asarray([image_id], dtype=np.int64), version.name),
-                SEARCH_ATTEMPTS,
-                "Searcher",
-            )
+            stored = await self.searcher.stored_vectors(np.asarray([image_id], dtype=np.int64), version.name)
+            (found, vectors), lost = stored.value, stored.missing
             if not bool(found[0]):
+                if lost:  # allow_partial, and the shard holding this image did not answer
+                    raise ShardUnavailable("The index shard holding this image did not answer; try again in a moment.")
                 raise RuntimeError(f"the Searcher holds no vector for live id {image_id} of {version.name}")
-            scores, ids, duplicates = await self._search_filtered(vectors, k, version, filters, exclude=image_id)
+            scores, ids, duplicates, missing = await self._search_filtered(
+                vectors, k, version, filters, exclude=image_id
+            )
             entries = result_entries([Query("id", image_id)], scores, ids, version.manifest, root_path)
             attach_duplicates(entries, duplicates)
-        return JSONResponse({"index_version": version.name, "demo": self.demo, "results": entries})
+        return JSONResponse(
+            {"index_version": version.name, "demo": self.demo, "results": entries, **partial_fields(missing)}
+        )
 
     async def folders(self, request: Request) -> Response:
         """GET /folders: the first-level folders of the served version with their live image counts."""
@@ -397,9 +403,7 @@ class Ingress:
             key = (version.name, threshold)
             cached = self.duplicate_groups.get(key)
             if cached is None:
-                found = await retried(
-                    lambda: self.searcher.duplicate_pairs.remote(version.name, threshold), SEARCH_ATTEMPTS, "Searcher"
-                )
+                found = await self.searcher.duplicate_pairs(version.name, threshold)
                 groups = await asyncio.to_thread(group_pairs, found.pairs.tolist())
                 cached = (groups, bool(found.complete))
                 self.duplicate_groups = {k: v for k, v in self.duplicate_groups.items() if k[0] == version.name}

@@ -10,6 +10,11 @@ version names are dropped (serve_app/segmented_versions.py). A replica starts wi
 loaded, never with a version pinned at deploy time, and preloads each newly published version, so
 it is ready when the Ingress switches. On S3, the node cache drops the segment folders no version
 still listed in the store names (`prune_segment_cache`).
+
+With `searcher.shards: N` there are N Searcher deployments; each replica of shard i holds only the
+segments image_search/shards.py assigns to shard i (its versions are `version_shard` views of the
+version files), and the Ingress merges the shards' answers (serve_app/sharded_searcher.py);
+`live_block` and `cross_pairs` serve the duplicate pairs that span shards.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from ray import serve
 
 from image_search.artifact import DEFAULT_CACHE_DIR
-from image_search.duplicate_pairs import DuplicatePairs, duplicate_pairs
+from image_search.duplicate_pairs import DuplicatePairs, cross_pairs, duplicate_pairs, live_block
 from image_search.errors import IndexUnavailable, StoreUnavailable
 from image_search.faiss_index import apply_search_params
 from image_search.filtered_search import IdFilter, SegmentRows, search_filtered, stored_vectors
@@ -40,6 +45,7 @@ from image_search.segments import (
     read_pointer,
     read_version,
 )
+from image_search.shards import version_shard
 from image_search.storage import Store, is_s3_uri, open_store
 from serve_app.computed_once import ComputedOnce
 from serve_app.config import SearcherOptions
@@ -107,9 +113,17 @@ class SegmentHoldings:
     """
 
     def __init__(
-        self, store: Store, options: SearcherOptions, cache_dir: Path, cache_grace_s: float = DEFAULT_CACHE_GRACE_S
+        self,
+        store: Store,
+        options: SearcherOptions,
+        cache_dir: Path,
+        cache_grace_s: float = DEFAULT_CACHE_GRACE_S,
+        shard: int = 0,
     ) -> None:
         self.store = store
+        # With options.shards > 1 this replica holds only shard `shard`'s segments of each version.
+        self.shard = shard
+        self.shards = options.shards
         # Remote segments are cached on the node; a local store's files are read where they are.
         self.cache = SegmentCache(store, cache_dir, cache_grace_s) if is_s3_uri(store.uri) else None
         self.pruning: asyncio.Task[list[str]] | None = None
@@ -122,7 +136,7 @@ class SegmentHoldings:
 
     def _read_version(self, name: str) -> Version:
         self.version_reads.append(name)
-        return read_version(self.store, name)
+        return version_shard(read_version(self.store, name), self.shard, self.shards)
 
     def _load_counted(self, info: SegmentInfo) -> LoadedSegment:
         started = time.perf_counter()
@@ -178,13 +192,18 @@ def check_queries(vectors: np.ndarray, dim: int) -> np.ndarray:
 )
 class Searcher:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
-        self, index_root: str, options: SearcherOptions, cache_dir: str | None, reload_interval_s: float
+        self,
+        index_root: str,
+        options: SearcherOptions,
+        cache_dir: str | None,
+        reload_interval_s: float,
+        shard: int = 0,
     ) -> None:
         self.store = open_store(index_root)
         self.options = options
         self.thread = SearchThread(options.num_threads)
         self.holdings = SegmentHoldings(
-            self.store, options, Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
+            self.store, options, Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR, shard=shard
         )
         self.metrics = SearcherMetrics()
         self.duplicates: ComputedOnce[tuple[str, float], DuplicatePairs] = ComputedOnce(DUPLICATE_CACHE_ENTRIES)
@@ -284,6 +303,24 @@ class Searcher:
             stored_vectors, loaded.segments, loaded.rows, np.asarray(ids, dtype=np.int64), loaded.dim
         )
         return result
+
+    async def live_block(self, version: str, offset: int, limit: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """This shard's live (ids, vectors) among its stored rows [offset, offset + limit), and the next
+        offset (None at the end): the queries for the duplicate pairs that span shards."""
+        loaded = await self._loaded(version)
+        result: tuple[np.ndarray, np.ndarray, int | None] = await self.thread.run(
+            live_block, loaded.segments, loaded.rows, int(offset), int(limit)
+        )
+        return result
+
+    async def cross_pairs(self, ids: np.ndarray, vectors: np.ndarray, version: str, threshold: float) -> np.ndarray:
+        """Pairs of another shard's live vectors (`ids`, `vectors`) with this shard's at cosine >= threshold."""
+        loaded = await self._loaded(version)
+        queries = check_queries(vectors, loaded.dim)
+        pairs: np.ndarray = await self.thread.run(
+            cross_pairs, loaded.segments, np.asarray(ids, dtype=np.int64), queries, float(threshold)
+        )
+        return pairs
 
     def omp_threads(self) -> int:
         """The OpenMP team size on the thread where searches run (for operators and tests)."""

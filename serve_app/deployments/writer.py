@@ -10,6 +10,7 @@ the Embedder only for bytes stored but never committed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from image_search.artifact import RetentionPolicy
 from image_search.commit_lock import holder_name
 from image_search.errors import ClientError
+from image_search.index_planner import DEFAULT_MAX_INDEX_MEMORY
 from image_search.merge_policy import MergePolicy
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.segments import Version
@@ -35,11 +37,11 @@ from serve_app.writes.plan import Op, Outcome
 logger = logging.getLogger("ray.serve")
 
 
-def compact_if_due(index: Store, version: Version) -> Version | None:
-    """The builder's compaction (same merge policy, same publish), run between write batches."""
+def compact_if_due(index: Store, version: Version, max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY) -> Version | None:
+    """The builder's compaction (same merge policy, same publish, same index budget), run between write batches."""
     from index_builder.build import compact
 
-    return compact(index, version, RetentionPolicy(), MergePolicy())
+    return compact(index, version, RetentionPolicy(), MergePolicy(), max_index_memory=max_index_memory)
 
 
 @serve.deployment(
@@ -68,7 +70,7 @@ class Writer:
             holder_name(f"the Writer of {serve.get_replica_context().app_name}"),
             options.lock_wait_s,
             options.lock_lease_s,
-            after_publish=compact_if_due,
+            after_publish=functools.partial(compact_if_due, max_index_memory=args.max_index_memory),
         )
         self.group = GroupCommit(self.committer.commit, options.max_batch_ops, self.committer.maintain)
         try:

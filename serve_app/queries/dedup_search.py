@@ -12,12 +12,12 @@ No Ray and no FAISS: the search and the vector lookup arrive as callables.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.queries.dedup import candidate_count, collapse, enough_groups
+from serve_app.queries.dedup import Group, candidate_count, collapse, enough_groups
 
 MAX_DEDUP_CANDIDATES = 4096  # candidates one de-duplicated query may score and collapse
 
@@ -50,8 +50,35 @@ def dedup_search(
         row_scores, row_ids = scores[0][keep], ids[0][keep]
         groups = collapse(vectors_of(row_ids), k, threshold)
         if enough_groups(groups, k, wanted, available) or wanted >= limit:
-            break
+            return _row(row_scores, row_ids, groups)
         attempt += 1
+
+
+async def dedup_search_async(
+    search: Callable[[np.ndarray, int], Awaitable[tuple[np.ndarray, np.ndarray]]],
+    vectors_of: Callable[[np.ndarray], Awaitable[np.ndarray]],
+    query: np.ndarray,
+    k: int,
+    available: int,
+    threshold: float,
+    max_candidates: int = MAX_DEDUP_CANDIDATES,
+) -> DedupRow:
+    """`dedup_search` with awaitable callables: the Ingress's over sharded Searchers (each shard holds
+    only some candidates, so the collapse runs where all of them meet). The same steps, the same answer."""
+    limit = max(1, min(available, max_candidates))
+    attempt = 0
+    while True:
+        wanted = max(1, min(limit, candidate_count(k, available, attempt)))
+        scores, ids = await search(query, wanted)
+        keep = ids[0] >= 0
+        row_scores, row_ids = scores[0][keep], ids[0][keep]
+        groups = collapse(await vectors_of(row_ids), k, threshold)
+        if enough_groups(groups, k, wanted, available) or wanted >= limit:
+            return _row(row_scores, row_ids, groups)
+        attempt += 1
+
+
+def _row(row_scores: np.ndarray, row_ids: np.ndarray, groups: list[Group]) -> DedupRow:
     return DedupRow(
         np.asarray([row_scores[g.row] for g in groups], dtype=np.float32),
         np.asarray([row_ids[g.row] for g in groups], dtype=np.int64),
