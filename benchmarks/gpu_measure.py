@@ -8,6 +8,7 @@ builder against both bounds, each sampled right before and right after the build
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
@@ -123,9 +124,8 @@ def encoder_rows(
             try:
                 raw = raw_forward(encoder, pixels)
                 before = steady_img_s(raw, calls, batch, device, seconds, min_calls)
-                encoded = steady_img_s(
-                    lambda e=encoder, p=pixels: e.encode_pixels(p), calls, batch, device, seconds, min_calls
-                )
+                encode = functools.partial(encoder.encode_pixels, pixels)
+                encoded = steady_img_s(encode, calls, batch, device, seconds, min_calls)
                 after = steady_img_s(raw, calls, batch, device, seconds, min_calls)
                 vectors = encoder.encode_pixels(pixels)
             except torch.cuda.OutOfMemoryError:
