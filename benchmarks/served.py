@@ -23,6 +23,12 @@ than 15% turns the verdict into "too noisy, run again". The idle app's cost is p
 forward's speed with the app stopped vs up and idle, and the app's own CPU while nobody sends
 anything (target: under 2% of a core).
 
+Where a lone request's time goes: around every 1-client level the Ingress, the Embedder and each
+Searcher replica are asked for their stage totals (serve_app/stage_times.py, always on, sums only),
+and the table splits the client's mean latency into the proxy and Serve's ASGI path, reading the
+form, decode + crop, the Embedder call (handle + gRPC, its queue, the hand-offs to and from the
+model thread, the forward pass), the Searcher call (handle + gRPC, the FAISS search) and the JSON.
+
 Also printed: `top`-style %CPU per process role at 16 clients (Ingress, Embedder, Searchers, proxy,
 controller, raylet, GCS, dashboard, this client), sampled from /proc over this run's own process
 tree (benchmarks/proc_cpu.py), and the Ingress's CPU milliseconds per request. `--profile-ingress`
@@ -37,6 +43,7 @@ runs just those.
 
     .venv/bin/python -m benchmarks.served [--quick] [--duration S] [--rounds N] [--text-only]
                                           [--precision P] [--profile-ingress] [--serve-same-loop]
+                                          [--clients 1,16] [--no-text] [--baseline-seconds S]
 """
 
 from __future__ import annotations
