@@ -331,7 +331,7 @@ def run_text_rows(
                 clients,
                 q_s,
                 ratio,
-                max(bracket.drift for bracket in brackets[clients]),
+                100 * max(bracket.drift for bracket in brackets[clients]),
                 median([run["p50_ms"] for run in runs[clients]]),
                 median([run["p95_ms"] for run in runs[clients]]),
                 median([run["mean_batch"] for run in runs[clients]]),
@@ -341,7 +341,17 @@ def run_text_rows(
     print_table(
         f"Served text queries (median of {rounds} rounds; each level against its own bracket of the text "
         f"tower's fp32 batch-{TEXT_CEILING_BATCH} forward, app idle)",
-        ["route", "clients", "queries/s", "vs text tower", "bracket drift", "p50 ms", "p95 ms", "mean batch", "errors"],
+        [
+            "route",
+            "clients",
+            "queries/s",
+            "vs text tower",
+            "bracket drift %",
+            "p50 ms",
+            "p95 ms",
+            "mean batch",
+            "errors",
+        ],
         rows,
     )
 
