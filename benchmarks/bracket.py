@@ -78,10 +78,15 @@ def steady_samples(
     min_seconds: float = MIN_SECONDS,
     min_calls: int = MIN_CALLS,
     clock: Callable[[], float] = time.monotonic,
+    max_warmup_calls: int = MAX_WARMUP_CALLS,
 ) -> Baseline:
-    """Warm up until two consecutive samples agree, then sample for `min_seconds` or `min_calls`."""
+    """Warm up until two consecutive samples agree, then sample for `min_seconds` or `min_calls`.
+
+    `max_warmup_calls` bounds the warm-up for measurements that are long by themselves (a pass
+    over a whole photo folder), whose first call already runs at steady state.
+    """
     previous = measure()
-    for _ in range(MAX_WARMUP_CALLS):
+    for _ in range(max_warmup_calls):
         current = measure()
         if previous > 0 and abs(current - previous) / previous <= WARMUP_TOLERANCE:
             break

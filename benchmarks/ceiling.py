@@ -6,23 +6,27 @@ two ways each:
 * raw:     `model(pixel_values=tensor).image_embeds` on a ready float tensor (the pure forward pass);
 * encoder: `ClipImageEncoder.encode_pixels(uint8 crops)` (normalisation, forward, L2 norm, numpy).
 
-Both use the same module, and repetitions are interleaved round-robin, so the encoder's overhead
-over the raw call is measured under the same background load.
+The raw forward is the baseline and brackets each encoder measurement (benchmarks/bracket.py):
+for every precision and batch, steady-state samples of the raw call right before and right after
+the encoder's own samples, nothing else of ours running; the encoder's overhead is computed against
+that bracket, and a bracket whose sides differ by more than 15% makes the verdict "too noisy, run
+again". Every side's samples and spread are printed.
 
-    .venv/bin/python -m benchmarks.ceiling [--quick] [--rounds N] [--threads N]
+    .venv/bin/python -m benchmarks.ceiling [--quick] [--seconds S] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from benchmarks.common import machine_note, median, print_table, verdict, vit_b32_checkpoint
+from benchmarks.bracket import MIN_SECONDS, Baseline, Bracket, bracketed_verdict, steady_samples
+from benchmarks.common import machine_note, print_table, vit_b32_checkpoint
 from image_search.encoder import ClipImageEncoder
 from image_search.precision import Precision
 from image_search.preprocessing import normalize_batch
@@ -56,76 +60,95 @@ def measure_block(function: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
+STATE = "no app, in-process"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (precision, batch): the encoder's samples and the raw forward's bracket around them (img/s)."""
+
+    encoder: Baseline
+    raw: Bracket
+
+
+def measure_case(encoder: ClipImageEncoder, pixels: np.ndarray, seconds: float) -> Case:
+    """Raw forward samples, the encoder's samples, raw forward samples again (img/s, each at steady state)."""
+    batch = len(pixels)
+    raw = raw_forward(encoder, torch.from_numpy(normalize_batch(pixels, encoder.spec)))
+    calls = max(1, IMAGES_PER_BLOCK // batch)
+
+    def img_s(function: Callable[[], object]) -> float:
+        return batch / measure_block(function, calls)
+
+    before = steady_samples(lambda: img_s(raw), STATE, seconds)
+    wrapped = steady_samples(lambda: img_s(lambda: encoder.encode_pixels(pixels)), STATE, seconds)
+    after = steady_samples(lambda: img_s(raw), STATE, seconds)
+    return Case(wrapped, Bracket(before, after))
+
+
 def run_ceiling(
-    rounds: int,
+    seconds: float,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     precisions: tuple[Precision, ...] = PRECISIONS,
-) -> dict[tuple[str, int, str], list[float]]:
-    """Seconds per call of every round for every (precision, batch, path); interleaved round-robin."""
+) -> dict[tuple[str, int], Case]:
+    """For every (precision, batch): raw forward samples, encoder samples, raw forward samples again."""
     model_dir = str(vit_b32_checkpoint())
     encoders = {precision: ClipImageEncoder(model_dir, device="cpu", precision=precision) for precision in precisions}
     crops = random_crops(max(batch_sizes))
-    cases: list[tuple[tuple[str, int, str], Callable[[], object], int]] = []
+    cases: dict[tuple[str, int], Case] = {}
     for precision, encoder in encoders.items():
         for batch in batch_sizes:
-            pixels = crops[:batch]
-            tensor = torch.from_numpy(normalize_batch(pixels, encoder.spec))
-            calls = max(1, IMAGES_PER_BLOCK // batch)
-            cases.append(((precision, batch, "raw"), raw_forward(encoder, tensor), calls))
-            cases.append(((precision, batch, "encoder"), lambda e=encoder, p=pixels: e.encode_pixels(p), calls))
-    for _, function, _ in cases:  # warm-up: first calls allocate and pick kernels
-        function()
-    samples: dict[tuple[str, int, str], list[float]] = defaultdict(list)
-    for round_index in range(rounds):
-        order = cases if round_index % 2 == 0 else cases[::-1]
-        for key, function, calls in order:
-            samples[key].append(measure_block(function, calls))
-        print(f"round {round_index + 1}/{rounds} done", flush=True)
-    return dict(samples)
+            case = measure_case(encoder, crops[:batch], seconds)
+            cases[(precision, batch)] = case
+            print(f"{precision} batch {batch}: raw before {case.raw.before.describe()}", flush=True)
+            print(f"{precision} batch {batch}: encoder    {case.encoder.describe()}", flush=True)
+            print(f"{precision} batch {batch}: raw after  {case.raw.after.describe()}", flush=True)
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 4")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="3 s per sampled side instead of 8")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per sampled side, after warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 4)
+    seconds = args.seconds or (3.0 if args.quick else MIN_SECONDS)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"ceiling: {machine_note()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds")
+    print(
+        f"ceiling: {machine_note()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{seconds:g} s per side"
+    )
 
-    samples = run_ceiling(rounds)
-    # Background load only ever adds time, so the fastest round estimates what the machine can do;
-    # the median shows how much the load moved things. Ratios use the fastest rounds.
-    best = {key: min(values) for key, values in samples.items()}
-    typical = {key: median(values) for key, values in samples.items()}
+    cases = run_ceiling(seconds)
     rows = []
     for precision in PRECISIONS:
         for batch in BATCH_SIZES:
-            raw = best[(precision, batch, "raw")]
-            wrapped = best[(precision, batch, "encoder")]
+            case = cases[(precision, batch)]
+            raw, wrapped = case.raw.value, case.encoder.median
             rows.append(
                 [
                     precision,
                     batch,
-                    batch / raw,
-                    batch / wrapped,
-                    batch / typical[(precision, batch, "raw")],
-                    1000 * raw,
-                    1000 * (wrapped - raw) / batch,
-                    wrapped / raw - 1,
-                    best[("fp32", batch, "raw")] / raw,
+                    raw,
+                    wrapped,
+                    100 * case.raw.drift,
+                    100 * max(case.raw.before.spread, case.raw.after.spread, case.encoder.spread),
+                    1000 * batch / raw,
+                    1000 * (1 / wrapped - 1 / raw),
+                    raw / wrapped - 1,
+                    raw / cases[("fp32", batch)].raw.value,
                 ]
             )
     print_table(
-        f"Vision tower ceiling (fastest of {rounds} interleaved rounds; median raw img/s for the noise)",
+        "Vision tower ceiling (medians of steady-state samples; raw = the bracket around the encoder's samples)",
         [
             "precision",
             "batch",
             "raw img/s",
             "encoder img/s",
-            "raw img/s (median)",
+            "bracket drift %",
+            "worst spread %",
             "raw ms/batch",
             "encoder overhead ms/img",
             "encoder overhead",
@@ -133,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
-    worst = max(best[(p, b, "encoder")] / best[(p, b, "raw")] - 1 for p in PRECISIONS for b in BATCH_SIZES)
-    verdict("worst encode_pixels overhead vs raw forward", worst, ENCODER_OVERHEAD_TARGET, higher_is_better=False)
-    print(f"fp32 batch-32 ceiling: {32 / best[('fp32', 32, 'raw')]:.2f} img/s (the baseline of `served`)")
+    worst = max(case.raw.value / case.encoder.median - 1 for case in cases.values())
+    bracketed_verdict(
+        "worst encode_pixels overhead vs raw forward",
+        worst,
+        ENCODER_OVERHEAD_TARGET,
+        [case.raw for case in cases.values()],
+        higher_is_better=False,
+    )
+    print(f"fp32 batch-32 ceiling: {cases[('fp32', 32)].raw.value:.2f} img/s (the baseline of `served`)")
     return 0
 
 

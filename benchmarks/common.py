@@ -100,6 +100,26 @@ def forward_seconds(encoder: ClipImageEncoder, batch: int, calls: int) -> float:
     return median(samples)
 
 
+def forward_sampler(encoder: ClipImageEncoder, batch: int) -> Callable[[], float]:
+    """A callable timing one plain forward pass on `batch` random crops, in seconds (a bracket's sample;
+    the bracket's own warm-up replaces the one `forward_seconds` does per call)."""
+    import torch
+
+    from image_search.preprocessing import normalize_batch
+
+    pixels = np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(normalize_batch(pixels, encoder.spec))
+
+    def sample() -> float:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=encoder.precision == "bf16")
+        with torch.inference_mode(), autocast:
+            started = time.perf_counter()
+            encoder.model(pixel_values=tensor)
+            return time.perf_counter() - started
+
+    return sample
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -17,7 +17,14 @@ Measured, all in one run (ViT-B/32-sized random checkpoint, 640x480 photo-like J
    and a full `python -m index_builder` build, against both bounds: the forward pass at that batch
    and precision, and the all-core preprocessing rate.
 
+Every ratio is against a bracket (benchmarks/bracket.py): the bound sampled at steady state right
+before and right after what it judges (the encode path's samples; the builder's two runs), with
+nothing else of ours running; the samples and their spread are printed, and a bracket whose sides
+differ by more than 15% turns the verdict into "too noisy, run again". `--baseline-seconds` and
+`--rounds` (minimum samples) size each side.
+
     python -m benchmarks.gpu [--quick] [--images N] [--batch-size N] [--model DIR] [--device cuda|cpu]
+                             [--baseline-seconds S] [--rounds N]
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
-"""The measurements of `python -m benchmarks.gpu` (see benchmarks/gpu.py for what and why)."""
+"""The measurements of `python -m benchmarks.gpu` (see benchmarks/gpu.py for what and why).
+
+Every ratio is against a bracket (benchmarks/bracket.py, standard library only: no Ray): the raw
+forward sampled at steady state right before and right after the encode path's own samples; the
+builder against both bounds, each sampled right before and right after the builder's runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
@@ -14,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import CACHE_DIR, machine_note, photo_jpeg, print_table, verdict, vit_b32_checkpoint
+from benchmarks.bracket import MIN_SECONDS, Baseline, Bracket, bracketed_verdict, steady_samples
+from benchmarks.common import CACHE_DIR, machine_note, photo_jpeg, print_table, vit_b32_checkpoint
 from image_search.encoder import ClipImageEncoder
 from image_search.precision import ResolvedPrecision, host_cpu_flags, resolve_precision
 from image_search.preprocessing import PreprocessSpec, normalize_batch
@@ -61,25 +68,24 @@ def synchronize(device: torch.device) -> None:
 CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 
-def seconds_per_call(function: Callable[[], object], calls: int, device: torch.device, rounds: int) -> float:
-    """Fastest of `rounds` blocks of `calls` calls (background load only adds time), after a warm-up."""
-    return paired_seconds([function], calls, device, rounds)[0]
-
-
-def paired_seconds(functions: list[Callable[[], object]], calls: int, device: torch.device, rounds: int) -> list[float]:
-    """Seconds per call of each function: blocks interleaved round-robin (same background load), fastest kept."""
-    for function in functions:
+def block_img_s(function: Callable[[], object], calls: int, batch: int, device: torch.device) -> float:
+    """img/s of one timing block of `calls` calls on `batch` images (by CLOCK, device synchronised)."""
+    synchronize(device)
+    started = CLOCK[0]()
+    for _ in range(calls):
         function()
     synchronize(device)
-    best = [float("inf")] * len(functions)
-    for _ in range(rounds):
-        for position, function in enumerate(functions):
-            started = CLOCK[0]()
-            for _ in range(calls):
-                function()
-            synchronize(device)
-            best[position] = min(best[position], (CLOCK[0]() - started) / calls)
-    return best
+    return batch * calls / (CLOCK[0]() - started)
+
+
+# What the encoder table's sides run beside: nothing else of ours (no app, no builder).
+STATE = "no builder running, in-process"
+
+
+def steady_img_s(
+    function: Callable[[], object], calls: int, batch: int, device: torch.device, seconds: float, min_calls: int
+) -> Baseline:
+    return steady_samples(lambda: block_img_s(function, calls, batch, device), STATE, seconds, min_calls)
 
 
 def raw_forward(encoder: ClipImageEncoder, pixels: np.ndarray) -> Callable[[], object]:
@@ -96,43 +102,60 @@ def raw_forward(encoder: ClipImageEncoder, pixels: np.ndarray) -> Callable[[], o
 
 
 def encoder_rows(
-    model: str, device: torch.device, precisions: tuple[ResolvedPrecision, ...], batches: tuple[int, ...], rounds: int
-) -> tuple[list[list[object]], dict[tuple[str, int], float]]:
-    """Table rows (precision, batch, raw img/s, encode img/s, ratio, min cosine vs fp32) and raw img/s by key."""
+    model: str,
+    device: torch.device,
+    precisions: tuple[ResolvedPrecision, ...],
+    batches: tuple[int, ...],
+    seconds: float,
+    min_calls: int,
+) -> tuple[list[list[object]], dict[tuple[str, int], Bracket]]:
+    """Table rows (precision, batch, raw img/s, encode img/s, ratio, drift, spread, min cosine vs fp32),
+    and the raw forward's bracket by key (the one behind each row's ratio)."""
     images_per_block = GPU_IMAGES_PER_BLOCK if device.type == "cuda" else CPU_IMAGES_PER_BLOCK
     crops = np.random.default_rng(0).integers(0, 256, (max(batches), 224, 224, 3), dtype=np.uint8)
     reference: dict[int, np.ndarray] = {}
     rows: list[list[object]] = []
-    raw_speed: dict[tuple[str, int], float] = {}
+    raw_brackets: dict[tuple[str, int], Bracket] = {}
     for precision in precisions:
         encoder = ClipImageEncoder(model, device=device.type, precision=precision)
         for batch in batches:
             pixels = crops[:batch]
             calls = max(1, images_per_block // batch)
             try:
-                raw_s, encode_s = paired_seconds(
-                    [raw_forward(encoder, pixels), lambda e=encoder, p=pixels: e.encode_pixels(p)],
-                    calls,
-                    device,
-                    rounds,
-                )
+                raw = raw_forward(encoder, pixels)
+                before = steady_img_s(raw, calls, batch, device, seconds, min_calls)
+                encode = functools.partial(encoder.encode_pixels, pixels)
+                encoded = steady_img_s(encode, calls, batch, device, seconds, min_calls)
+                after = steady_img_s(raw, calls, batch, device, seconds, min_calls)
                 vectors = encoder.encode_pixels(pixels)
             except torch.cuda.OutOfMemoryError:
-                rows.append([precision, batch, float("nan"), float("nan"), float("nan"), "out of memory"])
+                rows.append([precision, batch, *([float("nan")] * 5), "out of memory"])
                 torch.cuda.empty_cache()
                 continue
+            bracket = Bracket(before, after)
             if precision == "fp32":
                 reference[batch] = vectors
             cosine = float(np.min(np.sum(vectors * reference[batch], axis=1))) if batch in reference else float("nan")
-            raw_speed[(precision, batch)] = batch / raw_s
-            rows.append([precision, batch, batch / raw_s, batch / encode_s, raw_s / encode_s, f"{cosine:.5f}"])
-            print(
-                f"{precision} batch {batch}: raw {batch / raw_s:.1f} img/s, encode {batch / encode_s:.1f}", flush=True
+            raw_brackets[(precision, batch)] = bracket
+            spread = max(before.spread, encoded.spread, after.spread)
+            rows.append(
+                [
+                    precision,
+                    batch,
+                    bracket.value,
+                    encoded.median,
+                    encoded.median / bracket.value,
+                    100 * bracket.drift,
+                    100 * spread,
+                    f"{cosine:.5f}",
+                ]
             )
+            for label, side in (("raw before", before), ("encode", encoded), ("raw after", after)):
+                print(f"{precision} batch {batch}: {label} img/s {side.describe()}", flush=True)
         del encoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, raw_speed
+    return rows, raw_brackets
 
 
 def preprocessing_img_s(folder: Path, workers: int) -> float:
@@ -150,7 +173,12 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--images", type=int, default=None, help="JPEGs for preprocessing and builder (GPU 4096)")
     parser.add_argument("--batch-size", type=int, default=None, help="builder batch (GPU 256, CPU 32)")
-    parser.add_argument("--rounds", type=int, default=None, help="timing blocks per measurement (GPU 3, CPU 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="min samples per bracket side (default 20; quick 3; each ~1 block)"
+    )
+    parser.add_argument(
+        "--baseline-seconds", type=float, default=None, help="seconds per bracket side after warm-up (8; quick 2)"
+    )
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the random ViT-B/32)")
     parser.add_argument(
         "--cpu-clock",
@@ -169,7 +197,9 @@ def run(argv: list[str]) -> int:
     quick = args.quick or not on_gpu
     count = args.images or (64 if quick else 4096)
     batch_size = args.batch_size or (256 if on_gpu else 32)
-    rounds = args.rounds or (2 if quick else 3)
+    # A side stops at whichever comes first: `seconds` after its warm-up, or `min_calls` samples.
+    min_calls = args.rounds or (3 if quick else 20)
+    seconds = args.baseline_seconds or (2.0 if quick else MIN_SECONDS)
     workers = default_workers()
     precisions = GPU_PRECISIONS if on_gpu else CPU_PRECISIONS
     batches = GPU_BATCHES if on_gpu and not args.quick else CPU_BATCHES
@@ -177,45 +207,64 @@ def run(argv: list[str]) -> int:
     gpu_name = torch.cuda.get_device_name(device) if on_gpu else "no GPU"
     print(
         f"gpu: {machine_note()}, {gpu_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{count} images, builder batch {batch_size}, auto = {auto}",
+        f"{count} images, builder batch {batch_size}, auto = {auto}, bracket sides {seconds:g} s or "
+        f"{min_calls} samples",
         flush=True,
     )
     started_all = time.perf_counter()
     folder = photo_folder(count, workers + 1)  # first: forks before torch has started any thread
     model = args.model or str(vit_b32_checkpoint())
 
-    rows, raw_speed = encoder_rows(model, device, precisions, batches, rounds)
+    rows, raw_brackets = encoder_rows(model, device, precisions, batches, seconds, min_calls)
     print_table(
         f"Vision tower on {device.type} ({gpu_name}): raw forward on a ready device tensor vs encode_pixels "
-        f"(uint8 crops in, numpy out); fastest of {rounds} interleaved blocks"
-        + (", process CPU time on 1 thread" if args.cpu_clock else ""),
-        ["precision", "batch", "raw img/s", "encode_pixels img/s", "encode / raw", "min cosine vs fp32"],
+        "(uint8 crops in, numpy out); medians of steady-state samples, raw = the bracket sampled right before "
+        "and after the encode samples" + (", process CPU time on 1 thread" if args.cpu_clock else ""),
+        [
+            "precision",
+            "batch",
+            "raw img/s",
+            "encode_pixels img/s",
+            "encode / raw",
+            "bracket drift %",
+            "worst spread %",
+            "min cosine vs fp32",
+        ],
         rows,
     )
 
     one_core = preprocessing_img_s(folder, 0)
-    all_cores = preprocessing_img_s(folder, workers)
+    encoder = ClipImageEncoder(model, device=device.type, precision="auto")
+    if args.cpu_clock:  # the builder runs in wall time: its bounds must too, on all threads
+        CLOCK[0] = time.perf_counter
+        torch.set_num_threads(os.cpu_count() or 1)
+    bound_pixels = np.random.default_rng(1).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
+    bound_raw = raw_forward(encoder, bound_pixels)
+
+    def bound_sides() -> tuple[Baseline, Baseline]:
+        """Both bounds of the builder, now: the raw forward at its batch, and all-core preprocessing."""
+        forward = steady_img_s(bound_raw, 1, batch_size, device, seconds, min_calls)
+        # A pass over the whole folder is long and steady from its first call: few samples, short warm-up.
+        preprocessing = steady_samples(
+            lambda: preprocessing_img_s(folder, workers), STATE, seconds, 2, max_warmup_calls=1
+        )
+        print(f"bound: raw forward batch {batch_size} img/s {forward.describe()}", flush=True)
+        print(f"bound: preprocessing, {workers} processes, img/s {preprocessing.describe()}", flush=True)
+        return forward, preprocessing
+
+    forward_before, preprocessing_before = bound_sides()
+    all_cores = preprocessing_before.median
     print_table(
         f"Preprocessing, {count} x 640x480 JPEG (read + decode + crop + hash, the builder's pipeline)",
         ["workers", "img/s", "vs 1 core"],
         [["1 core (in-process)", one_core, 1.0], [f"{workers} processes", all_cores, all_cores / one_core]],
     )
 
-    encoder = ClipImageEncoder(model, device=device.type, precision="auto")
-    bound_forward = raw_speed.get((encoder.precision, batch_size))
-    if args.cpu_clock:  # the builder runs in wall time: its bound must too, measured now, on all threads
-        CLOCK[0] = time.perf_counter
-        torch.set_num_threads(os.cpu_count() or 1)
-        bound_forward = None
-    if bound_forward is None:  # the builder's batch is not in the encoder table: measure it
-        pixels = np.random.default_rng(1).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
-        bound_forward = batch_size / seconds_per_call(raw_forward(encoder, pixels), 2, device, rounds)
     store = LocalStore(folder)
     keys = [entry.key for entry in discover_images(store)]
     started = time.perf_counter()
     records, _, _ = embed_local(store, keys, encoder.spec, encoder.encode_pixels, batch_size, workers)
     loop_img_s = len(records) / (time.perf_counter() - started)
-    del encoder
 
     from index_builder.cli import main as build_main
 
@@ -229,35 +278,67 @@ def run(argv: list[str]) -> int:
         shutil.rmtree(out, ignore_errors=True)
     if code != 0:
         raise RuntimeError("the build failed")
-    bound = min(bound_forward, all_cores)
+    forward_after, preprocessing_after = bound_sides()
+    del encoder
+    forward_bracket = Bracket(forward_before, forward_after)
+    preprocessing_bracket = Bracket(preprocessing_before, preprocessing_after)
+    bound_forward, bound_pre = forward_bracket.value, preprocessing_bracket.value
+    bound = min(bound_forward, bound_pre)
     print_table(
-        f"Builder, {count} images, --batch-size {batch_size}, precision {auto}, {workers} decoding processes",
-        ["what", "img/s", "vs forward bound", "vs preprocessing bound", "vs min bound"],
+        f"Builder, {count} images, --batch-size {batch_size}, precision {auto}, {workers} decoding processes "
+        "(bounds: brackets sampled right before and after the builder's runs)",
+        ["what", "img/s", "vs forward bound", "vs preprocessing bound", "vs min bound", "bracket drift %"],
         [
-            ["bound: raw forward at this batch", bound_forward, 1.0, bound_forward / all_cores, bound_forward / bound],
-            ["bound: preprocessing, all cores", all_cores, all_cores / bound_forward, 1.0, all_cores / bound],
+            [
+                "bound: raw forward at this batch",
+                bound_forward,
+                1.0,
+                bound_forward / bound_pre,
+                bound_forward / bound,
+                100 * forward_bracket.drift,
+            ],
+            [
+                "bound: preprocessing, all cores",
+                bound_pre,
+                bound_pre / bound_forward,
+                1.0,
+                bound_pre / bound,
+                100 * preprocessing_bracket.drift,
+            ],
             [
                 "embed_local (pool + encoder)",
                 loop_img_s,
                 loop_img_s / bound_forward,
-                loop_img_s / all_cores,
+                loop_img_s / bound_pre,
                 loop_img_s / bound,
+                "",
             ],
             [
                 "python -m index_builder (incl. model load, index, publish)",
                 build_img_s,
                 build_img_s / bound_forward,
-                build_img_s / all_cores,
+                build_img_s / bound_pre,
                 build_img_s / bound,
+                "",
             ],
         ],
     )
     encode_target = ENCODE_TARGET_GPU if on_gpu else ENCODE_TARGET_CPU
-    checked = [row for row in rows if row[5] != "out of memory" and (not on_gpu or row[0] != "fp32")]
+    checked = [row for row in rows if row[-1] != "out of memory" and (not on_gpu or row[0] != "fp32")]
     if checked:
         worst = min(float(row[4]) for row in checked)  # type: ignore[arg-type]
         label = "fp16/bf16" if on_gpu else "fp32/bf16"
-        verdict(f"worst encode_pixels / raw forward ({label}, batch >= {min(batches)})", worst, encode_target)
-    verdict("builder (embed_local) / min(forward, all-core preprocessing)", loop_img_s / bound, BUILDER_TARGET)
+        bracketed_verdict(
+            f"worst encode_pixels / raw forward ({label}, batch >= {min(batches)})",
+            worst,
+            encode_target,
+            [raw_brackets[(str(row[0]), int(row[1]))] for row in checked],  # type: ignore[call-overload]
+        )
+    bracketed_verdict(
+        "builder (embed_local) / min(forward, all-core preprocessing)",
+        loop_img_s / bound,
+        BUILDER_TARGET,
+        [forward_bracket, preprocessing_bracket],
+    )
     print(f"total {time.perf_counter() - started_all:.0f}s", flush=True)
     return 0

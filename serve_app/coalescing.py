@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serve_app.stage_times import StageTimes
+
 Forward = Callable[[np.ndarray], np.ndarray]
 BatchObserver = Callable[[int, float], None]
 
@@ -31,13 +33,17 @@ BatchObserver = Callable[[int, float], None]
 class _Pending:
     arrays: list[np.ndarray]
     future: asyncio.Future[np.ndarray] = field(repr=False)
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 class ForwardCoalescer:
     """Runs `forward` (blocking, in one dedicated thread) on merged groups of submitted arrays.
 
     `forward` takes a stacked (n, ...) array and returns n rows. `observe(size, seconds)` is
-    called after every forward pass (batch-size metrics).
+    called after every forward pass (batch-size metrics). `stages`, when given, sums per
+    submission where its time went (serve_app/stage_times.py): `queue` (submitted until its
+    forward pass was formed), `to model thread` and `from model thread` (the hand-offs around the
+    forward pass), `forward` (the pass itself, counted once per pass).
     """
 
     def __init__(
@@ -46,8 +52,10 @@ class ForwardCoalescer:
         max_batch_size: int,
         observe: BatchObserver | None = None,
         batch_wait_timeout_s: float = 0.0,
+        stages: StageTimes | None = None,
     ) -> None:
         self.forward = forward
+        self.stages = stages
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.observe = observe
@@ -123,19 +131,43 @@ class ForwardCoalescer:
                 raise
 
     async def _run_group(self, group: list[_Pending]) -> None:
+        formed = time.perf_counter()
         stacked = np.stack([array for item in group for array in item.arrays])
         started = time.perf_counter()
         try:
-            rows = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.forward, stacked)
+            rows, ran_from, ran_to = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self._timed_forward, stacked
+            )
         except Exception as exc:
             for item in group:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        if self.observe is not None:
-            self.observe(len(stacked), time.perf_counter() - started)
+        back = time.perf_counter()
         offset = 0
         for item in group:
             if not item.future.done():
                 item.future.set_result(rows[offset : offset + len(item.arrays)])
             offset += len(item.arrays)
+        # Metrics after the answers, as a callback queued behind the callers' wake-ups: recording
+        # (a Ray metric costs ~0.1 ms) never delays a response, least of all a lone one.
+        timings = (formed, started, ran_from, ran_to, back)
+        asyncio.get_running_loop().call_soon(self._account, group, len(stacked), timings)
+
+    def _account(self, group: list[_Pending], size: int, timings: tuple[float, float, float, float, float]) -> None:
+        formed, started, ran_from, ran_to, back = timings
+        if self.observe is not None:
+            self.observe(size, back - started)
+        if self.stages is not None:
+            for item in group:
+                self.stages.add("queue", formed - item.submitted)
+                self.stages.add("stack", started - formed)
+                self.stages.add("to model thread", ran_from - started)
+                self.stages.add("from model thread", back - ran_to)
+            self.stages.add("forward", ran_to - ran_from)
+
+    def _timed_forward(self, stacked: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """On the model thread: the rows, and when the pass began and ended there (the hand-offs are the rest)."""
+        ran_from = time.perf_counter()
+        rows = self.forward(stacked)
+        return rows, ran_from, time.perf_counter()

@@ -50,3 +50,19 @@ def test_each_phase_is_judged_against_its_own_bracket() -> None:
 def test_spread_is_range_over_median() -> None:
     assert Baseline((9.0, 10.0, 11.0), "x").spread == pytest.approx(0.2)
     assert "spread 20.0%" in Baseline((9.0, 10.0, 11.0), "app stopped").describe()
+
+
+def test_a_bounded_warm_up_stops_after_max_warmup_calls_even_when_samples_disagree() -> None:
+    values = itertools.cycle([1.0, 2.0])  # never two in a row within 5%
+    calls = []
+
+    def measure() -> float:
+        calls.append(1)
+        return next(values)
+
+    ticks = itertools.count()
+    baseline = steady_samples(
+        measure, "no app", min_seconds=1e9, min_calls=3, clock=lambda: float(next(ticks)), max_warmup_calls=1
+    )
+    assert len(calls) == 1 + 1 + 3  # the first call, one warm-up call, three samples
+    assert len(baseline.samples) == 3

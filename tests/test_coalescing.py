@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from serve_app.coalescing import ForwardCoalescer
+from serve_app.stage_times import StageTimes
 
 
 class GatedForward:
@@ -157,3 +158,23 @@ def test_a_lone_request_runs_alone_once_the_wait_for_company_is_over() -> None:
         return forward.sizes
 
     assert asyncio.run(scenario()) == [1]
+
+
+def test_stage_times_count_each_submission_and_each_forward_pass_once() -> None:
+    async def scenario() -> dict[str, tuple[float, int]]:
+        forward = GatedForward()
+        stages = StageTimes()
+        coalescer = ForwardCoalescer(forward, max_batch_size=16, stages=stages)
+        first = asyncio.create_task(coalescer.run(crops(1)))
+        await wait_started(forward)  # the model is busy with [1]: the next two queue behind it
+        queued = [asyncio.create_task(coalescer.run(crops(value))) for value in (2, 3)]
+        await let_tasks_enqueue(coalescer, 2)
+        forward.gate.set()
+        await asyncio.gather(first, *queued)
+        return stages.snapshot()
+
+    snapshot = asyncio.run(scenario())
+    for stage in ("queue", "stack", "to model thread", "from model thread"):
+        assert snapshot[stage][1] == 3, stage  # one per submission
+    assert snapshot["forward"][1] == 2  # [1], then [2, 3] together
+    assert all(seconds >= 0 for seconds, _ in snapshot.values())

@@ -245,3 +245,53 @@ def test_the_page_and_its_script_use_relative_urls_so_a_root_path_works(serve_ba
     assert not re.search(r'(src|href)="/(?!/)', page)
     assert 'fetch("info"' in script
     assert not re.search(r"""(fetch\(|postForm\()\s*[`"']/""", script)
+
+
+def test_one_search_adds_one_to_every_stage_of_each_replica_it_passes(
+    serve_base_url: str, indexed_images: list[Path]
+) -> None:
+    """The stage times benchmarks/served.py reads: one POST /search counts once in every stage it ran."""
+    from ray import serve
+
+    from serve_app.stage_times import merge
+    from tests.conftest import APP_NAME
+
+    ingress = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+    embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    searcher = serve.get_deployment_handle("Searcher", app_name=APP_NAME)
+    replicas = serve.status().applications[APP_NAME].deployments["Searcher"].replica_states.get("RUNNING", 0)
+
+    def searcher_snapshots() -> dict[int, dict[str, tuple[float, int]]]:
+        """Every Searcher replica's totals: asked until each has answered (routing picks one per call)."""
+        seen: dict[int, dict[str, tuple[float, int]]] = {}
+        for _ in range(200):
+            pid, snapshot = searcher.stage_times.remote().result()
+            seen[pid] = snapshot
+            if len(seen) == replicas:
+                return seen
+        raise AssertionError(f"only {len(seen)} of {replicas} Searcher replicas answered")
+
+    def counts(snapshot: dict[str, tuple[float, int]]) -> dict[str, int]:
+        return {stage: count for stage, (_, count) in snapshot.items()}
+
+    ingress_before, embedder_before = ingress.stage_times.remote().result(), embedder.stage_times.remote().result()
+    searchers_before = searcher_snapshots()
+    response = post_files(serve_base_url, [(indexed_images[0].name, indexed_images[0].read_bytes())])
+    assert response.status_code == 200
+    ingress_after, embedder_after = ingress.stage_times.remote().result(), embedder.stage_times.remote().result()
+    searchers_after = searcher_snapshots()
+
+    def added(before: dict[str, tuple[float, int]], after: dict[str, tuple[float, int]]) -> dict[str, int]:
+        return {stage: count - counts(before).get(stage, 0) for stage, count in counts(after).items()}
+
+    ingress_stages = ("read form", "decode + crop", "Embedder calls", "vectors stacked", "Searcher call")
+    assert added(ingress_before, ingress_after) == dict.fromkeys((*ingress_stages, "results + JSON", "handler"), 1)
+    embedder_stages = ("in replica", "queue", "stack", "to model thread", "forward", "from model thread")
+    assert added(embedder_before, embedder_after) == dict.fromkeys(embedder_stages, 1)
+    assert set(searchers_after) == set(searchers_before)  # the same replicas, none restarted
+    searched = added(merge(list(searchers_before.values())), merge(list(searchers_after.values())))
+    assert searched == {"in replica": 1, "search (on its thread)": 1}
+    # Nested stages fit inside the ones around them.
+    embed_call = ingress_after["Embedder calls"][0] - ingress_before.get("Embedder calls", (0.0, 0))[0]
+    in_embedder = embedder_after["in replica"][0] - embedder_before.get("in replica", (0.0, 0))[0]
+    assert 0 < in_embedder <= embed_call

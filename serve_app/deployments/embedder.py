@@ -23,6 +23,7 @@ from image_search.text_encoder import ClipTextEncoder, TextTowerUnavailable
 from serve_app.coalescing import ForwardCoalescer
 from serve_app.config import BatchingConfig, EmbedderOptions, check_batch_fits_concurrency
 from serve_app.metrics import EmbedderMetrics
+from serve_app.stage_times import Snapshot, StageTimes
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,8 +79,10 @@ class Embedder:
         self.input_shape = (spec.crop_height, spec.crop_width, 3)
         self.batch_sizes: Counter[int] = Counter()
         self.metrics = EmbedderMetrics()
+        # Where an image request's time goes in this replica (benchmarks/served.py reads it).
+        self.stages = StageTimes()
         self.coalescer = ForwardCoalescer(
-            self.encoder.encode_pixels, DEFAULT_BATCHING.max_batch_size, observe=self._observe_forward
+            self.encoder.encode_pixels, DEFAULT_BATCHING.max_batch_size, self._observe_forward, stages=self.stages
         )
         self._init_text(model, options)
         logger.info(
@@ -137,8 +140,13 @@ class Embedder:
         """
         if not is_crop(pixels, self.input_shape):
             return None
-        vectors = await self.coalescer.run([pixels])
+        with self.stages.timed("in replica"):
+            vectors = await self.coalescer.run([pixels])
         return vectors[0]
+
+    async def stage_times(self) -> Snapshot:
+        """Seconds summed per stage of the image requests so far (serve_app/stage_times.py; async: see above)."""
+        return self.stages.snapshot()
 
     # --- text queries: their own encoder, queue and forward passes --------------------------------
 

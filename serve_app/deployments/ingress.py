@@ -63,6 +63,7 @@ from serve_app.recall_info import recall_report
 from serve_app.results import Query, error_entries, matches_for_row, result_entries
 from serve_app.served_index import ServedIndex, Version
 from serve_app.sharded_searcher import ShardedSearcher, ShardUnavailable, partial_fields
+from serve_app.stage_times import Snapshot, StageTimes
 from serve_app.text_queries import TextQuery, check_counts, single_query_param
 from serve_app.thumbnails import LRUBytes, ThumbnailDiskCache, cached_thumbnail, default_thumbnail_dir, make_thumbnail
 from serve_app.version_records import RecordLookup
@@ -140,6 +141,8 @@ class Ingress:
             args.thumbnail_cache_max_bytes,
         )
         self.metrics = IngressMetrics()
+        # Where a POST /search's time goes in this replica (benchmarks/served.py reads it).
+        self.stages = StageTimes()
         self.decode_slots = asyncio.Semaphore(self.limits.max_concurrent_decodes)
         # Writes (POST /images, DELETE /images/{id}): the token read here, in the replica's own process.
         self.tokens = load_tokens(args.writes)
@@ -183,6 +186,10 @@ class Ingress:
             answer = await self.searcher.search(vectors, k, version.name, live, id_filter)
             (scores, ids), missing = answer.value, answer.missing
         return scores, below_min_score(scores, ids, filters.min_score), duplicates, missing
+
+    async def stage_times(self) -> Snapshot:
+        """Seconds summed per stage of POST /search so far (serve_app/stage_times.py)."""
+        return self.stages.snapshot()
 
     async def check_health(self) -> None:
         if not self.index.following_works():
@@ -250,10 +257,13 @@ class Ingress:
 
     async def search(self, request: Request) -> Response:
         """Photos and texts: one entry per file, then per text, in request order."""
+        lap = self.stages.laps()
         k = parse_k(request.query_params.get("k"), self.limits.default_k, self.limits.max_k)
         filters = parse_filters(request.query_params)
         form = await self._read_form(request)
+        lap("read form")
         prepared = await self._prepare_all(form.uploads)
+        lap("decode + crop")
         texts = [self._checked_text(query) for query in form.texts]
         file_queries = [
             Query("filename", upload.filename, item if isinstance(item, ClientError) else None)
@@ -266,6 +276,7 @@ class Ingress:
             first = next(query.error for query in queries if query.error is not None)
             return service_error_response(first, {"results": error_entries(queries)})
         image_vectors, text_answers = await asyncio.gather(self._embed(pixels), self._embed_texts(usable))
+        lap("Embedder calls")
         answers = iter(text_answers)
         text_queries = [
             Query("text", query.text, query.error) if query.error is not None else text_result(query, next(answers))
@@ -276,12 +287,17 @@ class Ingress:
         # One version for the whole answer: the Searcher searches the version this request holds,
         # and that version's manifest turns the ids into records, whatever switches meanwhile.
         with self.index.lease() as version:
+            lap("vectors stacked")
             scores, ids, duplicates, missing = await self._search_filtered(vectors, k, version, filters)
+            lap("Searcher call")
             entries = result_entries([*file_queries, *text_queries], scores, ids, version.manifest, root_path)
             attach_duplicates(entries, duplicates)
-        return JSONResponse(
+        response = JSONResponse(
             {"index_version": version.name, "demo": self.demo, "results": entries, **partial_fields(missing)}
         )
+        lap("results + JSON")
+        lap.total("handler")
+        return response
 
     async def search_text(self, request: Request) -> Response:
         """GET /search?q=...&k=...: one text query, for links and scripts."""
