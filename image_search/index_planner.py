@@ -214,8 +214,12 @@ def plan_index(
     *,
     mappable: bool = True,
     idmap_bytes_per_vector: int = IDMAP2_BYTES_PER_VECTOR,
+    exact_limit: int = EXACT_SEARCH_LIMIT,
 ) -> IndexPlan:
-    """The least lossy index of `count` x `dim` vectors within `max_memory_bytes` (see the module doc)."""
+    """The least lossy index of `count` x `dim` vectors within `max_memory_bytes` (see the module doc).
+
+    `exact_limit`: the most vectors planned as an exact Flat scan (a segment of a large collection
+    uses a lower one: see index_spec.choose_segment_index_spec)."""
     _check(count, dim, max_memory_bytes, recall_target)
     budget = human_bytes(max_memory_bytes)
     flat = flat_bytes(count, dim, idmap_bytes_per_vector)
@@ -227,9 +231,9 @@ def plan_index(
             f"recall 1.0 needs an exact Flat index: {human_bytes(flat)} for {count} x {dim}, over the budget "
             f"{budget}; raise --max-index-memory to {flat} bytes or lower the recall target"
         )
-    if count <= EXACT_SEARCH_LIMIT and flat <= max_memory_bytes:
+    if count <= exact_limit and flat <= max_memory_bytes:
         reason = (
-            f"exact: {count} <= {EXACT_SEARCH_LIMIT} vectors scan in milliseconds with recall 1.0 and no "
+            f"exact: {count} <= {exact_limit} vectors scan in milliseconds with recall 1.0 and no "
             f"training; {human_bytes(flat)} <= budget {budget}"
         )
         return IndexPlan("Flat", "flat", reason, flat, None)

@@ -1,8 +1,20 @@
 """The FAISS index a collection (or a segment) gets, as a recorded `index_factory` string and knobs.
 
-`choose_index_spec` is the entry point the builder calls; the choice itself (by vector count, dim,
-memory budget and recall target) is image_search/index_planner.py, a pure function with the memory
-formulas and the reasons. After the build, image_search/recall_tuning.py replaces the starting
+`choose_index_spec` plans one index for a whole collection; `choose_segment_index_spec` plans one
+segment of a version (what the builder, compaction and writes call). The choice itself (by vector
+count, dim, memory budget and recall target) is image_search/index_planner.py, a pure function with
+the memory formulas and the reasons.
+
+Why a segment is planned with its collection's size: a search scans every segment, so a version
+costs the sum of its segments. An exact Flat segment costs its whole size per query; an IVF one
+about nlist + nprobe * size / nlist (~1/6 of its size at 20k-50k vectors on CLIP-like data, tuned
+to recall@10 0.95). In a collection small enough to be exact (at most `EXACT_SEARCH_LIMIT` live
+vectors) every segment stays Flat, so answers equal one exact index's. In a larger one the big
+segments are IVF and answers approximate anyway; there a merged segment of 90k vectors left Flat
+would cost more than the 1M-vector IVF segment beside it. So from `MIN_IVF_SEGMENT` vectors on
+(the merge policy's first tier above the floor: 10 x 1,000) a segment of a large collection gets
+IVF with its nprobe tuned on its own vectors; smaller ones (one change, a few changes) stay Flat,
+cheap to write and to scan. After the build, image_search/recall_tuning.py replaces the starting
 `nprobe` / `ef_search` with the smallest value that meets the recall target on the collection itself.
 """
 
@@ -30,12 +42,18 @@ __all__ = [
     "DEFAULT_NPROBE",
     "DEFAULT_RECALL_TARGET",
     "EXACT_SEARCH_LIMIT",
+    "MIN_IVF_SEGMENT",
     "TRAINING_POINTS_PER_LIST",
     "IndexDoesNotFit",
     "IndexSpec",
     "choose_index_spec",
+    "choose_segment_index_spec",
     "ivf_list_count",
 ]
+
+
+# A segment of a collection over EXACT_SEARCH_LIMIT gets IVF from this size on (module docstring).
+MIN_IVF_SEGMENT = 10_000
 
 
 @dataclass(frozen=True)
@@ -76,12 +94,30 @@ def choose_index_spec(
     recall_target: float = DEFAULT_RECALL_TARGET,
     mappable: bool = True,
     idmap_bytes_per_vector: int = IDMAP2_BYTES_PER_VECTOR,
+    exact_limit: int = EXACT_SEARCH_LIMIT,
 ) -> IndexSpec:
     """The planner's index for `count` x `dim` vectors, with its starting search knobs and reason.
 
     Raises `IndexDoesNotFit` (a ValueError) when no index type holds them in `max_memory_bytes`.
     """
     plan = plan_index(
-        count, dim, max_memory_bytes, recall_target, mappable=mappable, idmap_bytes_per_vector=idmap_bytes_per_vector
+        count,
+        dim,
+        max_memory_bytes,
+        recall_target,
+        mappable=mappable,
+        idmap_bytes_per_vector=idmap_bytes_per_vector,
+        exact_limit=exact_limit,
     )
     return IndexSpec(plan.factory, plan.initial_params(), reason=plan.reason)
+
+
+def choose_segment_index_spec(count: int, collection_count: int, dim: int, **options: Any) -> IndexSpec:
+    """The index of one segment of `count` vectors in a version of `collection_count` live vectors.
+
+    Exact (Flat) wherever the collection is at most EXACT_SEARCH_LIMIT; in a larger collection, IVF
+    from MIN_IVF_SEGMENT vectors on (see the module docstring). `options`: as choose_index_spec.
+    """
+    if collection_count > EXACT_SEARCH_LIMIT:
+        options.setdefault("exact_limit", MIN_IVF_SEGMENT - 1)
+    return choose_index_spec(count, dim, **options)

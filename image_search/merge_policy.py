@@ -12,8 +12,17 @@ logarithmic in the collection's size while rewriting each vector only a few time
 - Deletions: a segment whose dead share exceeds `max_deleted_fraction` is rewritten (merged with the
   others chosen, or alone), which drops its dead vectors; deletions never cost more than that share.
 - A hard bound: a version holds at most `max_segments(total)` = `segments_per_tier` +
-  ceil(log_{tier_factor}(total / floor)) segments (about 10 plus the log of the size); beyond it the
-  smallest segments are merged until it holds.
+  ceil(log_{tier_factor}(total / floor)) segments (4 + 3 = 7 at 1M); beyond it the smallest
+  segments are merged until it holds.
+
+Why 4 segments a tier and not Lucene's 10: a search pays every segment, and a small exact segment
+costs a FAISS call plus a scan of its vectors (2,000 x 512: ~0.09 ms on one core), while the 1M IVF
+segment beside it costs ~1-4 ms at its tuned nprobe. At Lucene's 10 a version of 1M reaches 13
+segments and its search ~1.4x one segment's (benchmarks/publish_at_scale.py, 110k: 1.46x); at 4 it
+holds at most 7. Simulated (500 changes of 2,000 onto 1M, tests/test_merge_policy.py), 4 also
+rewrites each added vector fewer times (4.9 against 6.8): at 10 the tiers fill slower than the hard
+bound, which then merges the smallest segments again and again. Mid-size merge results are IVF in a
+large collection (index_spec.choose_segment_index_spec), so a tier of them does not cost full scans.
 
 `plan_merges` returns groups of segment names; each group becomes one segment (with the index its
 size calls for, chosen by the caller). `full_merge` is `--compact`: everything into one segment.
@@ -25,7 +34,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-DEFAULT_SEGMENTS_PER_TIER = 10
+DEFAULT_SEGMENTS_PER_TIER = 4
 DEFAULT_MAX_MERGE_AT_ONCE = 10
 DEFAULT_FLOOR_SEGMENT_SIZE = 1_000
 DEFAULT_TIER_FACTOR = 10

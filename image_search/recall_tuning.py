@@ -1,10 +1,29 @@
 """Tune an index's search knob (`nprobe` for IVF, `efSearch` for HNSW) to a recall target, measured.
 
 After a build, the smallest knob value whose recall@k meets the target is the fastest one that does
-(both the work and the latency of IVF and HNSW grow with it), so the tuner looks for that value:
-doubling from 1 (IVF) or k (HNSW) until the target is met, then a binary search between the last
-value that missed and the first that met. Recall is measured on the collection itself, with nothing
-but the raw vectors the index was built from:
+(both the work and the latency of IVF and HNSW grow with it), so the tuner looks for that value.
+Recall is measured on the collection itself, with nothing but the raw vectors the index was built from,
+and the ground truth is an exact search of the sample's queries only (`sample_queries` x n, not n x n).
+
+How the value is found, cheapest first (at 1M vectors a search of the whole sample at a high nprobe
+takes tens of seconds on 2 cores, so the number of such searches is what tuning costs):
+
+- IVF with Flat codes and a flat coarse quantiser (what the planner builds up to 1M vectors): an
+  IVF-Flat search computes exact scores inside the lists it probes, so a true neighbour is found at
+  nprobe p exactly when its list is among the query's p nearest centroids. One ranking of every
+  centroid per query (`sample_queries` x nlist inner products) and the list of each true neighbour
+  give the whole recall curve at once (`IvfFlatCurve`); the smallest p meeting the target on it is
+  then checked by real searches at p and at p - 1 (the measured recall is the one reported). The
+  curve counts exact ids, the measure is tie-aware, so the curve is never above the measure; when
+  the checks disagree with it (ties, rounding) the search below takes over from there.
+- Any other index (SQ8 or PQ codes, an HNSW coarse quantiser, HNSW): doubling from 1 (IVF) or k
+  (HNSW) until the target is met, then bisection between the last value that missed and the first
+  that met, stopped once they are within `LADDER_RATIO` of each other (the last few percent of
+  nprobe buy nothing measurable and each step is a full sample search), and stopped early when two
+  doublings in a row gained less than `PLATEAU_GAIN` recall (a lossy code's ceiling: going on to
+  nlist only costs time).
+
+The sample and what counts:
 
 - queries are `sample_queries` vectors drawn (seeded) from the collection; each is held out of its
   own answer: the index and the exact scan are both asked for k + 1 and the query's own id is
@@ -19,10 +38,10 @@ z = `CONFIDENCE_Z` (1.28: 90%), must reach the target, so that a value that only
 this sample does not run below it on new queries half the time.
 
 Latency is single-query, one thread (how a Searcher replica runs a request), p50 and p99 over the
-sample, at the chosen value only. When the target cannot be met (a lossy PQ code bounds recall, or
-the knob is at its maximum), the result says so (`met` False) with the best value found: it is never
-reported as meeting a target it missed. An exact Flat index needs no knob: recall 1.0 by construction,
-measured anyway.
+first `LATENCY_QUERIES` queries of the sample, at the chosen value only. When the target cannot be
+met (a lossy PQ code bounds recall, or the knob is at its maximum), the result says so (`met`
+False) with the best value found: it is never reported as meeting a target it missed. An exact Flat
+index needs no knob: recall 1.0 by construction, measured anyway.
 
 The result (`TuningResult`) is plain data for the version file and /info: `to_dict` / `from_dict`.
 """
@@ -46,6 +65,9 @@ MAX_EF_SEARCH = 4096
 SCORE_TOLERANCE = 1e-5  # float32 inner products of unit vectors: ties within rounding count as ties
 SEARCH_BATCH = 4096
 CONFIDENCE_Z = 1.28  # one-sided 90%
+LATENCY_QUERIES = 200  # single-query timings at the chosen value (p99 of 200: the 2nd slowest)
+LADDER_RATIO = 1.1  # bisection stops once the first value meeting the target is within 10% of one missing it
+PLATEAU_GAIN = 0.002  # two doublings each gaining less recall than this: a ceiling, stop searching
 
 
 @dataclass(frozen=True)
@@ -127,6 +149,8 @@ class HeldOutSample:
         own = positions == rows[:, None]
         others = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(k + 1)[None, :] < k)
         self.kth_score = np.array([row[mask][k - 1] for row, mask in zip(scores, others, strict=True)])
+        # Rows (positions in `vectors`) of each query's exact top k among the others: (queries, k).
+        self.neighbour_rows = np.stack([row[mask][:k] for row, mask in zip(positions, others, strict=True)])
         self._order = np.argsort(self.ids)
 
     def recall(self, found_ids: np.ndarray) -> float:
@@ -141,6 +165,49 @@ class HeldOutSample:
             scores = self.vectors[positions] @ query
             hits += int(np.count_nonzero(scores >= kth - SCORE_TOLERANCE))
         return hits / (self.k * len(self.queries))
+
+
+class IvfFlatCurve:
+    """Recall@k of an IVF-Flat index (flat coarse quantiser) at every nprobe, from centroid ranks alone.
+
+    hits(p) = the true neighbours whose list is among their query's p nearest centroids: exactly what
+    an IVF-Flat search at nprobe p finds of the exact top k (scores inside probed lists are exact).
+    """
+
+    def __init__(self, index: faiss.Index, sample: HeldOutSample) -> None:
+        ivf = faiss.extract_index_ivf(index)
+        self.nlist = int(ivf.nlist)
+        centroids = np.asarray(ivf.quantizer.reconstruct_n(0, self.nlist), dtype=np.float32)
+        # Each true neighbour's list: its nearest centroid, as IndexIVF::add assigned it.
+        neighbours = sample.vectors[sample.neighbour_rows.reshape(-1)]
+        _, lists = ivf.quantizer.search(neighbours, 1)
+        lists = lists.reshape(sample.neighbour_rows.shape)
+        # Rank of every list for every query (0 = probed first), as the coarse search orders them.
+        _, order = faiss.knn(sample.queries, centroids, self.nlist, metric=faiss.METRIC_INNER_PRODUCT)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(self.nlist)[None, :], axis=1)
+        ranks = np.take_along_axis(rank, lists, axis=1).reshape(-1)
+        # hits[p] = neighbours whose list rank is below p, for p = 0..nlist.
+        self.hits = np.concatenate([[0], np.cumsum(np.bincount(ranks, minlength=self.nlist))])
+        self.possible = int(ranks.size)
+
+    def recall(self, nprobe: int) -> float:
+        return float(self.hits[min(max(nprobe, 0), self.nlist)]) / self.possible
+
+    def smallest_meeting(self, target: float) -> int | None:
+        """The smallest nprobe whose recall's lower bound reaches `target` on the curve; None: none does."""
+        for nprobe in range(1, self.nlist + 1):
+            if recall_lower_bound(self.recall(nprobe), self.possible) >= target:
+                return nprobe
+        return None
+
+
+def is_ivf_flat(index: faiss.Index) -> bool:
+    """IVF with Flat codes and a flat coarse quantiser, under an IDMap: where IvfFlatCurve is exact."""
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    return isinstance(inner, faiss.IndexIVFFlat) and isinstance(faiss.downcast_index(inner.quantizer), faiss.IndexFlat)
 
 
 def _recall_at(index: faiss.Index, sample: HeldOutSample) -> float:
@@ -172,16 +239,32 @@ def recall_lower_bound(recall: float, hits_possible: int, z: float = CONFIDENCE_
     return recall - z * float(np.sqrt(max(recall * (1 - recall), 0.0) / hits_possible))
 
 
-def smallest_meeting(measure: Callable[[int], float], low: int, high: int, target: float) -> tuple[int, bool]:
+def smallest_meeting(
+    measure: Callable[[int], float],
+    low: int,
+    high: int,
+    target: float,
+    ratio: float = 1.0,
+    plateau: float = 0.0,
+) -> tuple[int, bool]:
     """The smallest value in [low, high] with measure(value) >= target, taking measure as rising:
-    doubling from `low`, then bisection. (value, met); not met: (high, False)."""
+    doubling from `low`, then bisection until the value met is within `ratio` of one missed (1.0: the
+    exact smallest). (value, met); not met: (high, False), or (the last value tried, False) once two
+    doublings in a row each raised measure by less than `plateau` (0: never stop early)."""
     value, below = low, low - 1
-    while measure(value) < target:
+    gains: list[float] = []
+    previous: float | None = None
+    while (current := measure(value)) < target:
         if value >= high:
             return high, False
+        if previous is not None:
+            gains.append(current - previous)
+            if plateau > 0 and len(gains) >= 2 and max(gains[-2:]) < plateau:
+                return value, False
+        previous = current
         below, value = value, min(2 * value, high)
     # measure(below) < target <= measure(value) (below = low - 1: nothing below low): bisect.
-    while value - below > 1:
+    while value - below > 1 and value > ratio * max(below, 1):
         middle = (below + value) // 2
         if measure(middle) >= target:
             value = middle
@@ -216,7 +299,7 @@ def tune_recall(
     if param is None:
         recall = _recall_at(index, sample)
         bound = recall_lower_bound(recall, k * count)
-        p50, p99 = single_query_latency_ms(index, sample.queries, k)
+        p50, p99 = single_query_latency_ms(index, sample.queries[:LATENCY_QUERIES], k)
         return TuningResult(None, None, recall, bound, target, bound >= target, k, count, p50, p99, tried)
 
     def measure(value: int) -> float:
@@ -226,14 +309,33 @@ def tune_recall(
         return recall_lower_bound(tried[value], k * count)
 
     low = 1 if param == "nprobe" else k
-    value, met = smallest_meeting(measure, low, max(low, high), target)
+    high = max(low, high)
+    value, met = _from_curve(index, sample, measure, target) if is_ivf_flat(index) else (None, False)
+    if value is None:
+        value, met = smallest_meeting(measure, low, high, target, LADDER_RATIO, PLATEAU_GAIN)
     if not met:  # the best recall seen, at the smallest value reaching it
         best = max(tried.values())
         value = min(v for v, recall in tried.items() if recall == best)
     set_knob(index, param, value)
-    p50, p99 = single_query_latency_ms(index, sample.queries, k)
+    p50, p99 = single_query_latency_ms(index, sample.queries[:LATENCY_QUERIES], k)
     bound = recall_lower_bound(tried[value], k * count)
     return TuningResult(param, value, tried[value], bound, target, met, k, count, p50, p99, tried)
+
+
+def _from_curve(
+    index: faiss.Index, sample: HeldOutSample, measure: Callable[[int], float], target: float
+) -> tuple[int | None, bool]:
+    """IVF-Flat: the curve's smallest nprobe, confirmed by real searches at it and one below.
+
+    (value, True) when both confirm it; (None, False) when they do not (the ladder search decides)."""
+    curve = IvfFlatCurve(index, sample)
+    value = curve.smallest_meeting(target)
+    if value is None:  # not even at nlist: measure there once, it is the best there is
+        measure(curve.nlist)
+        return None, False
+    if measure(value) >= target and (value == 1 or measure(value - 1) < target):
+        return value, True
+    return None, False
 
 
 def with_tuned_params(spec: IndexSpec, result: TuningResult) -> IndexSpec:

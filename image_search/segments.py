@@ -73,7 +73,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,8 +336,14 @@ def _corrupt(store: Store, segment: str, file: str) -> ArtifactError:
 # --- writing ----------------------------------------------------------------------------------------------
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(ImageRecord))
+
+
 def records_json(records: Sequence[ImageRecord]) -> bytes:
-    return (json.dumps({"format_version": FORMAT_VERSION, "records": [asdict(r) for r in records]}) + "\n").encode()
+    # Not dataclasses.asdict: it deep-copies every field (6 s for 110k records on this machine, a
+    # compaction at 1M paid it ten times over); the fields are plain ints and strings.
+    rows = [{name: getattr(record, name) for name in _RECORD_FIELDS} for record in records]
+    return (json.dumps({"format_version": FORMAT_VERSION, "records": rows}) + "\n").encode()
 
 
 def write_segment_files(

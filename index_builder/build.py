@@ -53,7 +53,7 @@ from image_search.artifact import (
 from image_search.decoding import IMAGE_EXTENSIONS
 from image_search.errors import ArtifactError
 from image_search.faiss_index import ivf_centroids
-from image_search.index_spec import DEFAULT_MAX_INDEX_MEMORY, IndexSpec, choose_index_spec
+from image_search.index_spec import DEFAULT_MAX_INDEX_MEMORY, IndexSpec, choose_segment_index_spec
 from image_search.manifest import ImageRecord, Manifest
 from image_search.merge_policy import MergePolicy, SegmentStats, full_merge, plan_merges
 from image_search.segments import (
@@ -328,7 +328,9 @@ def finish_build(
     added: list[SegmentInfo] = []
     spec = None
     if new_records:
-        spec = choose_index_spec(len(new_records), plan.model.embedding_dim, max_memory_bytes=plan.max_index_memory)
+        spec = choose_segment_index_spec(
+            len(new_records), len(records), plan.model.embedding_dim, max_memory_bytes=plan.max_index_memory
+        )
         added.append(
             build_segment(
                 out,
@@ -476,15 +478,18 @@ def compact(
             parts: list[np.ndarray] = []
             for name in group:
                 segment = by_name[name]
-                dead = set(version.deleted_ids(name))
-                rows = [row for row, r in enumerate(contents.records[name]) if r.id not in dead]
-                if not rows:
+                stored = contents.records[name]
+                # Vectorised: at 1M records a Python loop over rows is tens of seconds of a compaction.
+                row_ids = np.fromiter((r.id for r in stored), dtype=np.int64, count=len(stored))
+                rows = np.flatnonzero(~np.isin(row_ids, np.asarray(version.deleted_ids(name), dtype=np.int64)))
+                if not len(rows):
                     continue
                 parts.append(np.asarray(open_segment_vectors(out, segment, Path(cache))[rows]))
-                for row in rows:
-                    record = contents.records[name][row]
-                    ids.append(record.id)
-                    records.append(overrides.get(record.id, record))
+                ids.extend(row_ids[rows].tolist())
+                if overrides:
+                    records.extend(overrides.get(stored[row].id, stored[row]) for row in rows.tolist())
+                else:
+                    records.extend(stored[row] for row in rows.tolist())
             if not ids:
                 continue
             order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
@@ -492,7 +497,9 @@ def compact(
             ordered = [records[i] for i in order]
             folded.update(ids)
             checkpoint("compaction-started")
-            spec = choose_index_spec(len(ids), version.embedding_dim, max_memory_bytes=max_index_memory)
+            spec = choose_segment_index_spec(
+                len(ids), version.live_count, version.embedding_dim, max_memory_bytes=max_index_memory
+            )
             centroids = reusable_centroids(out, [by_name[name] for name in group], version, spec, len(ids), Path(cache))
             merged.append(
                 build_segment(

@@ -15,7 +15,13 @@ from image_search.index_planner import (
     ivf_list_count,
     plan_index,
 )
-from image_search.index_spec import EXACT_SEARCH_LIMIT, IndexSpec, choose_index_spec
+from image_search.index_spec import (
+    EXACT_SEARCH_LIMIT,
+    MIN_IVF_SEGMENT,
+    IndexSpec,
+    choose_index_spec,
+    choose_segment_index_spec,
+)
 
 MiB = 2**20
 TiB = 2**40
@@ -190,3 +196,24 @@ def test_ivf_spec_builds_and_finds_exact_neighbours_of_stored_vectors() -> None:
     index = build_faiss_index(vectors, IndexSpec("IVF64,Flat", {"nprobe": 64}))
     _, ids = index.search(vectors[:50], 1)
     assert ids[:, 0].tolist() == list(range(50))
+
+
+@pytest.mark.parametrize(
+    ("count", "collection", "factory"),
+    [
+        # A collection small enough to be exact: every segment Flat, whatever its size.
+        (MIN_IVF_SEGMENT, EXACT_SEARCH_LIMIT, "Flat"),
+        (EXACT_SEARCH_LIMIT, EXACT_SEARCH_LIMIT, "Flat"),
+        # A larger collection: one change stays Flat, a merged mid-size segment gets IVF.
+        (2_000, 1_000_000, "Flat"),
+        (MIN_IVF_SEGMENT - 1, EXACT_SEARCH_LIMIT + 1, "Flat"),
+        (MIN_IVF_SEGMENT, EXACT_SEARCH_LIMIT + 1, "IVF128,Flat"),
+        (50_000, 1_000_000, "IVF512,Flat"),
+        # The whole collection in one segment: what choose_index_spec plans for it.
+        (1_000_000, 1_000_000, "IVF4096,Flat"),
+    ],
+)
+def test_a_segment_of_a_large_collection_is_ivf_from_the_mid_size_on(count: int, collection: int, factory: str) -> None:
+    spec = choose_segment_index_spec(count, collection, 512)
+    assert spec.factory == factory, spec.reason
+    assert spec.params == ({} if factory == "Flat" else {"nprobe": 32})

@@ -37,8 +37,33 @@ def test_max_segments_is_the_tier_quota_plus_the_log_of_the_size(total: int, bou
     assert POLICY.max_segments(total) == bound
 
 
-def test_default_bound_at_a_million_is_about_ten_plus_log() -> None:
-    assert MergePolicy().max_segments(1_000_000) == 13
+def test_default_bound_at_a_million_is_four_plus_log() -> None:
+    assert MergePolicy().max_segments(1_000_000) == 7
+
+
+def simulate(policy: MergePolicy, base: int, change: int, publishes: int) -> tuple[int, float, int]:
+    """(most segments seen, vectors rewritten per vector added, live total) for a stream of changes."""
+    live = {"base": base}
+    rewritten = most = 0
+    for step in range(publishes):
+        live[f"a{step:05d}"] = change
+        for group in plan_merges([SegmentStats(n, s, 0) for n, s in live.items()], policy):
+            merged = sum(live.pop(name) for name in group)
+            rewritten += merged
+            live[f"m{step:05d}-{group[0]}"] = merged
+        most = max(most, len(live))
+        assert len(live) <= policy.max_segments(sum(live.values()))
+    return most, rewritten / (change * publishes), sum(live.values())
+
+
+def test_the_default_keeps_fewer_segments_and_rewrites_less_than_lucenes_ten() -> None:
+    """500 changes of 2,000 onto 1M: 4 a tier stays at 8 segments or fewer and rewrites each added
+    vector ~5 times; Lucene's 10 reaches the hard bound (14 at 2M) and rewrites ~7 times."""
+    most, amplification, total = simulate(MergePolicy(), 1_000_000, 2_000, 500)
+    lucene_most, lucene_amplification, _ = simulate(MergePolicy(segments_per_tier=10), 1_000_000, 2_000, 500)
+    assert total == 2_000_000
+    assert most <= 8 < lucene_most
+    assert amplification < 5.5 < lucene_amplification
 
 
 @pytest.mark.parametrize("additions", [37, 200, 1000])

@@ -12,8 +12,12 @@ from benchmarks.clip_like_data import ClipLikeMixture, ClipLikeSampler
 from image_search.faiss_index import build_faiss_index
 from image_search.index_spec import IndexSpec
 from image_search.recall_tuning import (
+    LADDER_RATIO,
+    PLATEAU_GAIN,
     HeldOutSample,
+    IvfFlatCurve,
     TuningResult,
+    is_ivf_flat,
     recall_lower_bound,
     set_knob,
     smallest_meeting,
@@ -42,6 +46,22 @@ def test_ivf_tuning_reaches_the_target_with_the_smallest_nprobe(clustered: np.nd
     assert result.p99_ms >= result.p50_ms > 0
 
 
+def test_the_ivf_flat_curve_is_what_real_searches_find(clustered: np.ndarray) -> None:
+    """The curve from centroid ranks equals the exact-id recall of a real IVF-Flat search at each nprobe."""
+    index = build_faiss_index(clustered, IndexSpec("IVF256,Flat"))
+    assert is_ivf_flat(index) and not is_ivf_flat(build_faiss_index(clustered[:5000], IndexSpec("IVF16,SQ8")))
+    sample = HeldOutSample(clustered, np.arange(len(clustered)), k=10, count=200)
+    curve = IvfFlatCurve(index, sample)
+    assert curve.recall(0) == 0.0 and curve.recall(256) == 1.0
+    for nprobe in (1, 3, 17, 64):
+        set_knob(index, "nprobe", nprobe)
+        _, found = index.search(sample.queries, 11)
+        pairs = zip(found, sample.neighbour_rows, strict=True)
+        exact_hits = sum(len(set(row.tolist()) & set(truth.tolist())) for row, truth in pairs)
+        assert curve.recall(nprobe) == exact_hits / (10 * 200)
+        assert sample.recall(found) >= curve.recall(nprobe)  # the tie-aware measure is never below it
+
+
 def test_this_data_tells_nprobe_settings_apart(clustered: np.ndarray) -> None:
     index = build_faiss_index(clustered, IndexSpec("IVF256,Flat"))
     sample = HeldOutSample(clustered, np.arange(len(clustered)), k=10, count=300)
@@ -65,8 +85,12 @@ def test_hnsw_tuning_sets_the_smallest_ef_search(clustered: np.ndarray) -> None:
     result = tune_recall(index, vectors, target=0.995, sample_queries=300)
     assert (result.param, result.met) == ("ef_search", True)
     assert result.lower_bound >= 0.995 and result.value is not None
-    below = result.value - 1
-    assert result.value == 10 or recall_lower_bound(result.tried[below], 10 * 300) < 0.995  # starts at k
+    # The ladder stops within LADDER_RATIO: the largest value tried below the chosen one missed, close to it.
+    below = max((value for value in result.tried if value < result.value), default=None)
+    assert result.value == 10 or below is not None  # starts at k
+    if below is not None:
+        assert recall_lower_bound(result.tried[below], 10 * 300) < 0.995
+        assert result.value <= max(LADDER_RATIO * below, below + 1)
     assert faiss.downcast_index(index.index).hnsw.efSearch == result.value
 
 
@@ -78,7 +102,10 @@ def test_unreachable_target_is_flagged_not_hidden(clustered: np.ndarray) -> None
     assert (result.param, result.met) == ("nprobe", False)
     assert result.lower_bound < result.recall < 0.99
     assert result.recall == max(result.tried.values())
-    assert 16 in result.tried  # it went all the way to nprobe = nlist before giving up
+    # It gave up at nlist, or once two doublings in a row gained (almost) nothing: the code's ceiling.
+    tried = sorted(result.tried)
+    recalls = [result.tried[value] for value in tried]
+    assert tried[-1] == 16 or max(recalls[-1] - recalls[-2], recalls[-2] - recalls[-3]) < PLATEAU_GAIN + 0.01
 
 
 def test_a_query_finding_itself_is_not_a_hit() -> None:
@@ -121,6 +148,24 @@ def test_smallest_meeting_doubles_then_bisects(threshold: int, high: int, expect
 
     assert smallest_meeting(step, 1, high, 0.5) == expected
     assert len(calls) <= 2 * int(np.log2(high)) + 2
+
+
+def test_smallest_meeting_stops_within_the_ratio_and_at_a_plateau() -> None:
+    calls: list[int] = []
+
+    def rising(value: int) -> float:
+        calls.append(value)
+        return 1.0 if value >= 300 else 0.0
+
+    value, met = smallest_meeting(rising, 1, 4096, 0.5, ratio=1.1)
+    assert met and 300 <= value <= 1.1 * max(v for v in calls if v < 300)
+    assert len(calls) < 2 * int(np.log2(4096))
+
+    def ceiling(value: int) -> float:  # a lossy code: flat at 0.7 from 8 on
+        return min(0.7, 0.1 * value)
+
+    value, met = smallest_meeting(ceiling, 1, 4096, 0.9, plateau=0.002)
+    assert (value, met) == (32, False)  # 8 -> 16 -> 32 gained nothing twice: stop, not 4096
 
 
 def test_result_round_trips_through_json(clustered: np.ndarray) -> None:
