@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +17,11 @@ import pytest
 from image_search.commit_lock import LEASE_KEY, LockBusy, acquire, commit_lock
 from image_search.storage import LocalStore, S3Store
 from tests.conftest import REPO_ROOT
+from tests.living import poll
 from tests.s3_server import S3Server, moto_s3
 
 BUCKET = "lock-tests"
+LONG_LEASE_S = 3.0  # refreshed every second: a long build's lease, scaled down
 HOLD_SCRIPT = """
 import sys
 from image_search.commit_lock import acquire
@@ -81,6 +85,7 @@ def test_a_second_writer_is_told_who_holds_the_s3_lease(s3: S3Server) -> None:
 def test_an_expired_s3_lease_is_taken_over_and_its_old_holder_learns_it(s3: S3Server) -> None:
     store = s3_store(s3, "expired")
     crashed = acquire(store, "crashed builder", lease_s=-1.0)  # as if its holder died long ago
+    crashed.stop_refreshing()  # as a dead holder does
     taker = acquire(store, "new builder")
     with pytest.raises(LockBusy, match="taken"):
         crashed.refresh()
@@ -93,7 +98,7 @@ def test_an_expired_s3_lease_is_taken_over_and_its_old_holder_learns_it(s3: S3Se
 def test_of_many_racing_writers_exactly_one_gets_the_s3_lease(s3: S3Server) -> None:
     store = s3_store(s3, "race")
     crashed = acquire(store, "dead", lease_s=-1.0)
-    del crashed
+    crashed.stop_refreshing()
     winners: list[str] = []
     losers: list[str] = []
     start = threading.Barrier(6)
@@ -114,3 +119,39 @@ def test_of_many_racing_writers_exactly_one_gets_the_s3_lease(s3: S3Server) -> N
         thread.join(timeout=60)
     assert len(winners) == 1 and len(losers) == 5
     assert winners[0] in s3.client().get_object(Bucket=BUCKET, Key=f"race/{LEASE_KEY}")["Body"].read().decode()
+
+
+def lease_on_s3(server: S3Server, prefix: str) -> dict[str, object]:
+    body = server.client().get_object(Bucket=BUCKET, Key=f"{prefix}/{LEASE_KEY}")["Body"].read()
+    return dict(json.loads(body))
+
+
+def test_a_held_s3_lease_is_refreshed_so_a_build_longer_than_it_keeps_it(s3: S3Server) -> None:
+    store = s3_store(s3, "long")
+    lease = acquire(store, "long build", lease_s=LONG_LEASE_S)
+    first_expiry = float(lease_on_s3(s3, "long")["expires_at"])  # type: ignore[arg-type]
+    try:
+        # Held past the lifetime it was created with: its holder's refreshes moved the expiry on.
+        poll(lambda: time.time() > first_expiry + 1.0, 4 * LONG_LEASE_S, "the first expiry passed")
+        assert float(lease_on_s3(s3, "long")["expires_at"]) > time.time()  # type: ignore[arg-type]
+        with pytest.raises(LockBusy, match="long build"):
+            acquire(store, "the Writer")
+        lease.check()
+    finally:
+        lease.release()
+    acquire(store, "the Writer").release()  # released: free at once
+
+
+def test_a_holder_whose_s3_lease_was_taken_over_learns_it_from_check(s3: S3Server) -> None:
+    store = s3_store(s3, "stolen")
+    lease = acquire(store, "slow writer", lease_s=LONG_LEASE_S)
+    try:
+        # Another process overwrites it (as a takeover after missed refreshes would): the next refresh sees it.
+        body = json.dumps({"holder": "the thief", "expires_at": time.time() + 600}).encode()
+        s3.client().put_object(Bucket=BUCKET, Key=f"stolen/{LEASE_KEY}", Body=body)
+        poll(lambda: lease.lost is not None, 4 * LONG_LEASE_S, "the refresher noticing")  # type: ignore[attr-defined]
+        with pytest.raises(LockBusy, match="taken"):
+            lease.check()
+    finally:
+        lease.release()
+    assert lease_on_s3(s3, "stolen")["holder"] == "the thief"  # not deleted by the one that lost it

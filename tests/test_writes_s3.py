@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from image_search.artifact import load_artifact
-from image_search.commit_lock import acquire
+from image_search.commit_lock import LEASE_KEY, acquire
+from image_search.segments import read_pointer
 from image_search.storage import S3Store, StoreError
 from index_builder.cli import main as builder_main
 from serve_app.writes.commit import INTENTS, Committer, keys_under
 from serve_app.writes.errors import WriteFailed, WriterBusy
 from serve_app.writes.plan import Remove
 from tests.builds_without_a_model import fake_build
+from tests.living import poll
 from tests.s3_server import S3Server, moto_s3, upload_folder
 from tests.test_writes_commit import embed, put
 
@@ -88,3 +93,37 @@ def test_on_s3_a_builder_and_the_writer_are_refused_while_the_other_holds_the_le
     finally:
         lease.release()
     assert builder_main(args) == 0
+
+
+class LeaseStolenMidCommit:
+    """The collection store, but the first image write happens after another process took the lease."""
+
+    def __init__(self, inner: S3Store, s3: S3Server, lease_key: str) -> None:
+        self.inner, self.s3, self.lease_key = inner, s3, lease_key
+        self.uri = inner.uri
+        self.committer: Committer | None = None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        assert self.committer is not None and self.committer.lease is not None
+        body = json.dumps({"holder": "a builder that took over", "expires_at": time.time() + 600}).encode()
+        self.s3.client().put_object(Bucket=BUCKET, Key=self.lease_key, Body=body)
+        lease: Any = self.committer.lease
+        poll(lambda: lease.lost is not None, 30, "the Writer's lease refresher noticing the takeover")
+        self.inner.write_bytes(key, data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_writer_whose_s3_lease_was_taken_over_during_a_commit_does_not_publish(s3: S3Server, tmp_path: Path) -> None:
+    images, index = roots(s3, tmp_path, "stolen")
+    before = read_pointer(index)
+    stolen = LeaseStolenMidCommit(images, s3, f"stolen/index/{LEASE_KEY}")
+    # A short lease (refreshed about every second): a commit is longer than that here.
+    writer = Committer(index, lambda version: stolen, embed, "the Writer", lock_wait_s=0, lock_lease_s=3)
+    stolen.committer = writer
+    with pytest.raises(WriterBusy, match="taken by another writer"):
+        writer.commit([put("late.jpg", b"late")])
+    assert read_pointer(index) == before  # CURRENT untouched: the new holder's alone
+    assert "took over" in s3.client().get_object(Bucket=BUCKET, Key=f"stolen/index/{LEASE_KEY}")["Body"].read().decode()
+    assert len(keys_under(index, INTENTS)) == 1  # the next commit under the lease reconciles it

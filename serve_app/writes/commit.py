@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from image_search.artifact import RetentionPolicy, new_version_name, prune
-from image_search.commit_lock import LockBusy, acquire
+from image_search.commit_lock import Lease, LockBusy, acquire
 from image_search.errors import ArtifactError
 from image_search.manifest import ImageRecord
 from image_search.segments import (
@@ -180,6 +180,7 @@ class Committer:
         self.after_publish = after_publish  # compaction, when the merge policy calls for it
         self.state: LiveState | None = None  # the live state of `self.state.version`, kept across batches
         self.records: dict[str, tuple[ImageRecord, ...]] = {}  # per segment (segments never change)
+        self.lease: Lease | None = None  # held during a commit, recovery or maintenance
 
     # --- entry points -----------------------------------------------------------------------------
 
@@ -235,11 +236,12 @@ class Committer:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        lease = acquire(self.index, self.holder, self.lock_wait_s, self.lock_lease_s)
+        self.lease = acquire(self.index, self.holder, self.lock_wait_s, self.lock_lease_s)
         try:
             yield
         finally:
-            lease.release()
+            self.lease.release()
+            self.lease = None
 
     def _base(self) -> Version:
         base = read_current_version(self.index)
@@ -310,6 +312,8 @@ class Committer:
             overrides=[record for record in base.overrides if record.id not in rewritten],
             next_id=plan.state.next_id,
         )
+        if self.lease is not None:
+            self.lease.check()  # an S3 lease lost to another writer (refreshes failed): never write CURRENT
         commit_version(self.index, version)
         state = plan.state
         for key, segment_name in segment_names.items():
