@@ -225,12 +225,55 @@ def _identity(store: Store, name: str) -> Hashable | None:
         return None
 
 
-def prune(store: Store, current: str, policy: RetentionPolicy, now: float) -> tuple[list[str], list[str]]:
-    """Delete what retention allows: (versions, segments) deleted; every failure is a logged warning."""
+@dataclass(frozen=True)
+class VersionFacts:
+    """What retention reads of one version file: its model identity and the segments it names."""
+
+    identity: Hashable | None
+    segment_names: tuple[str, ...] | None  # None: not a readable format-3 version file
+
+
+class VersionFactsCache:
+    """Version files never change once written, so a process that prunes often (the Writer, every few
+    seconds) reads each one once instead of every version on every prune."""
+
+    def __init__(self) -> None:
+        self.facts: dict[tuple[str, str], VersionFacts] = {}
+
+    def get(self, store: Store, name: str) -> VersionFacts:
+        key = (store.uri, name)
+        found = self.facts.get(key)
+        if found is None:
+            found = _version_facts(store, name)
+            if found.identity is not None and found.segment_names is not None:  # unreadable: try again next time
+                self.facts[key] = found
+        return found
+
+    def forget(self, store: Store, names: Iterable[str]) -> None:
+        for name in names:
+            self.facts.pop((store.uri, name), None)
+
+
+def _version_facts(store: Store, name: str) -> VersionFacts:
+    identity = _identity(store, name)
+    try:
+        names = read_version(store, name).segment_names if store.exists(f"{VERSIONS}/{name}/{VERSION_FILE}") else ()
+    except Exception as exc:
+        logger.warning("cannot read kept version %s at %s: %s", name, store.uri, exc)
+        return VersionFacts(identity, None)
+    return VersionFacts(identity, names)
+
+
+def prune(
+    store: Store, current: str, policy: RetentionPolicy, now: float, facts: VersionFactsCache | None = None
+) -> tuple[list[str], list[str]]:
+    """Delete what retention allows: (versions, segments) deleted; every failure is a logged warning.
+    `facts`: a cache of what was read of version files, kept across calls by a process that prunes often."""
+    facts = facts or VersionFactsCache()
     try:
         keys = list(store.iter_keys())
         versions = list_versions(store, keys)
-        identities = {v.name: ident for v in versions if (ident := _identity(store, v.name)) is not None}
+        identities = {v.name: ident for v in versions if (ident := facts.get(store, v.name).identity) is not None}
         parent = read_version(store, current).parent if f"{VERSIONS}/{current}/{VERSION_FILE}" in keys else None
         doomed = versions_to_delete(versions, current, now, policy, identities, parent)
     except Exception as exc:  # a listing error must not fail a build that has published
@@ -243,15 +286,17 @@ def prune(store: Store, current: str, policy: RetentionPolicy, now: float) -> tu
             deleted.append(name)
         except Exception as exc:
             logger.warning("could not delete old index version %s at %s: %s", name, store.uri, exc)
+    facts.forget(store, deleted)
+    version_files = {k for k in keys if k.endswith(f"/{VERSION_FILE}")}
     referenced: set[str] = set()
     for info in versions:
-        if info.name in deleted or not any(k.startswith(f"{VERSIONS}/{info.name}/{VERSION_FILE}") for k in keys):
+        if info.name in deleted or f"{VERSIONS}/{info.name}/{VERSION_FILE}" not in version_files:
             continue
-        try:
-            referenced.update(read_version(store, info.name).segment_names)
-        except Exception as exc:
-            logger.warning("cannot read kept version %s at %s: no segment is deleted (%s)", info.name, store.uri, exc)
+        names = facts.get(store, info.name).segment_names
+        if names is None:
+            logger.warning("kept version %s at %s is unreadable: no segment is deleted", info.name, store.uri)
             return deleted, []
+        referenced.update(names)
     deleted_segments = []
     for name in segments_to_delete(_folders_under(keys, SEGMENTS), referenced, now, policy):
         try:

@@ -111,6 +111,11 @@ class WritesOptions(BaseModel):
     # before answering 503 writer_busy; the S3 lease's lifetime (a dead holder blocks others this long).
     lock_wait_s: float = Field(default=10.0, ge=0, le=600)
     lock_lease_s: float = Field(default=60.0, ge=5, le=3600)
+    # How long versions retired by later commits are kept (image_search/artifact.py, retention). Every
+    # write commit publishes a version, so the builder's 24 h would keep tens of thousands under steady
+    # writes. Replicas follow CURRENT within reload_interval_s (at most 30 s) and restart on it, hence
+    # the floor; the keep-newest and newest-of-each-model rules still apply.
+    retention_s: float = Field(default=3600.0, ge=120, le=30 * 24 * 3600)
 
 
 class AppArgs(BaseModel):

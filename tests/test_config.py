@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import DEFAULT_RELOAD_INTERVAL_S, AppArgs
+from serve_app.config import DEFAULT_RELOAD_INTERVAL_S, AppArgs, WritesOptions
 
 
 @pytest.mark.parametrize("interval", [0, -1, 30.5])
@@ -18,3 +18,10 @@ def test_following_cannot_be_turned_off_or_slowed_past_what_retention_relies_on(
 def test_a_publish_is_picked_up_within_about_a_second_by_default() -> None:
     assert AppArgs().reload_interval_s == DEFAULT_RELOAD_INTERVAL_S <= 1.0
     assert AppArgs.model_validate({"reload_interval_s": 30}).reload_interval_s == 30
+
+
+def test_the_writer_keeps_retired_versions_an_hour_by_default_and_never_less_than_replicas_need() -> None:
+    assert WritesOptions().retention_s == 3600.0
+    assert WritesOptions(retention_s=120).retention_s == 120.0
+    with pytest.raises(ValidationError, match="retention_s"):
+        WritesOptions(retention_s=119)

@@ -12,6 +12,7 @@ import pytest
 from image_search.artifact import (
     POINTER,
     RetentionPolicy,
+    VersionFactsCache,
     VersionInfo,
     list_versions,
     new_version_name,
@@ -191,3 +192,35 @@ def test_a_failing_delete_is_a_warning_and_the_build_is_published(
     assert f"could not delete old index version {names[0]}" in caplog.text
     assert prune_versions(inner, names[-1], policy, now=1_700_000_020.0) == [names[0]]
     assert segments[0] not in segment_folders(tmp_path / "out")  # its only version is gone now
+
+
+class CountingStore(LocalStore):
+    """A real local store that counts reads of version files."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.version_reads: list[str] = []
+
+    def read_bytes(self, key: str) -> bytes:
+        if key.endswith("/version.json"):
+            self.version_reads.append(key)
+        return super().read_bytes(key)
+
+
+def test_a_kept_facts_cache_reads_each_version_file_once_across_prunes(tmp_path: Path) -> None:
+    """The Writer prunes every few seconds: with its cache, a prune reads only version files it has not seen
+    (CURRENT's own, for its parent, excepted), and deletes by the same rule as without it."""
+    store = CountingStore(tmp_path / "out")
+    keep_all = RetentionPolicy(retention_s=10 * DAY, keep_versions=100, segment_grace_s=0)
+    names, _segments, _base = publish_versions(store, 6, 1_700_000_000.0, HOUR, keep_all)
+    facts = VersionFactsCache()
+    prune(store, names[-1], keep_all, now=1_700_100_000.0, facts=facts)
+    store.version_reads.clear()
+    prune(store, names[-1], keep_all, now=1_700_100_000.0, facts=facts)
+    assert store.version_reads == [f"versions/{names[-1]}/version.json"]  # the parent of CURRENT only
+    strict = RetentionPolicy(retention_s=0, keep_versions=2, segment_grace_s=0)
+    uncached = CountingStore(tmp_path / "out")
+    assert prune(store, names[-1], strict, now=1_700_100_000.0, facts=facts)[0] == names[:4]
+    assert prune(uncached, names[-1], strict, now=1_700_100_000.0) == ([], [])  # nothing left to delete
+    assert set(list_versions(store)) == set(list_versions(uncached))
+    assert {info.name for info in list_versions(store)} == set(names[4:])

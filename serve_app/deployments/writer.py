@@ -37,11 +37,16 @@ from serve_app.writes.plan import Op, Outcome
 logger = logging.getLogger("ray.serve")
 
 
-def compact_if_due(index: Store, version: Version, max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY) -> Version | None:
+def compact_if_due(
+    index: Store,
+    version: Version,
+    max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY,
+    retention: RetentionPolicy | None = None,
+) -> Version | None:
     """The builder's compaction (same merge policy, same publish, same index budget), run between write batches."""
     from index_builder.build import compact
 
-    return compact(index, version, RetentionPolicy(), MergePolicy(), max_index_memory=max_index_memory)
+    return compact(index, version, retention or RetentionPolicy(), MergePolicy(), max_index_memory=max_index_memory)
 
 
 @serve.deployment(
@@ -63,6 +68,7 @@ class Writer:
         self.index = open_store(index_root)
         self.image_stores: dict[str, Store] = {}
         options = args.writes
+        retention = RetentionPolicy(retention_s=options.retention_s)
         self.committer = Committer(
             self.index,
             self._images_for,
@@ -70,7 +76,10 @@ class Writer:
             holder_name(f"the Writer of {serve.get_replica_context().app_name}"),
             options.lock_wait_s,
             options.lock_lease_s,
-            after_publish=functools.partial(compact_if_due, max_index_memory=args.max_index_memory),
+            retention=retention,
+            after_publish=functools.partial(
+                compact_if_due, max_index_memory=args.max_index_memory, retention=retention
+            ),
         )
         self.group = GroupCommit(self.committer.commit, options.max_batch_ops, self.committer.maintain)
         try:

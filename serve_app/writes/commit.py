@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_search.artifact import RetentionPolicy, new_version_name, prune
+from image_search.artifact import RetentionPolicy, VersionFactsCache, new_version_name, prune
 from image_search.commit_lock import Lease, LockBusy, acquire
 from image_search.errors import ArtifactError
 from image_search.manifest import ImageRecord
@@ -177,6 +177,7 @@ class Committer:
         self.lock_wait_s = lock_wait_s
         self.lock_lease_s = lock_lease_s
         self.retention = retention or RetentionPolicy()
+        self.version_facts = VersionFactsCache()  # maintain() prunes every few seconds: read each version once
         self.after_publish = after_publish  # compaction, when the merge policy calls for it
         self.state: LiveState | None = None  # the live state of `self.state.version`, kept across batches
         self.records: dict[str, tuple[ImageRecord, ...]] = {}  # per segment (segments never change)
@@ -214,7 +215,7 @@ class Committer:
             base = self._base()
             if self.after_publish is not None and self.after_publish(self.index, base) is not None:
                 self.state = None  # segments merged: the per-key segment names changed
-            prune(self.index, read_pointer(self.index) or base.name, self.retention, time.time())
+            prune(self.index, read_pointer(self.index) or base.name, self.retention, time.time(), self.version_facts)
 
     # --- the steps --------------------------------------------------------------------------------
 
