@@ -136,6 +136,14 @@ def interleaved(configurations: dict[str, list], queries: np.ndarray) -> dict[st
     return times
 
 
+class Rows(list):  # type: ignore[type-arg]
+    """The table's rows, each also printed as it is measured (a long run shows what it has so far)."""
+
+    def append(self, row: list[object]) -> None:
+        print("  ", " | ".join(str(cell) for cell in row), flush=True)
+        super().append(row)
+
+
 def run(n: int, query_count: int, data: str, mid: int) -> None:
     print(f"publish_at_scale: n={n}, dim {DIM}, {data} vectors; {machine_note()}", flush=True)
     rng = np.random.default_rng(0)
@@ -143,7 +151,7 @@ def run(n: int, query_count: int, data: str, mid: int) -> None:
     vectors = draw(n)
     ids = np.arange(n, dtype=np.int64)
     spec = choose_index_spec(n, DIM)
-    rows: list[list[object]] = []
+    rows = Rows()
     with tempfile.TemporaryDirectory(prefix="publish-at-scale-") as work:
         root = Path(work)
         store = CountingStore(root / "index")

@@ -56,6 +56,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from image_search.faiss_index import raise_quantizer_ef_search
 from image_search.index_spec import IndexSpec
 
 DEFAULT_K = 10
@@ -130,6 +131,8 @@ def set_knob(index: faiss.Index, param: str, value: int) -> None:
     """Set nprobe / efSearch through any IDMap or pre-transform wrapper."""
     name = {"nprobe": "nprobe", "ef_search": "efSearch"}[param]
     faiss.ParameterSpace().set_index_parameter(index, name, value)
+    if param == "nprobe":
+        raise_quantizer_ef_search(index, value)
 
 
 class HeldOutSample:

@@ -191,3 +191,14 @@ def test_tuned_params_replace_the_starting_knob(clustered: np.ndarray) -> None:
         ).params
         == {}
     )
+
+
+def test_an_hnsw_coarse_quantizer_searches_at_least_nprobe_lists(clustered: np.ndarray) -> None:
+    """With FAISS's default quantizer efSearch (16) recall plateaus below what nprobe should give."""
+    index = build_faiss_index(clustered, IndexSpec("IVF256_HNSW32,Flat"))
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    set_knob(index, "nprobe", 128)
+    assert quantizer.hnsw.efSearch >= 128
+    sample = HeldOutSample(clustered, np.arange(len(clustered)), k=10, count=200)
+    _, found = index.search(sample.queries, 11)
+    assert sample.recall(found) >= 0.99  # half the lists probed, and the quantizer finds them
