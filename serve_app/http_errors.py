@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -116,6 +117,11 @@ class InternalErrorMiddleware:
             if not tracker.started:
                 body = error_body("client_closed", "The client closed the connection.")
                 await JSONResponse(body, status_code=CLIENT_CLOSED_STATUS)(scope, receive, send)
+        except asyncio.CancelledError:
+            # Serve cancels a request whose client went away (or that ran past request_timeout_s); which of
+            # the two races the body read above, so a client leaving mid-upload may end here instead.
+            logger.info("request cancelled: the client closed the connection or it timed out: %s", scope.get("path"))
+            raise
         except Exception as exc:
             if tracker.started:  # headers are out: nothing sensible can follow; let the server close it
                 raise

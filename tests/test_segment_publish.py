@@ -310,9 +310,10 @@ def test_compaction_into_an_ivf_segment_reuses_the_largest_segments_centroids(
     from image_search.faiss_index import ivf_centroids
     from image_search.index_spec import IndexSpec
 
-    monkeypatch.setattr(
-        index_builder.build, "choose_segment_index_spec", lambda n, total, d: IndexSpec("IVF16,Flat", {"nprobe": 16})
-    )
+    def small_ivf(n: int, total: int, d: int, **options: object) -> IndexSpec:
+        return IndexSpec("IVF16,Flat", {"nprobe": 16})
+
+    monkeypatch.setattr(index_builder.build, "choose_segment_index_spec", small_ivf)
     images, root = tmp_path / "images", tmp_path / "index"
     store = LocalStore(root)
     write_files(images, [f"a{i:04d}.jpg" for i in range(1200)])
