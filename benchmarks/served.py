@@ -57,6 +57,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -600,20 +601,22 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         client = _get_global_client()
         variants = {f"max_batch_size {args.batch}": args.batch, "max_batch_size 1": 1}
+        # The app's config differs between deploys only in the Embedder's max_batch_size.
+        config_for = partial(
+            deploy_config,
+            model_dir,
+            index_dir,
+            port,
+            embedder_threads=args.embedder_threads,
+            omp_wait_policy=args.omp_wait_policy,
+            batch_wait_s=args.batch_wait,
+            precision=args.precision,
+            env_vars=env_vars,
+        )
         started = time.monotonic()
         apply(
             client,
-            deploy_config(
-                model_dir,
-                index_dir,
-                port,
-                args.batch,
-                args.embedder_threads,
-                args.omp_wait_policy,
-                args.batch_wait,
-                args.precision,
-                env_vars,
-            ),
+            config_for(args.batch),
         )
         asyncio.run(wait_ready(base_url))
         print(f"deployed in {time.monotonic() - started:.0f}s", flush=True)
@@ -635,17 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 apply(
                     client,
-                    deploy_config(
-                        model_dir,
-                        index_dir,
-                        port,
-                        variants[name],
-                        args.embedder_threads,
-                        args.omp_wait_policy,
-                        args.batch_wait,
-                        args.precision,
-                        env_vars,
-                    ),
+                    config_for(variants[name]),
                 )
                 asyncio.run(wait_ready(base_url))
                 for clients in levels_run:
@@ -685,17 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_text:
             apply(
                 client,
-                deploy_config(
-                    model_dir,
-                    index_dir,
-                    port,
-                    args.batch,
-                    args.embedder_threads,
-                    args.omp_wait_policy,
-                    args.batch_wait,
-                    args.precision,
-                    env_vars,
-                ),
+                config_for(args.batch),
             )
             asyncio.run(wait_ready(base_url))
             run_text_rows(base_url, embedder, model_dir, rounds, duration, warmup)

@@ -17,9 +17,9 @@ from image_search.commit_lock import LockBusy, commit_lock, holder_name
 from image_search.index_planner import DEFAULT_MAX_INDEX_MEMORY, parse_byte_size
 from image_search.precision import PRECISIONS
 from image_search.storage import StoreError, is_s3_uri, open_store
-from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection, plan_build
+from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection
 from index_builder.diff import DEFAULT_MAX_REMOVED_SHARE
-from index_builder.options import announce, check_removals, retention_policy, trusted_stat_only
+from index_builder.options import plan_from_args
 
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a SIGINT
 
@@ -130,18 +130,7 @@ def run_local(args: argparse.Namespace) -> BuildReport:
         preprocessing=encoder.spec.to_dict(),
         precision=encoder.precision,  # what runs: "auto" resolved
     )
-    # From here on every file is read after this moment: stamps newer than it cannot be trusted.
-    collection = trusted_stat_only(collection)
-    plan = plan_build(
-        collection,
-        model,
-        full=args.full,
-        retention=retention_policy(args),
-        compact=args.compact,
-        max_index_memory=args.max_index_memory,
-    )
-    check_removals(plan, args)
-    announce(plan)
+    plan = plan_from_args(collection, model, args)
     keys = list(plan.diff.to_embed)
     # Nothing to embed: no progress bar (an empty one reads like a stall).
     with tqdm(total=len(keys), unit="img", disable=args.quiet or not keys, file=sys.stderr) as progress:

@@ -1,5 +1,6 @@
 """What both engines do with the command line's answers around a build: retention, the removal
-guard, trusting stat data, and the lines printed about the plan. (cli.py parses the command line
+guard, trusting stat data, and the lines printed about the plan; `plan_from_args` is those steps
+in the order both engines take them. (cli.py parses the command line
 and picks an engine; the engines import this module, never cli.py.)"""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import time
 
 from image_search.artifact import RetentionPolicy
 from image_search.storage import mtime_margin_ns
-from index_builder.build import BuildError, BuildPlan, Collection
+from index_builder.build import BuildError, BuildPlan, Collection, ModelInfo, plan_build
 from index_builder.diff import distrust_fresh_mtimes, removal_refusal
 
 
@@ -42,3 +43,20 @@ def check_removals(plan: BuildPlan, args: argparse.Namespace) -> None:
 def announce(plan: BuildPlan) -> None:
     if plan.full_reason is not None:
         print(f"full rebuild of {len(plan.collection.entries)} images: {plan.full_reason}")
+
+
+def plan_from_args(collection: Collection, model: ModelInfo, args: argparse.Namespace) -> BuildPlan:
+    """The build plan the command line asks for, refused (BuildError) past the removal guard and
+    announced. Called once the model is known: every file is read after this moment, so stamps newer
+    than it cannot be trusted."""
+    plan = plan_build(
+        trusted_stat_only(collection),
+        model,
+        full=args.full,
+        retention=retention_policy(args),
+        compact=args.compact,
+        max_index_memory=args.max_index_memory,
+    )
+    check_removals(plan, args)
+    announce(plan)
+    return plan

@@ -32,7 +32,7 @@ from image_search.manifest import ImageRecord
 from image_search.precision import ResolvedPrecision, host_cpu_flags, resolve_precision
 from image_search.preprocessing import PreprocessSpec, pixels_from_bytes
 from image_search.storage import LocalStore, S3Store, Store
-from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection, plan_build
+from index_builder.build import BuildError, BuildReport, ModelInfo, finish_build, open_collection
 
 Batch = dict[str, np.ndarray]
 
@@ -185,7 +185,7 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
     import ray.data
     from ray.exceptions import RayError, UserCodeException
 
-    from index_builder.options import announce, check_removals, retention_policy, trusted_stat_only
+    from index_builder.options import plan_from_args
 
     started = time.perf_counter()
     collection = open_collection(args.images, args.out)
@@ -202,18 +202,7 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         device, gpus, precision = plan_device(args.device, args.precision, cluster_gpus, host_cpu_flags())
         model = driver_model_info(args.model, precision)
-        # From here on every file is read after this moment: stamps newer than it cannot be trusted.
-        collection = trusted_stat_only(collection)
-        plan = plan_build(
-            collection,
-            model,
-            full=args.full,
-            retention=retention_policy(args),
-            compact=args.compact,
-            max_index_memory=args.max_index_memory,
-        )
-        check_removals(plan, args)
-        announce(plan)
+        plan = plan_from_args(collection, model, args)
         keys = list(plan.diff.to_embed)
         if not keys:  # nothing to embed
             empty = np.zeros((0, model.embedding_dim), dtype=np.float32)
