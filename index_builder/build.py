@@ -37,6 +37,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -153,6 +154,9 @@ class BuildPlan:
     merge_policy: MergePolicy = field(default_factory=MergePolicy)
     # --max-index-memory: the planner's budget for each segment's index (image_search/index_planner.py).
     max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY
+    # Called right before each CURRENT write (the publish and a compaction): the commit lock's
+    # `check`, so a builder whose S3 lease was taken over (its refreshes failed) never publishes.
+    before_commit: Callable[[], None] | None = None
 
 
 @dataclass
@@ -370,10 +374,12 @@ def finish_build(
             )
         final = previous  # --compact with nothing changed: only the compaction is published
     else:
-        publish(out, changed_version, plan.retention, before_pointer=lambda: checkpoint("version-written"))
+        publish(out, changed_version, plan.retention, before_pointer=guarded("version-written", plan.before_commit))
         checkpoint("published")
         final = changed_version
-    compacted = compact(out, final, plan.retention, plan.merge_policy, plan.compact, plan.max_index_memory)
+    compacted = compact(
+        out, final, plan.retention, plan.merge_policy, plan.compact, plan.max_index_memory, plan.before_commit
+    )
     if compacted is not None:
         final = compacted
     return BuildReport(
@@ -445,6 +451,18 @@ def reusable_centroids(
     return ivf_centroids(open_segment_index(out, largest, cache))
 
 
+def guarded(point: str, before_commit: Callable[[], None] | None) -> Callable[[], None]:
+    """What runs between a version file's write and CURRENT's: the kill tests' checkpoint, then the
+    lease check (LockBusy: the version file stays unreferenced, CURRENT unchanged)."""
+
+    def before_pointer() -> None:
+        checkpoint(point)
+        if before_commit is not None:
+            before_commit()
+
+    return before_pointer
+
+
 def compact(
     out: Store,
     version: Version,
@@ -452,8 +470,10 @@ def compact(
     policy: MergePolicy,
     force: bool = False,
     max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY,
+    before_commit: Callable[[], None] | None = None,
 ) -> Version | None:
     """Merge what the policy (or `force`: everything) calls for and publish it; the new version, or None.
+    `before_commit` runs right before CURRENT is written (the holder's lease check).
 
     Ids, records and live vectors are unchanged; dead vectors are dropped; overrides are folded into the
     merged segment's records. Reads the chosen segments' raw vectors (an S3 store: downloaded into a
@@ -520,5 +540,5 @@ def compact(
         drop=[name for group in groups for name in group],
         overrides=[r for r in version.overrides if r.id not in folded],
     )
-    publish(out, compacted, retention, before_pointer=lambda: checkpoint("compaction-version-written"))
+    publish(out, compacted, retention, before_pointer=guarded("compaction-version-written", before_commit))
     return compacted

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from image_search.artifact import DEFAULT_KEEP_VERSIONS, DEFAULT_RETENTION_S
 from image_search.checkpoints import DEFAULT_MODEL
@@ -107,7 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_local(args: argparse.Namespace) -> BuildReport:
+def run_local(args: argparse.Namespace, before_commit: Callable[[], None] | None = None) -> BuildReport:
     from tqdm import tqdm
 
     from image_search.encoder import ClipImageEncoder, ModelLoadError
@@ -130,7 +130,7 @@ def run_local(args: argparse.Namespace) -> BuildReport:
         preprocessing=encoder.spec.to_dict(),
         precision=encoder.precision,  # what runs: "auto" resolved
     )
-    plan = plan_from_args(collection, model, args)
+    plan = plan_from_args(collection, model, args, before_commit)
     keys = list(plan.diff.to_embed)
     # Nothing to embed: no progress bar (an empty one reads like a stall).
     with tqdm(total=len(keys), unit="img", disable=args.quiet or not keys, file=sys.stderr) as progress:
@@ -154,13 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_source(args.images)
         # One writer per index: planning, ids and CURRENT are this build's alone until it is done
         # (the service's Writer takes the same lock for each commit).
-        with commit_lock(open_store(args.out), holder_name("index_builder"), wait_s=args.lock_wait_s):
+        # lease.check before each CURRENT write: a lease lost to another writer (S3 refreshes that
+        # failed for longer than the lease) refuses the publish instead of racing that writer.
+        with commit_lock(open_store(args.out), holder_name("index_builder"), wait_s=args.lock_wait_s) as lease:
             if args.engine == "ray":
                 from index_builder.ray_engine import run_ray
 
-                report = run_ray(args)
+                report = run_ray(args, lease.check)
             else:
-                report = run_local(args)
+                report = run_local(args, lease.check)
     except (BuildError, StoreError, LockBusy) as exc:
         print(f"index_builder: error: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 from image_search.artifact import RetentionPolicy
 from image_search.storage import mtime_margin_ns
@@ -21,8 +23,6 @@ def retention_policy(args: argparse.Namespace) -> RetentionPolicy:
 def trusted_stat_only(collection: Collection) -> Collection:
     """The collection as a build that reads its files from now on may record it: stamps too fresh
     to rule out a same-size rewrite within their tick are forgotten (index_builder.diff)."""
-    from dataclasses import replace
-
     entries = distrust_fresh_mtimes(collection.entries, time.time_ns(), mtime_margin_ns(collection.source))
     return replace(collection, entries=entries)
 
@@ -45,10 +45,15 @@ def announce(plan: BuildPlan) -> None:
         print(f"full rebuild of {len(plan.collection.entries)} images: {plan.full_reason}")
 
 
-def plan_from_args(collection: Collection, model: ModelInfo, args: argparse.Namespace) -> BuildPlan:
+def plan_from_args(
+    collection: Collection,
+    model: ModelInfo,
+    args: argparse.Namespace,
+    before_commit: Callable[[], None] | None = None,
+) -> BuildPlan:
     """The build plan the command line asks for, refused (BuildError) past the removal guard and
-    announced. Called once the model is known: every file is read after this moment, so stamps newer
-    than it cannot be trusted."""
+    announced; `before_commit` (the commit lock's check) runs before each CURRENT write. Called once
+    the model is known: every file is read after this moment, so stamps newer than it cannot be trusted."""
     plan = plan_build(
         trusted_stat_only(collection),
         model,
@@ -59,4 +64,4 @@ def plan_from_args(collection: Collection, model: ModelInfo, args: argparse.Name
     )
     check_removals(plan, args)
     announce(plan)
-    return plan
+    return replace(plan, before_commit=before_commit)

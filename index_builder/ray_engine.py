@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -180,7 +181,7 @@ def collect(batches: Any) -> tuple[list[ImageRecord], np.ndarray, list[tuple[str
     return records, vectors, skipped, next(iter(fingerprints), "")
 
 
-def run_ray(args: argparse.Namespace) -> BuildReport:
+def run_ray(args: argparse.Namespace, before_commit: Callable[[], None] | None = None) -> BuildReport:
     import ray
     import ray.data
     from ray.exceptions import RayError, UserCodeException
@@ -202,7 +203,7 @@ def run_ray(args: argparse.Namespace) -> BuildReport:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         device, gpus, precision = plan_device(args.device, args.precision, cluster_gpus, host_cpu_flags())
         model = driver_model_info(args.model, precision)
-        plan = plan_from_args(collection, model, args)
+        plan = plan_from_args(collection, model, args, before_commit)
         keys = list(plan.diff.to_embed)
         if not keys:  # nothing to embed
             empty = np.zeros((0, model.embedding_dim), dtype=np.float32)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def fake_build(
     retention: RetentionPolicy | None = None,
     out_store: Store | None = None,
     max_index_memory: int | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> BuildReport:
     collection = open_collection(str(images), str(out))
     if out_store is not None:
@@ -48,6 +50,7 @@ def fake_build(
     plan = plan_build(
         collection, MODEL, full=full, compact=compact, merge_policy=merge_policy, retention=retention, **budget
     )
+    plan = replace(plan, before_commit=before_commit)
     records, vectors = [], []
     for key in plan.diff.to_embed:
         data = collection.source.read_bytes(key)

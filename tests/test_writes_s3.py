@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from image_search.artifact import load_artifact
-from image_search.commit_lock import LEASE_KEY, acquire
+from image_search.commit_lock import LEASE_KEY, LockBusy, acquire
 from image_search.segments import read_pointer
 from image_search.storage import S3Store, StoreError
 from index_builder.cli import main as builder_main
@@ -127,3 +127,26 @@ def test_a_writer_whose_s3_lease_was_taken_over_during_a_commit_does_not_publish
     assert read_pointer(index) == before  # CURRENT untouched: the new holder's alone
     assert "took over" in s3.client().get_object(Bucket=BUCKET, Key=f"stolen/index/{LEASE_KEY}")["Body"].read().decode()
     assert len(keys_under(index, INTENTS)) == 1  # the next commit under the lease reconciles it
+
+
+def test_a_builder_whose_s3_lease_was_taken_over_does_not_publish(s3: S3Server, tmp_path: Path) -> None:
+    """The builder's lease check runs right before CURRENT (index_builder.build.guarded): a builder
+    whose refreshes lost the lease to another writer leaves CURRENT to that writer."""
+    images, index = roots(s3, tmp_path, "builder-stolen")
+    before = read_pointer(index)
+    s3.client().put_object(Bucket=BUCKET, Key="builder-stolen/images/new.jpg", Body=b"a new image")
+    lease = acquire(index, "index_builder pid 1 on box", lease_s=3)
+    try:
+        body = json.dumps({"holder": "a Writer that took over", "expires_at": time.time() + 600}).encode()
+        s3.client().put_object(Bucket=BUCKET, Key=f"builder-stolen/index/{LEASE_KEY}", Body=body)
+        refreshed: Any = lease  # an S3 lease: its refresher records the loss
+        poll(lambda: refreshed.lost is not None, 30, "the builder's lease refresher noticing the takeover")
+        with pytest.raises(LockBusy, match="taken by another writer"):
+            fake_build(images.uri, index.uri, before_commit=lease.check)
+    finally:
+        lease.release()
+    assert read_pointer(index) == before
+    assert (
+        "took over"
+        in s3.client().get_object(Bucket=BUCKET, Key=f"builder-stolen/index/{LEASE_KEY}")["Body"].read().decode()
+    )

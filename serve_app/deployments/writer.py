@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,11 +42,20 @@ def compact_if_due(
     version: Version,
     max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY,
     retention: RetentionPolicy | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> Version | None:
-    """The builder's compaction (same merge policy, same publish, same index budget), run between write batches."""
+    """The builder's compaction (same merge policy, same publish, same index budget), run between write
+    batches; `before_commit` is the Writer's lease check, run right before CURRENT is written."""
     from index_builder.build import compact
 
-    return compact(index, version, retention or RetentionPolicy(), MergePolicy(), max_index_memory=max_index_memory)
+    return compact(
+        index,
+        version,
+        retention or RetentionPolicy(),
+        MergePolicy(),
+        max_index_memory=max_index_memory,
+        before_commit=before_commit,
+    )
 
 
 @serve.deployment(
@@ -77,6 +86,7 @@ class Writer:
             options.lock_wait_s,
             options.lock_lease_s,
             retention=retention,
+            max_index_memory=args.max_index_memory,
             after_publish=functools.partial(
                 compact_if_due, max_index_memory=args.max_index_memory, retention=retention
             ),

@@ -40,6 +40,8 @@ import numpy as np
 from image_search.artifact import RetentionPolicy, VersionFactsCache, new_version_name, prune
 from image_search.commit_lock import Lease, LockBusy, acquire
 from image_search.errors import ArtifactError
+from image_search.index_planner import DEFAULT_MAX_INDEX_MEMORY
+from image_search.index_spec import choose_segment_index_spec
 from image_search.manifest import ImageRecord
 from image_search.segments import (
     Version,
@@ -168,7 +170,8 @@ class Committer:
         lock_wait_s: float,
         lock_lease_s: float,
         retention: RetentionPolicy | None = None,
-        after_publish: Callable[[Store, Version], Version | None] | None = None,
+        after_publish: Callable[..., Version | None] | None = None,
+        max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY,
     ) -> None:
         self.index = index
         self.images_for = images_for
@@ -178,7 +181,9 @@ class Committer:
         self.lock_lease_s = lock_lease_s
         self.retention = retention or RetentionPolicy()
         self.version_facts = VersionFactsCache()  # maintain() prunes every few seconds: read each version once
-        self.after_publish = after_publish  # compaction, when the merge policy calls for it
+        # Compaction when the merge policy calls for it: (index, version, before_commit=lease check).
+        self.after_publish = after_publish
+        self.max_index_memory = max_index_memory  # the planner's budget for each commit's segment
         self.state: LiveState | None = None  # the live state of `self.state.version`, kept across batches
         self.records: dict[str, tuple[ImageRecord, ...]] = {}  # per segment (segments never change)
         self.lease: Lease | None = None  # held during a commit, recovery or maintenance
@@ -213,11 +218,17 @@ class Committer:
         """Prune old versions and compact when the merge policy says so (between batches, under the lock)."""
         with self._errors_mapped(), self._locked():
             base = self._base()
-            if self.after_publish is not None and self.after_publish(self.index, base) is not None:
+            compact = self.after_publish
+            if compact is not None and compact(self.index, base, before_commit=self._check_lease) is not None:
                 self.state = None  # segments merged: the per-key segment names changed
             prune(self.index, read_pointer(self.index) or base.name, self.retention, time.time(), self.version_facts)
 
     # --- the steps --------------------------------------------------------------------------------
+
+    def _check_lease(self) -> None:
+        """An S3 lease lost to another writer (its refreshes failed): LockBusy, never write CURRENT."""
+        if self.lease is not None:
+            self.lease.check()
 
     @contextmanager
     def _errors_mapped(self) -> Iterator[None]:
@@ -301,7 +312,11 @@ class Committer:
                 for i in keep
             ]
             matrix = np.stack([np.asarray(vectors[i], dtype=np.float32) for i in keep])
-            segment = build_segment(self.index, ids, matrix, records, base.embedding_dim)
+            # The index a segment of this size calls for within the configured budget (as the builder's).
+            spec = choose_segment_index_spec(
+                len(ids), base.live_count + len(ids), base.embedding_dim, max_memory_bytes=self.max_index_memory
+            )
+            segment = build_segment(self.index, ids, matrix, records, base.embedding_dim, spec)
             added.append(segment)
             segment_names = {record.key: segment.name for record in records}
         rewritten = {image_id for image_id, _ in plan.puts.values()} | {i for ids in plan.dead.values() for i in ids}
@@ -313,8 +328,7 @@ class Committer:
             overrides=[record for record in base.overrides if record.id not in rewritten],
             next_id=plan.state.next_id,
         )
-        if self.lease is not None:
-            self.lease.check()  # an S3 lease lost to another writer (refreshes failed): never write CURRENT
+        self._check_lease()
         commit_version(self.index, version)
         state = plan.state
         for key, segment_name in segment_names.items():
