@@ -45,6 +45,7 @@ from benchmarks.clip_like_data import ClipLikeMixture, ClipLikeSampler
 from benchmarks.common import machine_note, percentile, print_table, verdict
 from image_search.artifact import RetentionPolicy, new_version_name
 from image_search.faiss_index import build_faiss_index, ivf_centroids, write_index_file
+from image_search.fp16_scan import Fp16Scan
 from image_search.index_spec import choose_index_spec, choose_segment_index_spec
 from image_search.manifest import ImageRecord
 from image_search.merge_policy import MergePolicy
@@ -214,17 +215,21 @@ def run(n: int, query_count: int, data: str, mid: int) -> None:
         publish_bytes = store.written + (segment.bytes if store.local_path("x") is not None else 0)
         rows.append([f"segment publish (+{ADDED}, ~{CHANGED}, -{REMOVED})", publish_s, publish_bytes / 2**20])
 
+        # As a Searcher holds segments (serve_app/deployments/searcher.py): a small Flat segment gets its
+        # fp16 scan when loaded, so building it is part of the time until the new version is served.
+        scans = {name: Fp16Scan.of(index) for name, index in held.items()}
         started = time.perf_counter()
         served = read_version(store, second.name)
         for info in served.segments:
             if info.name not in held:
                 held[info.name] = open_segment_index(store, info, cache)
-        loaded = [searchable(s.name, held[s.name], served.deleted_ids(s.name)) for s in served.segments]
+                scans[info.name] = Fp16Scan.of(held[info.name])
+        loaded = [searchable(s.name, held[s.name], served.deleted_ids(s.name), scans[s.name]) for s in served.segments]
         swap_s = time.perf_counter() - started
         rows.append(["until a Searcher serves the new version (loads 1 segment)", swap_s, None])
 
         queries = draw(query_count)  # fresh draws from the same mixture, not indexed vectors
-        one = [searchable(big.name, held[big.name], [])]
+        one = [searchable(big.name, held[big.name], [], scans[big.name])]
         max_segments = MergePolicy().max_segments(n)
         extra = []
         next_small = n + ADDED
@@ -232,7 +237,8 @@ def run(n: int, query_count: int, data: str, mid: int) -> None:
             small_ids = np.arange(next_small, next_small + 2 * ADDED)
             next_small += len(small_ids)
             small = build_segment(store, small_ids, draw(len(small_ids)), records_for(small_ids), DIM)
-            extra.append(searchable(small.name, open_segment_index(store, small, cache), []))
+            small_index = open_segment_index(store, small, cache)
+            extra.append(searchable(small.name, small_index, [], Fp16Scan.of(small_index)))
         # The big segment with the change's dead ids, plus small segments the size of one change.
         configurations = {"1 segment": one}
         for count in sorted({1 + len(extra) // 3, 1 + 2 * len(extra) // 3}):
@@ -249,7 +255,11 @@ def run(n: int, query_count: int, data: str, mid: int) -> None:
             built_s = time.perf_counter() - started
             tuned = info.spec.params.get("nprobe")
             name = f"1 + a {mid}-vector {label} segment ({info.spec.factory}{f' nprobe {tuned}' if tuned else ''})"
-            configurations[name] = [loaded[0], searchable(info.name, open_segment_index(store, info, cache), [])]
+            mid_index = open_segment_index(store, info, cache)
+            scan = Fp16Scan.of(mid_index)
+            configurations[name] = [loaded[0], searchable(info.name, mid_index, [], scan)]
+            if scan is not None:  # the same Flat segment scanned in fp32, as before the fp16 scan
+                configurations[f"{name[:-1]}, fp32 scan)"] = [loaded[0], searchable(info.name, mid_index, [])]
             rows.append([f"build the {mid}-vector {label} segment (not a target)", built_s, info.bytes / 2**20])
         times = interleaved(configurations, queries)
         for name, seconds in times.items():

@@ -6,11 +6,13 @@ edited: the live copy is in a newer segment). Each segment is searched for k wit
 vectors and a segment still gives k live results when it has them (a post-filter would return fewer
 than k). The per-segment top-k lists are then merged: highest score first, ties broken by the lower
 id, so the answer does not depend on segment order. On exact (Flat) segments the result equals one
-flat index over the same live vectors.
+flat index over the same live vectors. A small Flat segment given an `Fp16Scan` (image_search/fp16_scan.py)
+is scanned at half the memory traffic and re-scored exactly: the same answer, sooner.
 
 API summary:
-- `SearchableSegment(name, index, deleted)`: one loaded segment; `searchable(name, index, deleted_ids)`
-  builds it (the id selector is built once per segment and version, the search parameters per call,
+- `SearchableSegment(name, index, deleted)`: one loaded segment; `searchable(name, index, deleted_ids,
+  fp16_scan=None)` builds it (a caller that keeps segments across versions builds the `Fp16Scan` once;
+  the id selector is built once per segment and version, the search parameters per call,
   because FAISS's IDMap swaps the selector of the parameters it is given during a search and so a
   parameters object must not be shared by concurrent searches).
 - `search_segments(segments, queries, k) -> (scores (n, k) float32, ids (n, k) int64)`, padded with
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from image_search.fp16_scan import Fp16Scan
+
 MISSING_ID = -1
 
 
@@ -37,6 +41,8 @@ class SearchableSegment:
     selector: faiss.IDSelector | None  # keeps live ids only; None when nothing is dead here
     live_count: int
     keepalive: tuple[object, ...] = ()  # the C++ selector points into these: they live as long as it
+    fp16_scan: Fp16Scan | None = None  # a Flat segment's fp16 copy, scanned first (exact re-score)
+    fp16_selector: faiss.IDSelector | None = None  # the dead rows, by position, for that scan
 
     def search_parameters(self) -> faiss.SearchParameters | None:
         """Fresh parameters for one search call (see the module docstring for why not shared)."""
@@ -55,13 +61,25 @@ class SearchableSegment:
         return params
 
 
-def searchable(name: str, index: faiss.Index, deleted_ids: Sequence[int] | np.ndarray) -> SearchableSegment:
+def searchable(
+    name: str, index: faiss.Index, deleted_ids: Sequence[int] | np.ndarray, fp16_scan: Fp16Scan | None = None
+) -> SearchableSegment:
     deleted = np.unique(np.asarray(deleted_ids, dtype=np.int64))
     if not len(deleted):
-        return SearchableSegment(name, index, deleted, None, int(index.ntotal))
+        return SearchableSegment(name, index, deleted, None, int(index.ntotal), fp16_scan=fp16_scan)
     batch = faiss.IDSelectorBatch(len(deleted), faiss.swig_ptr(deleted))
     selector = faiss.IDSelectorNot(batch)
-    return SearchableSegment(name, index, deleted, selector, int(index.ntotal) - len(deleted), (batch,))
+    fp16_selector, fp16_keepalive = fp16_scan.dead_selector(deleted) if fp16_scan is not None else (None, ())
+    return SearchableSegment(
+        name,
+        index,
+        deleted,
+        selector,
+        int(index.ntotal) - len(deleted),
+        (batch, *fp16_keepalive),
+        fp16_scan,
+        fp16_selector,
+    )
 
 
 def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +115,11 @@ def search_segments(
             continue
         params = segment.search_parameters()
         kk = min(k, segment.live_count)
+        if segment.fp16_scan is not None:
+            parts.append(
+                segment.fp16_scan.search(segment.index, segment.fp16_selector, params, queries, kk, segment.live_count)
+            )
+            continue
         if params is None:
             scores, ids = segment.index.search(queries, kk)
         else:

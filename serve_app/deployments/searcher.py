@@ -37,6 +37,7 @@ from image_search.duplicate_pairs import DuplicatePairs, cross_pairs, duplicate_
 from image_search.errors import IndexUnavailable, StoreUnavailable
 from image_search.faiss_index import apply_search_params
 from image_search.filtered_search import IdFilter, SegmentRows, search_filtered, stored_vectors
+from image_search.fp16_scan import Fp16Scan
 from image_search.segment_search import SearchableSegment, search_segments, searchable
 from image_search.segments import (
     SegmentInfo,
@@ -72,6 +73,7 @@ class LoadedSegment:
     name: str
     index: faiss.Index
     rows: SegmentRows  # ids per row and the raw vectors (filtered exact scans, stored vectors)
+    fp16_scan: Fp16Scan | None = None  # small Flat segments: built once, used by every version
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,13 @@ def load_segment(store: Store, options: SearcherOptions, cache_dir: Path, info: 
     # Row i of vectors.npy is the i-th vector added to the IndexIDMap2: its id_map says under which id.
     ids = faiss.vector_to_array(getattr(faiss.downcast_index(index), "id_map"))  # noqa: B009  (untyped SWIG)
     rows = SegmentRows.of(ids, open_segment_vectors(store, info, cache_dir))
-    return LoadedSegment(info.name, index, rows)
+    return LoadedSegment(info.name, index, rows, Fp16Scan.of(index))
 
 
 def assemble_index(version: Version, segments: Sequence[LoadedSegment]) -> LoadedIndex:
     searchables = tuple(
-        searchable(segment.name, segment.index, version.deleted_ids(segment.name)) for segment in segments
+        searchable(segment.name, segment.index, version.deleted_ids(segment.name), segment.fp16_scan)
+        for segment in segments
     )
     rows = tuple(segment.rows for segment in segments)
     return LoadedIndex(version.name, searchables, version.embedding_dim, version.live_count, rows)
