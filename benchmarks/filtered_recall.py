@@ -4,7 +4,7 @@ plan the planner picks (image_search/filtered_search.py: exact scan of few match
 with an id selector and nprobe raised by 1/selectivity). The segment's own nprobe is tuned first, as
 the service tunes every IVF segment (`--untuned`: the planner's starting value instead).
 
-    .venv/bin/python -m benchmarks.filtered_recall --n 1000000      # the issue's size (~5 min on 2 cores: IVF4096 training, tuning)
+    .venv/bin/python -m benchmarks.filtered_recall --n 1000000      # the issue's size (~5 min on 2 cores)
     .venv/bin/python -m benchmarks.filtered_recall --n 20000 --dim 64 --queries 50   # a quick check
 """
 
