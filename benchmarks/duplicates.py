@@ -7,14 +7,16 @@ The collection: CLIP-like vectors (benchmarks/clip_like_data.py; two different i
 sit below cosine ~0.9) with planted duplicates: `--copies` of the rows are exact copies of another
 row (the same file twice), `--near` are re-encodings (the vector of another row plus noise, cosine
 0.96-0.995 to it). Indexed as the service would at this size (`choose_segment_index_spec`: one Flat
-segment up to 100k, so the scan is exact), optionally split into `--segments` segments (IVF ones
-of a larger collection get their nprobe tuned as the service's are).
+segment up to 100k), optionally split into `--segments` segments (IVF ones of a larger collection
+get their nprobe tuned as the service's are). Above `EXACT_PAIRS_MAX_ROWS` live vectors the scan
+runs on duplicate_pairs' temporary coarse IVF-SQ8, so it is approximate: what it misses is measured.
 
 Reported: seconds and peak memory (RSS sampled every 20 ms, above what the process held before) of
 `duplicate_pairs` with the service's bounds (`MAX_DUPLICATE_PAIRS`, `MAX_DUPLICATE_SECONDS`, or
 `--max-seconds`), whether it completed, pairs and groups found, the share of planted pairs found,
-and the exactness check: for `--check-rows` random rows, every pair brute force finds (numpy matrix
-product) must be among the pairs found. The baseline is that brute force's time per row, times n.
+and the recall check: for `--check-rows` random rows, the share of the pairs brute force finds (numpy
+matrix product) that are among the pairs found (every pair found is checked on the stored vectors,
+so none is false). The baseline is that brute force's time per row, times n.
 
     .venv/bin/python -m benchmarks.duplicates [--n 100000] [--threshold 0.95] [--segments 1]
 """
@@ -30,7 +32,12 @@ import numpy as np
 
 from benchmarks.clip_like_data import ClipLikeMixture, ClipLikeSampler
 from benchmarks.common import machine_note, print_table, verdict
-from image_search.duplicate_pairs import MAX_DUPLICATE_PAIRS, MAX_DUPLICATE_SECONDS, duplicate_pairs
+from image_search.duplicate_pairs import (
+    EXACT_PAIRS_MAX_ROWS,
+    MAX_DUPLICATE_PAIRS,
+    MAX_DUPLICATE_SECONDS,
+    duplicate_pairs,
+)
 from image_search.faiss_index import build_faiss_index
 from image_search.filtered_search import SegmentRows
 from image_search.index_spec import choose_segment_index_spec
@@ -39,7 +46,7 @@ from image_search.segments import tune_segment
 from serve_app.queries.duplicate_groups import group_pairs
 
 CHECK_BLOCK = 512
-PLANTED_FOUND_TARGET = 1.0  # exact segments: every planted pair above the threshold is found
+FOUND_TARGET = 0.99  # share of planted / brute-force pairs found (1.0 where the scan is exact)
 
 
 def rss_bytes() -> int:
@@ -132,6 +139,7 @@ def main() -> None:
         rows.append(SegmentRows.of(part, vectors[part]))
     build_s = time.perf_counter() - started
 
+    scan_kind = "coarse IVF-SQ8, pairs checked exactly" if args.n > EXACT_PAIRS_MAX_ROWS else "segment indexes"
     print("duplicate_pairs ...", flush=True)
     with PeakRss() as memory:
         started = time.perf_counter()
@@ -149,6 +157,7 @@ def main() -> None:
     brute_estimate_s = brute_s * args.n / len(check)
     found_set = set(map(tuple, found.pairs.tolist()))
     missed = len(truth - found_set)
+    recall = 1.0 - missed / max(1, len(truth))
     planted_above = [
         (int(a), int(b)) for a, b in planted if float(vectors[a] @ vectors[b]) >= args.threshold
     ]  # a re-encoding can fall just below the threshold
@@ -156,18 +165,24 @@ def main() -> None:
 
     rows_out: list[list[object]] = [
         [f"build {args.segments} segment(s) ({', '.join(sorted(factories))}, not a target)", build_s, None],
-        ["duplicate_pairs: range search of every live vector", scan_s, (memory.peak - memory.before) / 2**20],
+        [
+            f"duplicate_pairs: range search of every live vector ({scan_kind})",
+            scan_s,
+            (memory.peak - memory.before) / 2**20,
+        ],
         [f"  complete (bounds {MAX_DUPLICATE_PAIRS} pairs, {args.max_seconds:g} s)", found.complete, None],
         ["  pairs found", len(found.pairs), None],
         ["group_pairs: groups (union-find)", group_s, None],
         ["  groups", len(groups), None],
         [f"planted pairs at or above {args.threshold} found (of {len(planted_above)})", planted_found, None],
-        [f"brute-force pairs of {len(check)} rows missed", missed, None],
+        [f"brute-force pairs of {len(check)} rows missed (of {len(truth)})", missed, None],
+        ["  recall of brute-force pairs", recall, None],
         [f"baseline: numpy brute force, {len(check)} rows x n, scaled to n rows", brute_estimate_s, None],
     ]
     print_table(f"Duplicate pairs at n={args.n}", ["step", "seconds (or value)", "peak MiB above start"], rows_out)
     verdict("duplicate_pairs seconds / brute force estimate", scan_s / brute_estimate_s, 1.0, higher_is_better=False)
-    verdict("planted pairs found", planted_found, PLANTED_FOUND_TARGET)
+    verdict("planted pairs found", planted_found, FOUND_TARGET)
+    verdict(f"brute-force pairs of {len(check)} rows found", recall, FOUND_TARGET)
     verdict("completed within the service's bounds", float(found.complete), 1.0)
 
 

@@ -1,11 +1,24 @@
 """Pairs of near-duplicate live images of a version: a FAISS range search of every live vector.
 
-Each segment's index is range-searched (inner product > radius, dead ids filtered inside the scan
-by the segment's selector) with the version's live vectors as queries, in blocks of
-`QUERY_BLOCK` rows so memory stays bounded; on Flat segments this is an exact blocked matrix
-product, on IVF ones it is as approximate as the segment's search. Each pair is kept once (lower
-id first). The work is bounded: at most `MAX_DUPLICATE_PAIRS` pairs and `MAX_DUPLICATE_SECONDS`;
-past either, the answer says `complete=False` (the pairs found so far are real pairs).
+Up to `EXACT_PAIRS_MAX_ROWS` live vectors, each segment's index is range-searched (inner product >
+radius, dead ids filtered inside the scan by the segment's selector) with the version's live
+vectors as queries, in blocks of `QUERY_BLOCK` rows so memory stays bounded; on Flat segments this
+is an exact blocked matrix product, on IVF ones it is as approximate as the segment's search.
+
+Above that, an all-pairs scan grows with the square of the collection (100k x 512 is 5.1 T
+multiply-adds: minutes on two cores), so the range search runs on one temporary coarse index over
+the live vectors instead: IVF with `COARSE_LISTS_PER_SQRT_ROW * sqrt(n)` lists of 8-bit codes,
+each vector probing its `COARSE_NPROBE` nearest lists. Near-duplicates (cosine >= 0.8, the lowest
+threshold GET /duplicates takes) lie next to each other, so they share a list or a neighbouring
+one: the scan does ~nlist / nprobe times less work, and misses only pairs split across lists that
+neither member probes (benchmarks/duplicates.py measures the share against brute force). The
+8-bit scores only nominate candidates (scores above the threshold minus `CANDIDATE_MARGIN`,
+wider than the codes' error); every pair returned is checked on the stored vectors, so it is a
+real pair at the threshold, and each pair is searched from both members.
+
+Each pair is kept once (lower id first). The work is bounded: at most `MAX_DUPLICATE_PAIRS` pairs
+and `MAX_DUPLICATE_SECONDS`; past either, the answer says `complete=False` (the pairs found so far
+are real pairs).
 
 API: `duplicate_pairs(segments, rows, threshold, ...) -> DuplicatePairs(pairs (m, 2) int64, complete)`.
 Sharded Searchers (image_search/shards.py) add the pairs that span two shards: `live_block` hands out
@@ -18,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
 from image_search.filtered_search import SegmentRows
@@ -26,6 +40,12 @@ from image_search.segment_search import SearchableSegment
 QUERY_BLOCK = 1024  # live vectors range-searched per call
 MAX_DUPLICATE_PAIRS = 100_000  # ~1.6 MB of pairs: one gRPC message
 MAX_DUPLICATE_SECONDS = 120.0  # one version's scan, once (the caller caches it)
+EXACT_PAIRS_MAX_ROWS = 20_000  # all pairs by the segments' own indexes: ~2 s of two cores at 512 dims
+COARSE_LISTS_PER_SQRT_ROW = 2  # nlist = 2 sqrt(n): lists of ~sqrt(n) / 2 vectors
+COARSE_NPROBE = 4  # lists each vector probes
+COARSE_TRAIN_ROWS_PER_LIST = 64  # k-means sample a list
+COARSE_MIN_TRAIN_ROWS_PER_LIST = 39  # FAISS's minimum (it warns below): caps nlist for small n
+CANDIDATE_MARGIN = 0.02  # below the threshold, on 8-bit scores (their error on unit vectors: < 0.005)
 
 
 @dataclass(frozen=True)
@@ -52,10 +72,14 @@ def duplicate_pairs(
     threshold: float,
     max_pairs: int = MAX_DUPLICATE_PAIRS,
     max_seconds: float = MAX_DUPLICATE_SECONDS,
+    exact_max_rows: int = EXACT_PAIRS_MAX_ROWS,
 ) -> DuplicatePairs:
-    """Live id pairs with cosine >= threshold (see the module docstring)."""
+    """Live id pairs with cosine >= threshold (see the module docstring); above `exact_max_rows` live
+    vectors, through the coarse index."""
     started = time.monotonic()
     ids, vectors = live_vectors(segments, rows)
+    if len(ids) > exact_max_rows:
+        return coarse_pairs(ids, vectors, threshold, max_pairs, max_seconds, started)
     radius = range_radius(threshold)
     found: list[np.ndarray] = []
     total = 0
@@ -70,6 +94,52 @@ def duplicate_pairs(
             if total >= max_pairs or time.monotonic() - started > max_seconds:
                 return DuplicatePairs(_sorted(found)[:max_pairs], complete=False)
     return DuplicatePairs(_sorted(found), complete=True)
+
+
+def coarse_pairs(
+    ids: np.ndarray, vectors: np.ndarray, threshold: float, max_pairs: int, max_seconds: float, started: float
+) -> DuplicatePairs:
+    """Live id pairs with cosine >= threshold, found through one coarse IVF over `vectors` (see the
+    module docstring); `started` is the time.monotonic() the bound counts from."""
+    index = coarse_index(vectors)
+    radius = range_radius(threshold - CANDIDATE_MARGIN)
+    at_least = np.float32(threshold)
+    found: list[np.ndarray] = []
+    total = 0
+    for start in range(0, len(ids), QUERY_BLOCK):
+        block = np.ascontiguousarray(vectors[start : start + QUERY_BLOCK])
+        lims, _, hits = index.range_search(block, radius)
+        counts = np.asarray(lims[1:], dtype=np.int64) - np.asarray(lims[:-1], dtype=np.int64)
+        firsts = np.repeat(np.arange(start, start + len(block), dtype=np.int64), counts)
+        hits = np.asarray(hits, dtype=np.int64)
+        keep = firsts != hits  # never an image with itself
+        firsts, hits = firsts[keep], hits[keep]
+        exact = np.einsum("ij,ij->i", vectors[firsts], vectors[hits])  # the stored vectors decide
+        real = exact >= at_least
+        a, b = ids[firsts[real]], ids[hits[real]]
+        if len(a):
+            found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+            total += len(a)  # counts each pair up to twice (once from each member): stops early, never late
+        if total >= 2 * max_pairs or time.monotonic() - started > max_seconds:
+            pairs = _sorted(found)
+            return DuplicatePairs(pairs[:max_pairs], complete=False)
+    pairs = _sorted(found)
+    if len(pairs) > max_pairs:
+        return DuplicatePairs(pairs[:max_pairs], complete=False)
+    return DuplicatePairs(pairs, complete=True)
+
+
+def coarse_index(vectors: np.ndarray) -> faiss.Index:
+    """A temporary IVF of 8-bit codes over `vectors` (row positions as ids), probing COARSE_NPROBE lists."""
+    n, dim = vectors.shape
+    nlist = max(1, min(int(COARSE_LISTS_PER_SQRT_ROW * np.sqrt(n)), n // COARSE_MIN_TRAIN_ROWS_PER_LIST))
+    index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+    sample = min(n, COARSE_TRAIN_ROWS_PER_LIST * nlist)
+    rows = np.sort(np.random.default_rng(0).choice(n, size=sample, replace=False))
+    index.train(np.ascontiguousarray(vectors[rows]))
+    index.add(np.ascontiguousarray(vectors))
+    faiss.extract_index_ivf(index).nprobe = min(COARSE_NPROBE, nlist)
+    return index
 
 
 def range_radius(threshold: float) -> float:

@@ -233,10 +233,28 @@ def test_duplicate_pairs_are_every_live_pair_at_or_above_the_threshold_once() ->
     assert {(3, 650), (5, 12)} <= want
 
 
+def test_coarse_duplicate_pairs_are_real_pairs_and_find_the_copies_across_segments() -> None:
+    # Above exact_max_rows the pairs come from one temporary IVF-SQ8 over the live vectors: every pair
+    # it returns must be real at the threshold (checked on the stored vectors), dead ids never appear,
+    # and copies (same list, score 1) are always found.
+    copies = ((650, 3), (12, 5), (800, 400), (900, 401))
+    segments, rows, live = two_segments(IndexSpec("Flat"), copies)
+    found = duplicate_pairs(segments, rows, 0.95, exact_max_rows=100)
+    exact = duplicate_pairs(segments, rows, 0.95)
+    got = {tuple(pair) for pair in found.pairs.tolist()}
+    want = {tuple(pair) for pair in exact.pairs.tolist()}
+    assert found.complete
+    assert got <= want
+    assert {(3, 650), (5, 12), (400, 800), (401, 900)} <= got
+    assert all(live.get(a) is not None and live.get(b) is not None for a, b in got)
+    assert len(got) >= 0.9 * len(want)
+
+
 def test_duplicate_pairs_stop_at_the_pair_bound_and_say_so() -> None:
     segments, rows, _ = two_segments(IndexSpec("Flat"))
-    found = duplicate_pairs(segments, rows, -1.0, max_pairs=50)
-    assert not found.complete and len(found.pairs) == 50
+    for exact_max_rows in (0, 10_000):  # the coarse index, then the segments' own
+        found = duplicate_pairs(segments, rows, -1.0, max_pairs=50, exact_max_rows=exact_max_rows)
+        assert not found.complete and len(found.pairs) == 50
 
 
 def test_attach_duplicates_skips_entries_with_errors() -> None:
