@@ -33,6 +33,7 @@ from image_search.index_planner import (
     PQ_MIN_TRAINING_POINTS,
     TRAINING_POINTS_PER_LIST,
     IndexDoesNotFit,
+    index_memory_bytes,
     ivf_list_count,
     plan_index,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "choose_index_spec",
     "choose_segment_index_spec",
     "ivf_list_count",
+    "merged_segment_spec",
 ]
 
 
@@ -121,3 +123,28 @@ def choose_segment_index_spec(count: int, collection_count: int, dim: int, **opt
     if collection_count > EXACT_SEARCH_LIMIT:
         options.setdefault("exact_limit", MIN_IVF_SEGMENT - 1)
     return choose_index_spec(count, dim, **options)
+
+
+def merged_segment_spec(
+    planned: IndexSpec, largest: IndexSpec, largest_live: int, merged_count: int, dim: int, max_memory_bytes: int
+) -> IndexSpec:
+    """The index of a merge result: the largest merged segment's own IVF spec when the merge at most
+    doubles it and that spec still fits the budget, else `planned` (the planner's choice for its size).
+
+    Why: the planner's list count steps by powers of two at fixed sizes (4096 lists up to 1M, 8192 with
+    an HNSW quantiser above), so a 1M segment merged with one change of 900 vectors would be planned
+    anew and pay a fresh k-means of twice the lists. Measured at 1M (benchmarks/publish_at_scale.py):
+    that compaction took 627 s, 1.3x the whole rebuild. Within 2x of its size the largest segment's
+    lists are still within FAISS's guideline (4 sqrt(N) = 5,657 at 2M for 4,096), and its centroids,
+    trained on most of the same vectors, are reused (no k-means at all: index_builder/build.py).
+    """
+    same_family = largest.factory.startswith("IVF") and planned.factory.startswith("IVF")
+    if not same_family or 2 * largest_live < merged_count or largest.factory == planned.factory:
+        return planned
+    if index_memory_bytes(largest.factory, merged_count, dim) > max_memory_bytes:
+        return planned
+    reason = (
+        f"kept the largest merged segment's {largest.factory} ({largest_live} of {merged_count} vectors, "
+        f"within the budget) instead of planning {planned.factory}: its centroids are reused"
+    )
+    return IndexSpec(largest.factory, dict(largest.params), reason=reason)

@@ -9,6 +9,15 @@ id, so the answer does not depend on segment order. On exact (Flat) segments the
 flat index over the same live vectors. A small Flat segment given an `Fp16Scan` (image_search/fp16_scan.py)
 is scanned at half the memory traffic and re-scored exactly: the same answer, sooner.
 
+Dead rows are skipped by position, not by id. Every segment index is an IDMap2 around an inner index
+whose labels are row positions; handed an id selector, the IDMap2 translates every scanned row's
+position to its id (`id_map[position]`, a random read of an array of 8 bytes a row) before asking
+the selector. At 1M rows that array is 8 MB, out of the cache, and the translation cost a tuned
+IVF4096 search ~2 ms on top of its ~2 ms (benchmarks/publish_at_scale.py). So `search_segments`
+searches the inner index with a bitmap of live positions (1 bit a row: 125 KB at 1M) and maps
+only the k results to ids. `selector` (by id) stays for the other scans (filtered_search.py,
+duplicate_pairs.py), which search the IDMap2 itself.
+
 API summary:
 - `SearchableSegment(name, index, deleted)`: one loaded segment; `searchable(name, index, deleted_ids,
   fp16_scan=None)` builds it (a caller that keeps segments across versions builds the `Fp16Scan` once;
@@ -43,6 +52,7 @@ class SearchableSegment:
     keepalive: tuple[object, ...] = ()  # the C++ selector points into these: they live as long as it
     fp16_scan: Fp16Scan | None = None  # a Flat segment's fp16 copy, scanned first (exact re-score)
     fp16_selector: faiss.IDSelector | None = None  # the dead rows, by position, for that scan
+    live_rows: LiveRows | None = None  # the inner index and a bitmap of its live positions (see above)
 
     def search_parameters(self) -> faiss.SearchParameters | None:
         """Fresh parameters for one search call (see the module docstring for why not shared)."""
@@ -59,6 +69,35 @@ class SearchableSegment:
             params.nprobe = int(ivf.nprobe)
         params.sel = self.selector
         return params
+
+
+@dataclass(frozen=True)
+class LiveRows:
+    """A segment's inner index (labels: row positions), each row's id, and a selector of the live rows."""
+
+    inner: faiss.Index
+    row_ids: np.ndarray  # int64: the id of each row (the IDMap2's id_map)
+    selector: faiss.IDSelector  # IDSelectorBitmap over positions: bit set = live
+    bitmap: np.ndarray  # uint8: the memory the selector reads
+
+    @classmethod
+    def of(cls, index: faiss.Index, deleted: np.ndarray) -> LiveRows | None:
+        """For an IDMap(2) whose inner index labels rows by position; None for any other index."""
+        outer = faiss.downcast_index(index)
+        if not isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+            return None
+        inner = faiss.downcast_index(outer.index)
+        row_ids = faiss.vector_to_array(outer.id_map).astype(np.int64, copy=False)
+        if int(inner.ntotal) != len(row_ids):
+            return None
+        bitmap = np.packbits(~np.isin(row_ids, deleted), bitorder="little")
+        return cls(inner, row_ids, faiss.IDSelectorBitmap(len(row_ids), faiss.swig_ptr(bitmap)), bitmap)
+
+    def search(self, params: faiss.SearchParameters, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`params` (fresh, with the segment's knobs) searched on the inner index, results as ids."""
+        params.sel = self.selector
+        scores, positions = self.inner.search(queries, k, params=params)
+        return scores, np.where(positions >= 0, self.row_ids[np.maximum(positions, 0)], MISSING_ID)
 
 
 def searchable(
@@ -79,6 +118,7 @@ def searchable(
         (batch, *fp16_keepalive),
         fp16_scan,
         fp16_selector,
+        None if fp16_scan is not None else LiveRows.of(index, deleted),
     )
 
 
@@ -122,6 +162,8 @@ def search_segments(
             continue
         if params is None:
             scores, ids = segment.index.search(queries, kk)
+        elif segment.live_rows is not None:
+            scores, ids = segment.live_rows.search(params, queries, kk)
         else:
             scores, ids = segment.index.search(queries, kk, params=params)
         parts.append((scores, ids))

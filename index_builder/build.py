@@ -54,7 +54,12 @@ from image_search.artifact import (
 from image_search.decoding import IMAGE_EXTENSIONS
 from image_search.errors import ArtifactError
 from image_search.faiss_index import ivf_centroids
-from image_search.index_spec import DEFAULT_MAX_INDEX_MEMORY, IndexSpec, choose_segment_index_spec
+from image_search.index_spec import (
+    DEFAULT_MAX_INDEX_MEMORY,
+    IndexSpec,
+    choose_segment_index_spec,
+    merged_segment_spec,
+)
 from image_search.manifest import ImageRecord, Manifest
 from image_search.merge_policy import MergePolicy, SegmentStats, full_merge, plan_merges
 from image_search.segments import (
@@ -519,6 +524,11 @@ def compact(
             checkpoint("compaction-started")
             spec = choose_segment_index_spec(
                 len(ids), version.live_count, version.embedding_dim, max_memory_bytes=max_index_memory
+            )
+            largest = max((by_name[name] for name in group), key=lambda s: s.count - len(version.deleted_ids(s.name)))
+            largest_live = largest.count - len(version.deleted_ids(largest.name))
+            spec = merged_segment_spec(
+                spec, largest.spec, largest_live, len(ids), version.embedding_dim, max_index_memory
             )
             centroids = reusable_centroids(out, [by_name[name] for name in group], version, spec, len(ids), Path(cache))
             merged.append(

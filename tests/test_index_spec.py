@@ -21,6 +21,7 @@ from image_search.index_spec import (
     IndexSpec,
     choose_index_spec,
     choose_segment_index_spec,
+    merged_segment_spec,
 )
 
 MiB = 2**20
@@ -217,3 +218,32 @@ def test_a_segment_of_a_large_collection_is_ivf_from_the_mid_size_on(count: int,
     spec = choose_segment_index_spec(count, collection, 512)
     assert spec.factory == factory, spec.reason
     assert spec.params == ({} if factory == "Flat" else {"nprobe": 32})
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("largest", "largest_live", "merged", "budget", "factory"),
+    [
+        # 1M + one change crosses the planner's 1M step: keep IVF4096 (its centroids are reused).
+        ("IVF4096,Flat", 1_000_000, 1_000_900, 8 * GIB, "IVF4096,Flat"),
+        # Up to twice the largest segment: still kept.
+        ("IVF4096,Flat", 1_000_000, 2_000_000, 8 * GIB, "IVF4096,Flat"),
+        # One vector more than that: planned anew.
+        ("IVF4096,Flat", 1_000_000, 2_000_001, 8 * GIB, "planned"),
+        # Kept only within the budget: 1.0009M x 512 Flat codes need ~2 GB.
+        ("IVF4096,Flat", 1_000_000, 1_000_900, GIB, "planned"),
+        # The largest segment is Flat (a small collection's): nothing to keep.
+        ("Flat", 90_000, 110_000, 8 * GIB, "planned"),
+    ],
+)
+def test_a_merge_keeps_the_largest_segments_ivf_within_twice_its_size_and_the_budget(
+    largest: str, largest_live: int, merged: int, budget: int, factory: str
+) -> None:
+    planned = choose_segment_index_spec(merged, merged, 512, max_memory_bytes=budget)
+    spec = merged_segment_spec(planned, IndexSpec(largest, {"nprobe": 30}), largest_live, merged, 512, budget)
+    assert spec.factory == (planned.factory if factory == "planned" else factory), spec.reason
+    if factory != "planned":
+        assert spec.params == {"nprobe": 30}
+        assert planned.factory != factory  # the case is one where the planner alone would differ

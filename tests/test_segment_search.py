@@ -6,6 +6,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -85,6 +86,25 @@ def test_ivf_segment_keeps_its_nprobe_with_a_selector() -> None:
     _, ids = search_segments([segment], vectors[:10], 5)
     assert not set(ids.ravel().tolist()) & {0, 1, 2}
     assert ids[5:, 0].tolist() == list(range(5, 10))  # nprobe = nlist: exact, each finds itself
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_dead_rows_skipped_by_position_answer_as_the_id_selector_does(factory: str) -> None:
+    # search_segments filters the inner index by a bitmap of live positions (no id translation per
+    # scanned row); it must answer exactly what the IDMap2 with the id selector answers.
+    rng = np.random.default_rng(3)
+    vectors = unit(rng, 3000)
+    ids = rng.permutation(np.arange(10_000, 13_000)).astype(np.int64)  # ids unrelated to positions
+    index = build_faiss_index(vectors, IndexSpec(factory, {"nprobe": 4} if "IVF" in factory else {}), ids)
+    dead = rng.choice(ids, 700, replace=False)
+    segment = searchable("s", index, dead)
+    assert segment.live_rows is not None
+    queries = unit(rng, 40)
+    scores, found = search_segments([segment], queries, 10)
+    want_scores, want = index.search(queries, 10, params=segment.search_parameters())
+    np.testing.assert_array_equal(found, want)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    assert not set(found.ravel().tolist()) & set(dead.tolist())
 
 
 def test_merge_breaks_ties_by_lower_id_and_pads_missing() -> None:
