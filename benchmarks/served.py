@@ -82,6 +82,7 @@ from benchmarks.common import (
 from image_search.encoder import ClipImageEncoder
 from image_search.precision import host_cpu_flags, resolve_precision
 from image_search.text_encoder import ClipTextEncoder
+from serve_app import ray_env
 from serve_app.stage_times import Snapshot, mean_between, merge
 from tests.support import free_port
 
@@ -595,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         sides.append(measure_sides("app stopped"))
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
+    ray_env.apply()  # what run.sh and the cluster run: idle-friendly polling (serve_app/ray_env.py)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     results: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     try:
@@ -800,7 +802,7 @@ def print_idle_costs(sides: list[tuple[Baseline, Baseline]], idle_cpu: dict[str,
             f"fp32 batch-32 forward: {stopped.median:.2f} img/s with the app stopped, {idle.median:.2f} with it up "
             f"and idle ({idle.median / stopped.median:.3f}x)"
         )
-    app_cpu = {role: value for role, value in idle_cpu.items() if role != "client"}
+    app_cpu = {role: value for role, value in idle_cpu.items() if role != proc_cpu.CLIENT}  # this driver sleeps
     print_table(
         "CPU of the idle app (% of one core, nobody sending requests)",
         ["role", "CPU %"],

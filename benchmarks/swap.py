@@ -28,6 +28,7 @@ from typing import Any
 
 import requests
 
+from serve_app import ray_env
 from tests.support import free_port, make_clip_checkpoint, write_image_folder
 
 APP = "swap"
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     collection, out = work / "collection", work / "index"
     paths = write_image_folder(collection, args.images)
     build(collection, out, model)
+    ray_env.apply()  # what run.sh and the cluster run (serve_app/ray_env.py)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -216,11 +216,13 @@ def current_app(model_dir: Path, index_dir: Path, precision: str) -> Iterator[st
     from ray.serve.context import _get_global_client
 
     from benchmarks.served import apply, deploy_config
+    from serve_app import ray_env
     from tests.support import free_port
 
     shipped = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     (embedder,) = (item for item in shipped["applications"][0]["deployments"] if item["name"] == "Embedder")
     port = free_port()
+    ray_env.apply()  # ours as run.sh runs it (serve_app/ray_env.py); the seed ran before, with Ray's defaults
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

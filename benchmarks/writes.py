@@ -46,6 +46,7 @@ from benchmarks.common import (
     vit_b32_checkpoint,
     write_photo_folder,
 )
+from serve_app import ray_env
 from tests.support import free_port, make_clip_checkpoint
 
 APP_NAME = "image_search"
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 "writes": {"token_file": str(work / "token")},
             }
         )
+        ray_env.apply()  # what run.sh and the cluster run (serve_app/ray_env.py)
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

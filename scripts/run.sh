@@ -27,6 +27,10 @@ BUILD_FLAGS=$($PY scripts/data_dirs.py data) || exit 1
 # shellcheck disable=SC2086  # the flags are words (none, or --allow-mass-removal)
 $PY -m index_builder --images data/images --out data/index --model data/model $BUILD_FLAGS
 
+# Ray settings for an idle service that stays idle (serve_app/ray_env.py says what each costs); a value
+# already in the environment wins. Ray reads them when its processes start, so before `serve run`.
+eval "$($PY -m serve_app.ray_env)"
+
 # serve run stays in the foreground (this shell becomes it), so Ctrl-C stops it the usual way; the
 # watcher beside it prints the Ready line once /healthz answers, then exits.
 $PY scripts/say_when_ready.py "$HOST" "$PORT" $$ &

@@ -25,6 +25,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serve_app import ray_env
 from tests.support import make_clip_checkpoint, synthetic_image, write_image_folder
 
 
@@ -112,6 +113,7 @@ def main() -> int:
     write_image_folder(work / "images", 64)
     if build(["--images", str(work / "images"), "--out", str(work / "index"), "--model", model, "--quiet"]) != 0:
         return 1
+    ray_env.apply()  # what run.sh and the cluster run (serve_app/ray_env.py)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     app_args = AppArgs.model_validate({"model": model, "index": str(work / "index"), "embedder": {"num_threads": 1}})
