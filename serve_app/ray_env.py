@@ -14,8 +14,9 @@ What each setting costs:
 
 These are read once, when each Ray process starts, so they must be in the environment of the
 process that starts Ray: `scripts/run.sh` (for `serve run`), `cluster/aws.yaml` (before `ray start`)
-and `tests/conftest.py` (before `ray.init`, so the tests run what users run). A value already in the
-environment wins, so a user can still set any of them.
+and the Serve benchmarks (before `ray.init`). The test session's Ray keeps Ray's defaults for now
+(see tests/test_ray_env.py). A value already in the environment wins, so a user can still set any
+of them.
 
     eval "$(python -m serve_app.ray_env)"     # bash: export the settings not already set
 """

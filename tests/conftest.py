@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from serve_app import ray_env
 from tests.support import free_port, make_clip_checkpoint, write_image_folder
 
 if TYPE_CHECKING:
@@ -92,8 +91,6 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     # More logical CPUs than cores: the deployments' fractional CPU asks must all schedule.
-    # What users run: the idle-friendly polling intervals, set before Ray's processes start.
-    ray_env.apply()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -1,4 +1,9 @@
-"""serve_app/ray_env.py: the idle-friendly Ray settings, that Ray reads each of them, and who applies them."""
+"""serve_app/ray_env.py: the idle-friendly Ray settings, that Ray reads each of them, and who applies them.
+
+The test session's own Ray (tests/conftest.py) does not apply them yet: with them, two full runs on
+one machine failed the real-SIGINT builder test (tests/test_incremental.py), which passed alone
+with the same environment; until that is understood the suite runs Ray's defaults, as CI last saw.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import proc_cpu
 from serve_app import ray_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,14 +86,3 @@ def test_every_ray_start_on_the_cluster_exports_the_settings_first() -> None:
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = (command for command in raw[key] if "ray start" in command)
         assert start.index('eval "$(python -m serve_app.ray_env)"') < start.index("ray start"), key
-
-
-def test_the_tests_serve_controller_runs_with_the_settings(serve_port: int) -> None:
-    """The session's Serve (tests/conftest.py) is what users run: its controller process has them."""
-    now = proc_cpu.sample()
-    controllers = [pid for pid, role in now.roles.items() if role == "Serve controller"]
-    assert controllers, "no Serve controller among this test process's descendants"
-    raw = Path(f"/proc/{controllers[0]}/environ").read_bytes().split(b"\0")
-    environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
-    for name, value in ray_env.IDLE_FRIENDLY.items():
-        assert environ.get(name) == os.environ.get(name, value), name
