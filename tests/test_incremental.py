@@ -294,8 +294,16 @@ def test_sigint_during_a_build_prints_one_line_and_exits_130(tmp_path: Path, tin
 
     images, out = tmp_path / "images", tmp_path / "out"
     write_image_folder(images, 300)
-    command = [sys.executable, "-m", "index_builder", "--images", str(images), "--out", str(out)]
-    command += ["--model", str(tiny_model_dir), "--batch-size", "4"]
+    arguments = ["--images", str(images), "--out", str(out), "--model", str(tiny_model_dir), "--batch-size", "4"]
+    # `python -m index_builder`, with SIGINT as a terminal's shell hands it over (default handler,
+    # unblocked): a child inherits ignored or blocked signals from this pytest process, and in full
+    # suite runs the SIGINT was lost (exit 0) while the test alone passed.
+    launcher = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+        "sys.argv = ['index_builder', *sys.argv[1:]]; runpy.run_module('index_builder', run_name='__main__')"
+    )
+    command = [sys.executable, "-c", launcher, *arguments]
     builder = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
     assert builder.stderr is not None
     seen = b""
