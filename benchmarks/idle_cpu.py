@@ -8,7 +8,7 @@ replica has loaded what it serves, waits `--settle` seconds, then samples /proc 
 tree for `--seconds` (benchmarks/proc_cpu.py; other people's processes on the machine do not count).
 
 Configurations, alternated over `--rounds` so a drift of the machine hits both alike:
-- `tuned`: serve_app/ray_env.py's settings, what scripts/run.sh, cluster/aws.yaml and the tests run;
+- `tuned`: serve_app/ray_env.py's settings, what scripts/run.sh and cluster/aws.yaml run;
 - `ray defaults`: the same app with those variables removed from the environment (`--ray-defaults`
   adds this configuration; without it only `tuned` runs).
 
@@ -71,7 +71,7 @@ def measure_in_this_process(model_dir: Path, index_dir: Path, seconds: float, se
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from benchmarks.served import apply, deploy_config, wait_ready
+    from benchmarks.served import apply, deploy_config, measure_idle_cpu, wait_ready
     from tests.support import free_port
 
     port = free_port()
@@ -83,11 +83,7 @@ def measure_in_this_process(model_dir: Path, index_dir: Path, seconds: float, se
         asyncio.run(wait_ready(base_url))
         asyncio.run(warm_up(base_url, WARM_SEARCHES))
         time.sleep(settle)  # replicas settle (first metrics pushes, health checks): part of what is measured
-        before, started = proc_cpu.sample(), time.monotonic()
-        time.sleep(seconds)  # the measured interval itself
-        by_role = proc_cpu.cpu_percent_by_role(
-            before, proc_cpu.sample(), time.monotonic() - started, proc_cpu.ticks_per_second()
-        )
+        by_role = measure_idle_cpu(seconds)
         by_role.pop(proc_cpu.CLIENT, None)  # this driver sleeps; it is not part of the service
         print(RESULT_MARKER + json.dumps(by_role), flush=True)
     finally:

@@ -2,9 +2,9 @@
 
 Ray's defaults poll a cluster as if it changed every moment: the Serve controller runs its control
 loop every 0.1 s, every handle pushes queue metrics every 0.1 s, the log monitor globs the log folder
-every 0.5 s, and the dashboard agent reports every 5 s. On a 2-core laptop an idle service paid ~19%
-of a core for that (`python -m benchmarks.idle_cpu --ray-defaults`). None of it serves a request:
-requests never wait for the controller, only deploys, health checks and autoscaling do, and those
+every 0.5 s, and the dashboard agent reports every 5 s. On a 2-core VM an idle service took 27% of
+a core with Ray's defaults and 17.5% with these (`python -m benchmarks.idle_cpu --ray-defaults`).
+None of it serves a request: requests never wait for the controller, only deploys, health checks and autoscaling do, and those
 work on scales of seconds (health checks every 10 s, autoscaling looks back 30 s).
 
 What each setting costs:
@@ -14,7 +14,7 @@ What each setting costs:
 
 These are read once, when each Ray process starts, so they must be in the environment of the
 process that starts Ray: `scripts/run.sh` (for `serve run`), `cluster/aws.yaml` (before `ray start`)
-and the Serve benchmarks (before `ray.init`). The test session's Ray keeps Ray's defaults for now
+and the Serve benchmarks (before `ray.init`). The test session's Ray keeps Ray's defaults
 (see tests/test_ray_env.py). A value already in the environment wins, so a user can still set any
 of them.
 
