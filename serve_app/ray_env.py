@@ -4,8 +4,8 @@ Ray's defaults poll a cluster as if it changed every moment: the Serve controlle
 loop every 0.1 s, every handle pushes queue metrics every 0.1 s, the log monitor globs the log folder
 every 0.5 s, and the dashboard agent reports every 5 s. On a 2-core VM an idle service took 27% of
 a core with Ray's defaults and 17.5% with these (`python -m benchmarks.idle_cpu --ray-defaults`).
-None of it serves a request: requests never wait for the controller, only deploys, health checks and autoscaling do, and those
-work on scales of seconds (health checks every 10 s, autoscaling looks back 30 s).
+None of it serves a request: requests never wait for the controller, only deploys, health checks
+and autoscaling do, and those work on scales of seconds (health checks every 10 s, autoscaling looks back 30 s).
 
 What each setting costs:
 - a deploy or a replica restart is noticed up to 1 s later (controller loop);
