@@ -12,10 +12,12 @@ full scan, which hides what extra segments cost (`--data uniform` runs them anyw
   the 2,000 new vectors plus 1,100 deletions in the big segment, a version file and CURRENT, bytes
   counted through the store;
 - the time until a Searcher holding the old version's segments serves the new one: read the version
-  file, load and verify only the new segment, build the id selectors;
+  file, load and verify only the new segment, file it under the big segment's lists
+  (image_search/shared_lists.py), build the dead-row bitmaps; with the Searcher's own functions;
 - search p50/p99 (one query, k 10, one thread as a Searcher replica runs it) at 1 segment and at the
   merge policy's maximum segment count for n (the big segment, with the change's dead ids, plus
-  small ones the size of one change), with fewer small segments too, to show the cost of each;
+  small ones the size of one change), with fewer small segments too, to show the cost of each, and
+  with each small one scanned whole (what they cost before they were filed under the big one's lists);
 - the same with one mid-size segment (a merge result of `--mid` vectors) beside the big one, Flat
   (what a merge of that size got before) and the IVF `choose_segment_index_spec` gives it now;
 - compaction of everything into one segment (the index its size calls for, IVF at 1M) vs the whole
@@ -36,6 +38,7 @@ import argparse
 import hashlib
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -45,23 +48,24 @@ from benchmarks.clip_like_data import ClipLikeMixture, ClipLikeSampler
 from benchmarks.common import machine_note, percentile, print_table, verdict
 from image_search.artifact import RetentionPolicy, new_version_name
 from image_search.faiss_index import build_faiss_index, ivf_centroids, write_index_file
-from image_search.fp16_scan import Fp16Scan
 from image_search.index_spec import choose_index_spec, choose_segment_index_spec
 from image_search.manifest import ImageRecord
 from image_search.merge_policy import MergePolicy
-from image_search.segment_search import search_segments, searchable
+from image_search.segment_search import SearchableSegment, search_segments, searchable
 from image_search.segments import (
+    SegmentInfo,
     Version,
     build_segment,
     commit_version,
     file_sha256,
-    open_segment_index,
     read_contents,
     read_version,
     with_changes,
 )
 from image_search.storage import LocalStore
 from index_builder.build import compact
+from serve_app.config import SearcherOptions
+from serve_app.deployments.searcher import LoadedSegment, assemble_index, load_segment
 
 DIM = 512
 ADDED, CHANGED, REMOVED = 1_000, 1_000, 100
@@ -109,6 +113,11 @@ def records_for(ids: np.ndarray, salt: str = "") -> list[ImageRecord]:
         ImageRecord(int(i), f"photos/{int(i):08d}.jpg", 150_000, hashlib.sha256(f"{i}{salt}".encode()).hexdigest())
         for i in ids
     ]
+
+
+def holding(version: Version, held: dict[str, LoadedSegment]) -> list[SearchableSegment]:
+    """`version`'s segments as a Searcher replica assembles them from the segments it holds."""
+    return list(assemble_index(version, [held[info.name] for info in version.segments]).segments)
 
 
 def latencies(segments: list, queries: np.ndarray) -> list[float]:  # type: ignore[type-arg]
@@ -194,8 +203,8 @@ def run(n: int, query_count: int, data: str, mid: int) -> None:
         rows.append(["read published records (diff input; grows with n)", time.perf_counter() - started, None])
         del contents
 
-        # A Searcher holding the first version: the big segment loaded and ready.
-        held = {big.name: open_segment_index(store, big, cache)}
+        # A Searcher holding the first version: the big segment loaded and ready (its own functions).
+        held = {big.name: load_segment(store, SearcherOptions(), cache, big)}
 
         print("segment publish of the change ...", flush=True)
         store.written = 0
@@ -215,36 +224,39 @@ def run(n: int, query_count: int, data: str, mid: int) -> None:
         publish_bytes = store.written + (segment.bytes if store.local_path("x") is not None else 0)
         rows.append([f"segment publish (+{ADDED}, ~{CHANGED}, -{REMOVED})", publish_s, publish_bytes / 2**20])
 
-        # As a Searcher holds segments (serve_app/deployments/searcher.py): a small Flat segment gets its
-        # fp16 scan when loaded, so building it is part of the time until the new version is served.
-        scans = {name: Fp16Scan.of(index) for name, index in held.items()}
+        # As a Searcher swaps (serve_app/deployments/searcher.py): read the version file, load and verify
+        # the one new segment, file it under the big segment's lists, build the dead-row bitmaps.
         started = time.perf_counter()
         served = read_version(store, second.name)
         for info in served.segments:
             if info.name not in held:
-                held[info.name] = open_segment_index(store, info, cache)
-                scans[info.name] = Fp16Scan.of(held[info.name])
-        loaded = [searchable(s.name, held[s.name], served.deleted_ids(s.name), scans[s.name]) for s in served.segments]
+                held[info.name] = load_segment(store, SearcherOptions(), cache, info)
+        as_served = holding(served, held)
         swap_s = time.perf_counter() - started
         rows.append(["until a Searcher serves the new version (loads 1 segment)", swap_s, None])
 
         queries = draw(query_count)  # fresh draws from the same mixture, not indexed vectors
-        one = [searchable(big.name, held[big.name], [], scans[big.name])]
         max_segments = MergePolicy().max_segments(n)
-        extra = []
+        smalls: list[SegmentInfo] = []
         next_small = n + ADDED
         for _ in range(max_segments - 1):
             small_ids = np.arange(next_small, next_small + 2 * ADDED)
             next_small += len(small_ids)
-            small = build_segment(store, small_ids, draw(len(small_ids)), records_for(small_ids), DIM)
-            small_index = open_segment_index(store, small, cache)
-            extra.append(searchable(small.name, small_index, [], Fp16Scan.of(small_index)))
+            smalls.append(build_segment(store, small_ids, draw(len(small_ids)), records_for(small_ids), DIM))
+            held[smalls[-1].name] = load_segment(store, SearcherOptions(), cache, smalls[-1])
         # The big segment with the change's dead ids, plus small segments the size of one change.
-        configurations = {"1 segment": one}
-        for count in sorted({1 + len(extra) // 3, 1 + 2 * len(extra) // 3}):
-            configurations[f"{count} segments"] = [loaded[0], *extra[: count - 1]]
+        configurations = {"1 segment": holding(first, held)}
+        for count in sorted({1 + len(smalls) // 3, 1 + 2 * len(smalls) // 3}):
+            configurations[f"{count} segments"] = holding(replace(served, segments=(big, *smalls[: count - 1])), held)
         many_name = f"{max_segments} segments = policy max"
-        configurations[many_name] = [loaded[0], *extra]
+        many = holding(replace(served, segments=(big, *smalls)), held)
+        configurations[many_name] = many
+        # Before the small segments were filed under the big one's lists: each scanned whole.
+        configurations[f"{max_segments} segments, each small one scanned whole (before)"] = [
+            many[0],
+            *(searchable(s.name, held[s.name].index, [], held[s.name].fp16_scan) for s in smalls),
+        ]
+        del as_served
         # One mid-size segment (a merge result) beside the big one: Flat as before, IVF as now.
         print(f"mid-size segments of {mid} (Flat and {choose_segment_index_spec(mid, n, DIM).factory}) ...", flush=True)
         mid_ids = np.arange(next_small, next_small + mid)
@@ -255,11 +267,12 @@ def run(n: int, query_count: int, data: str, mid: int) -> None:
             built_s = time.perf_counter() - started
             tuned = info.spec.params.get("nprobe")
             name = f"1 + a {mid}-vector {label} segment ({info.spec.factory}{f' nprobe {tuned}' if tuned else ''})"
-            mid_index = open_segment_index(store, info, cache)
-            scan = Fp16Scan.of(mid_index)
-            configurations[name] = [loaded[0], searchable(info.name, mid_index, [], scan)]
-            if scan is not None:  # the same Flat segment scanned in fp32, as before the fp16 scan
-                configurations[f"{name[:-1]}, fp32 scan)"] = [loaded[0], searchable(info.name, mid_index, [])]
+            held[info.name] = load_segment(store, SearcherOptions(), cache, info)
+            with_mid = holding(replace(served, segments=(big, info)), held)
+            configurations[name] = with_mid
+            if with_mid[1].lists is not None:  # the same Flat segment scanned whole, as before
+                whole = searchable(info.name, held[info.name].index, [], held[info.name].fp16_scan)
+                configurations[f"{name[:-1]}, scanned whole)"] = [with_mid[0], whole]
             rows.append([f"build the {mid}-vector {label} segment (not a target)", built_s, info.bytes / 2**20])
         times = interleaved(configurations, queries)
         for name, seconds in times.items():

@@ -7,7 +7,10 @@ vectors and a segment still gives k live results when it has them (a post-filter
 than k). The per-segment top-k lists are then merged: highest score first, ties broken by the lower
 id, so the answer does not depend on segment order. On exact (Flat) segments the result equals one
 flat index over the same live vectors. A small Flat segment given an `Fp16Scan` (image_search/fp16_scan.py)
-is scanned at half the memory traffic and re-scored exactly: the same answer, sooner.
+is scanned at half the memory traffic and re-scored exactly: the same answer, sooner. In a version
+with an IVF-Flat segment, a segment given `SegmentLists` (image_search/shared_lists.py: the host
+itself and the small Flat segments filed under its lists) scans only the lists the host's quantizer
+assigns the query to, once per search: the answer of one IVF index over the same live vectors.
 
 Dead rows are skipped by position, not by id. Every segment index is an IDMap2 around an inner index
 whose labels are row positions; handed an id selector, the IDMap2 translates every scanned row's
@@ -20,7 +23,8 @@ duplicate_pairs.py), which search the IDMap2 itself.
 
 API summary:
 - `SearchableSegment(name, index, deleted)`: one loaded segment; `searchable(name, index, deleted_ids,
-  fp16_scan=None)` builds it (a caller that keeps segments across versions builds the `Fp16Scan` once;
+  fp16_scan=None, lists=None)` builds it (a caller that keeps segments across versions builds the
+  `Fp16Scan` and the `SegmentLists` once;
   the id selector is built once per segment and version, the search parameters per call,
   because FAISS's IDMap swaps the selector of the parameters it is given during a search and so a
   parameters object must not be shared by concurrent searches).
@@ -38,8 +42,7 @@ import faiss
 import numpy as np
 
 from image_search.fp16_scan import Fp16Scan
-
-MISSING_ID = -1
+from image_search.shared_lists import MISSING_ID, Coarse, SegmentLists, id_mapped_rows
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class SearchableSegment:
     fp16_scan: Fp16Scan | None = None  # a Flat segment's fp16 copy, scanned first (exact re-score)
     fp16_selector: faiss.IDSelector | None = None  # the dead rows, by position, for that scan
     live_rows: LiveRows | None = None  # the inner index and a bitmap of its live positions (see above)
+    lists: SegmentLists | None = None  # scanned through the host's lists (shared_lists.py)
 
     def search_parameters(self) -> faiss.SearchParameters | None:
         """Fresh parameters for one search call (see the module docstring for why not shared)."""
@@ -83,13 +87,10 @@ class LiveRows:
     @classmethod
     def of(cls, index: faiss.Index, deleted: np.ndarray) -> LiveRows | None:
         """For an IDMap(2) whose inner index labels rows by position; None for any other index."""
-        outer = faiss.downcast_index(index)
-        if not isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+        mapped = id_mapped_rows(index)
+        if mapped is None:
             return None
-        inner = faiss.downcast_index(outer.index)
-        row_ids = faiss.vector_to_array(outer.id_map).astype(np.int64, copy=False)
-        if int(inner.ntotal) != len(row_ids):
-            return None
+        inner, row_ids = mapped
         bitmap = np.packbits(~np.isin(row_ids, deleted), bitorder="little")
         return cls(inner, row_ids, faiss.IDSelectorBitmap(len(row_ids), faiss.swig_ptr(bitmap)), bitmap)
 
@@ -101,11 +102,18 @@ class LiveRows:
 
 
 def searchable(
-    name: str, index: faiss.Index, deleted_ids: Sequence[int] | np.ndarray, fp16_scan: Fp16Scan | None = None
+    name: str,
+    index: faiss.Index,
+    deleted_ids: Sequence[int] | np.ndarray,
+    fp16_scan: Fp16Scan | None = None,
+    lists: SegmentLists | None = None,
 ) -> SearchableSegment:
+    """One segment of a version. `lists` (shared_lists.py) takes precedence over `fp16_scan`."""
+    if lists is not None:
+        fp16_scan = None
     deleted = np.unique(np.asarray(deleted_ids, dtype=np.int64))
     if not len(deleted):
-        return SearchableSegment(name, index, deleted, None, int(index.ntotal), fp16_scan=fp16_scan)
+        return SearchableSegment(name, index, deleted, None, int(index.ntotal), fp16_scan=fp16_scan, lists=lists)
     batch = faiss.IDSelectorBatch(len(deleted), faiss.swig_ptr(deleted))
     selector = faiss.IDSelectorNot(batch)
     fp16_selector, fp16_keepalive = fp16_scan.dead_selector(deleted) if fp16_scan is not None else (None, ())
@@ -119,6 +127,7 @@ def searchable(
         fp16_scan,
         fp16_selector,
         None if fp16_scan is not None else LiveRows.of(index, deleted),
+        lists,
     )
 
 
@@ -150,11 +159,17 @@ def search_segments(
     if k < 1:
         raise ValueError("k must be >= 1")
     parts = []
+    coarse: Coarse = {}  # the host quantizer's assignment of these queries, computed once
     for segment in segments:
         if segment.live_count <= 0:
             continue
-        params = segment.search_parameters()
         kk = min(k, segment.live_count)
+        if segment.lists is not None:
+            # The lists' rows are the segment's rows in order: its live-position bitmap applies as is.
+            position_selector = segment.live_rows.selector if segment.live_rows is not None else None
+            parts.append(segment.lists.search(queries, kk, position_selector, coarse))
+            continue
+        params = segment.search_parameters()
         if segment.fp16_scan is not None:
             parts.append(
                 segment.fp16_scan.search(segment.index, segment.fp16_selector, params, queries, kk, segment.live_count)

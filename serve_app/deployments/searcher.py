@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -48,6 +48,7 @@ from image_search.segments import (
     read_version,
 )
 from image_search.shards import version_shard
+from image_search.shared_lists import SegmentLists, file_under, host_lists, largest_host
 from image_search.storage import Store, is_s3_uri, open_store
 from serve_app.computed_once import ComputedOnce
 from serve_app.config import SearcherOptions
@@ -74,6 +75,17 @@ class LoadedSegment:
     index: faiss.Index
     rows: SegmentRows  # ids per row and the raw vectors (filtered exact scans, stored vectors)
     fp16_scan: Fp16Scan | None = None  # small Flat segments: built once, used by every version
+    lists: SegmentLists | None = None  # an IVF-Flat segment's own lists: it can host the small ones
+    # A Flat segment filed under a host's lists (image_search/shared_lists.py), by host name: built
+    # once, kept for the newest host only (a retained version holds its own reference).
+    filed: dict[str, SegmentLists | None] = field(default_factory=dict, compare=False)
+
+    def filed_under(self, host: SegmentLists) -> SegmentLists | None:
+        if host.host not in self.filed:
+            filed = file_under(host, self.index)
+            self.filed.clear()
+            self.filed[host.host] = filed
+        return self.filed[host.host]
 
 
 @dataclass(frozen=True)
@@ -98,12 +110,20 @@ def load_segment(store: Store, options: SearcherOptions, cache_dir: Path, info: 
     # Row i of vectors.npy is the i-th vector added to the IndexIDMap2: its id_map says under which id.
     ids = faiss.vector_to_array(getattr(faiss.downcast_index(index), "id_map"))  # noqa: B009  (untyped SWIG)
     rows = SegmentRows.of(ids, open_segment_vectors(store, info, cache_dir))
-    return LoadedSegment(info.name, index, rows, Fp16Scan.of(index))
+    return LoadedSegment(info.name, index, rows, Fp16Scan.of(index), host_lists(info.name, index))
 
 
 def assemble_index(version: Version, segments: Sequence[LoadedSegment]) -> LoadedIndex:
+    # The largest IVF-Flat segment hosts the Flat ones: they are scanned through its lists.
+    host = largest_host([(s.lists, s.index.ntotal - len(version.deleted_ids(s.name))) for s in segments])
+
+    def lists_of(segment: LoadedSegment) -> SegmentLists | None:
+        if host is None or segment.lists is not None:  # no host, or the host (or an IVF with its own lists)
+            return segment.lists if segment.lists is host else None
+        return segment.filed_under(host)
+
     searchables = tuple(
-        searchable(segment.name, segment.index, version.deleted_ids(segment.name), segment.fp16_scan)
+        searchable(segment.name, segment.index, version.deleted_ids(segment.name), segment.fp16_scan, lists_of(segment))
         for segment in segments
     )
     rows = tuple(segment.rows for segment in segments)
