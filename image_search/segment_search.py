@@ -8,9 +8,9 @@ than k). The per-segment top-k lists are then merged: highest score first, ties 
 id, so the answer does not depend on segment order. On exact (Flat) segments the result equals one
 flat index over the same live vectors. A small Flat segment given an `Fp16Scan` (image_search/fp16_scan.py)
 is scanned at half the memory traffic and re-scored exactly: the same answer, sooner. In a version
-with an IVF-Flat segment, a segment given `SegmentLists` (image_search/shared_lists.py: the host
-itself and the small Flat segments filed under its lists) scans only the lists the host's quantizer
-assigns the query to, once per search: the answer of one IVF index over the same live vectors.
+with an IVF-Flat segment, a segment given `SegmentLists` (image_search/shared_lists.py: the host's
+own lists, or a small Flat segment's rows filed under them) scans only the lists the host's
+quantizer assigns the query to, once per search: the answer of one IVF index over the live vectors.
 
 Dead rows are skipped by position, not by id. Every segment index is an IDMap2 around an inner index
 whose labels are row positions; handed an id selector, the IDMap2 translates every scanned row's
@@ -42,7 +42,8 @@ import faiss
 import numpy as np
 
 from image_search.fp16_scan import Fp16Scan
-from image_search.shared_lists import MISSING_ID, Coarse, SegmentLists, id_mapped_rows
+from image_search.live_rows import MISSING_ID, LiveRows
+from image_search.shared_lists import Coarse, FiledRows, SegmentLists, search_filed
 
 
 @dataclass(frozen=True)
@@ -73,32 +74,6 @@ class SearchableSegment:
             params.nprobe = int(ivf.nprobe)
         params.sel = self.selector
         return params
-
-
-@dataclass(frozen=True)
-class LiveRows:
-    """A segment's inner index (labels: row positions), each row's id, and a selector of the live rows."""
-
-    inner: faiss.Index
-    row_ids: np.ndarray  # int64: the id of each row (the IDMap2's id_map)
-    selector: faiss.IDSelector  # IDSelectorBitmap over positions: bit set = live
-    bitmap: np.ndarray  # uint8: the memory the selector reads
-
-    @classmethod
-    def of(cls, index: faiss.Index, deleted: np.ndarray) -> LiveRows | None:
-        """For an IDMap(2) whose inner index labels rows by position; None for any other index."""
-        mapped = id_mapped_rows(index)
-        if mapped is None:
-            return None
-        inner, row_ids = mapped
-        bitmap = np.packbits(~np.isin(row_ids, deleted), bitorder="little")
-        return cls(inner, row_ids, faiss.IDSelectorBitmap(len(row_ids), faiss.swig_ptr(bitmap)), bitmap)
-
-    def search(self, params: faiss.SearchParameters, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """`params` (fresh, with the segment's knobs) searched on the inner index, results as ids."""
-        params.sel = self.selector
-        scores, positions = self.inner.search(queries, k, params=params)
-        return scores, np.where(positions >= 0, self.row_ids[np.maximum(positions, 0)], MISSING_ID)
 
 
 def searchable(
@@ -159,15 +134,17 @@ def search_segments(
     if k < 1:
         raise ValueError("k must be >= 1")
     parts = []
-    coarse: Coarse = {}  # the host quantizer's assignment of these queries, computed once
+    coarse = Coarse()  # the host quantizer's assignment of these queries, computed once
+    filed: dict[str, list[tuple[FiledRows, LiveRows | None]]] = {}  # by host: searched as one part
     for segment in segments:
         if segment.live_count <= 0:
             continue
         kk = min(k, segment.live_count)
+        if isinstance(segment.lists, FiledRows):
+            filed.setdefault(segment.lists.host.name, []).append((segment.lists, segment.live_rows))
+            continue
         if segment.lists is not None:
-            # The lists' rows are the segment's rows in order: its live-position bitmap applies as is.
-            position_selector = segment.live_rows.selector if segment.live_rows is not None else None
-            parts.append(segment.lists.search(queries, kk, position_selector, coarse))
+            parts.append(segment.lists.search(queries, kk, segment.live_rows, coarse))
             continue
         params = segment.search_parameters()
         if segment.fp16_scan is not None:
@@ -182,4 +159,5 @@ def search_segments(
         else:
             scores, ids = segment.index.search(queries, kk, params=params)
         parts.append((scores, ids))
+    parts.extend(search_filed(group, queries, k, coarse) for group in filed.values())
     return merge_top_k(parts, k, len(queries))

@@ -4,61 +4,88 @@ A large collection is one big IVF-Flat segment plus small Flat segments, one per
 merge policy compacts them (merge_policy.py). Scanning a small Flat segment reads all of its rows:
 at 1M vectors the policy's 6 small segments of 2,000 rows cost ~1.9 ms a query beside the big
 segment's ~3.1 ms (benchmarks/publish_at_scale.py, cold caches: each is 4 MB read from memory),
-1.6x one segment. Here every small Flat segment is filed under the host's (the largest IVF-Flat
-segment's) coarse lists when a Searcher loads it: an in-memory IndexIVFFlat that shares the host's
-quantizer, rows labelled by position. A query is assigned to its `nprobe` nearest lists once, with
-the host's quantizer and nprobe, and every segment of the version scans only those lists
-(`IndexIVF.search_preassigned`): a small segment then costs a few rows, not all of them.
+1.6x one segment. So when a Searcher loads a small Flat segment of a version that has an IVF-Flat
+segment (the host: the largest), it files each row under the host's list for it (its nearest
+centroid, as the host's own `add` did for its rows). A query is assigned to its `nprobe` nearest
+lists once, with the host's quantizer and nprobe; the host scans those lists
+(`IndexIVF.search_preassigned`) and each filed segment scores only its rows in them.
+
+Why not an IVF index per small segment over the host's quantizer: FAISS visits each probed list of
+each segment, ~0.5 us a list even when it holds one row, so a filed segment cost nprobe x 0.5 us
+(0.14 ms at nprobe 256), and a stack of the small segments' lists (HStackInvertedLists) copies
+each probed list per query and was slower still (measured: 6 segments of 2,000 rows, 2,048 lists,
+nprobe 256: 0.83 and 1.17 ms). Scoring a filed segment's rows of the probed lists in numpy is one
+gather over the segment's row-list numbers and a product over the few rows found.
 
 What it answers: exactly what one IVF index over the same live vectors, with the host's centroids
 and nprobe, answers (each vector sits in the list its nearest centroid names, wherever it is
 stored); tests/test_shared_lists.py checks it against such an index. Collections small enough to be
-exact have no IVF segment, so nothing is filed there and their answers stay exact.
+exact have no IVF segment, so nothing is filed there and their answers stay exact. Filing costs one
+assignment of the segment's rows (~0.1 s for 2,000 rows against 4,096 lists), once per segment and
+host, not per version. Dead rows are skipped by position (live_rows.py) in both kinds.
 
-Dead rows are skipped inside the scan by position (a bitmap, as segment_search.LiveRows), and only
-the k results are mapped to ids. Filing costs one assignment of the segment's rows (~0.1 s for 2,000
-rows against 4,096 lists) once per segment and host, not per version.
-
-API: `host_lists(name, index) -> SegmentLists | None` (an IVF-Flat segment: the host's own lists);
-`file_under(host, index) -> SegmentLists | None` (a Flat segment filed under the host);
-`lists.search(queries, k, selector, coarse)`, `coarse` a dict that carries one search's assignments
-from segment to segment.
+API: `host_lists(name, index) -> HostLists | None` (an IVF-Flat segment's own lists);
+`file_under(host, index) -> FiledRows | None` (a Flat segment's rows filed under the host's);
+`largest_host([(lists, live count)])`; both kinds `search(queries, k, live_rows, coarse)`, `coarse`
+a `Coarse` that carries one search's assignment from segment to segment; `search_filed(...)`
+searches all the filed segments of a version as one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-MISSING_ID = -1
-Coarse = dict[str, tuple[np.ndarray, np.ndarray]]  # host name -> (centroid scores, list numbers), (n, nprobe)
+from image_search.live_rows import MISSING_ID, LiveRows, id_mapped_rows
+
+
+@dataclass
+class Coarse:
+    """One search's assignment of its queries to the host's lists, computed by the first segment asking."""
+
+    by_host: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def of(self, host: HostLists, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(centroid scores (n, nprobe), list numbers (n, nprobe), probed (n, nlist) bool) for `host`."""
+        if host.name not in self.by_host:
+            nprobe = host.nprobe
+            centroid_scores, lists = host.ivf.quantizer.search(queries, nprobe)
+            probed = np.zeros((len(queries), host.nlist), dtype=bool)
+            rows, columns = np.nonzero(lists >= 0)  # FAISS pads with -1 where it found fewer lists
+            probed[rows, lists[rows, columns]] = True
+            self.by_host[host.name] = (centroid_scores, lists, probed)
+        return self.by_host[host.name]
 
 
 @dataclass(frozen=True)
-class SegmentLists:
-    """A segment's rows in an IVF-Flat index over the host's quantizer; labels are row positions."""
+class HostLists:
+    """An IVF-Flat segment's own lists: its quantizer assigns the queries of every segment it hosts."""
 
-    host: str  # the segment whose quantizer and nprobe assign queries (itself, for the host)
-    ivf: faiss.IndexIVFFlat
-    host_ivf: faiss.IndexIVF  # its quantizer assigns; its nprobe (the Searcher's knob) says how many lists
+    name: str
+    ivf: faiss.IndexIVFFlat  # the segment's inner index: labels are row positions
     row_ids: np.ndarray  # int64: the id of each row position
-    keepalive: tuple[object, ...] = ()  # the host index whose quantizer `ivf` points into
+    keepalive: faiss.Index  # the segment index `ivf` belongs to
+
+    @property
+    def nlist(self) -> int:
+        return int(self.ivf.nlist)
+
+    @property
+    def nprobe(self) -> int:  # the Searcher's knob, set on the loaded index
+        return min(int(self.ivf.nprobe), self.nlist)
 
     def search(
-        self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None, coarse: Coarse
+        self, queries: np.ndarray, k: int, live_rows: LiveRows | None, coarse: Coarse
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top k of this segment's live rows (selector: by position) in the query's host lists, as ids."""
-        nprobe = min(int(self.host_ivf.nprobe), int(self.host_ivf.nlist))
-        if self.host not in coarse:
-            coarse[self.host] = self.host_ivf.quantizer.search(queries, nprobe)
-        centroid_scores, lists = coarse[self.host]
+        """Top k of the host's live rows in the queries' lists, as ids: what `search` answers."""
+        centroid_scores, lists, _ = coarse.of(self, queries)
         params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        if selector is not None:
-            params.sel = selector
+        params.nprobe = self.nprobe
+        if live_rows is not None:
+            params.sel = live_rows.selector
         n = len(queries)
         scores = np.empty((n, k), dtype=np.float32)
         positions = np.empty((n, k), dtype=np.int64)
@@ -78,19 +105,54 @@ class SegmentLists:
         return scores, np.where(positions >= 0, self.row_ids[np.maximum(positions, 0)], MISSING_ID)
 
 
-def id_mapped_rows(index: faiss.Index) -> tuple[faiss.Index, np.ndarray] | None:
-    """The inner index of an IDMap(2) whose inner labels are row positions, and each row's id."""
-    outer = faiss.downcast_index(index)
-    if not isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
-        return None
-    inner = faiss.downcast_index(outer.index)
-    row_ids = faiss.vector_to_array(outer.id_map).astype(np.int64, copy=False)
-    if int(inner.ntotal) != len(row_ids):
-        return None
-    return inner, row_ids
+@dataclass(frozen=True)
+class FiledRows:
+    """A Flat segment's rows, each filed under the host list its vector falls in."""
+
+    host: HostLists
+    row_lists: np.ndarray  # int32: the host list of each row position
+    vectors: np.ndarray  # float32 (rows, dim): a view of the Flat index's own vectors
+    row_ids: np.ndarray  # int64: the id of each row position
+    keepalive: faiss.Index  # the Flat index whose memory `vectors` views
+
+    def search(
+        self, queries: np.ndarray, k: int, live_rows: LiveRows | None, coarse: Coarse
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top k of the segment's live rows in the queries' host lists (score desc, then id asc), as ids."""
+        return search_filed([(self, live_rows)], queries, k, coarse)
 
 
-def host_lists(name: str, index: faiss.Index) -> SegmentLists | None:
+def search_filed(
+    filed: Sequence[tuple[FiledRows, LiveRows | None]], queries: np.ndarray, k: int, coarse: Coarse
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top k over several segments filed under one host, as one part (one top-k, not one per segment:
+    a search_segments part costs its merge, and each filed segment finds only a few rows)."""
+    (host,) = {id(segment.host): segment.host for segment, _ in filed}.values()
+    _, _, probed = coarse.of(host, queries)
+    n = len(queries)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    out_ids = np.full((n, k), MISSING_ID, dtype=np.int64)
+    for row in range(n):
+        scores, ids = [], []
+        for segment, live_rows in filed:
+            found = probed[row][segment.row_lists]
+            if live_rows is not None:
+                found &= live_rows.live
+            candidates = np.flatnonzero(found)
+            if len(candidates):
+                scores.append(segment.vectors[candidates] @ queries[row])
+                ids.append(segment.row_ids[candidates])
+        if not ids:
+            continue
+        all_scores = np.concatenate(scores).astype(np.float32, copy=False)
+        all_ids = np.concatenate(ids)
+        order = np.lexsort((all_ids, -all_scores))[:k]
+        out_scores[row, : len(order)] = all_scores[order]
+        out_ids[row, : len(order)] = all_ids[order]
+    return out_scores, out_ids
+
+
+def host_lists(name: str, index: faiss.Index) -> HostLists | None:
     """An inner-product IVF-Flat segment's own lists (it can host others), or None for any other index."""
     mapped = id_mapped_rows(index)
     if mapped is None:
@@ -98,11 +160,11 @@ def host_lists(name: str, index: faiss.Index) -> SegmentLists | None:
     inner, row_ids = mapped
     if not isinstance(inner, faiss.IndexIVFFlat) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
         return None
-    return SegmentLists(name, inner, inner, row_ids, (index,))
+    return HostLists(name, inner, row_ids, index)
 
 
-def file_under(host: SegmentLists, index: faiss.Index) -> SegmentLists | None:
-    """A Flat inner-product segment's rows filed under `host`'s lists (in memory), or None."""
+def file_under(host: HostLists, index: faiss.Index) -> FiledRows | None:
+    """A Flat inner-product segment's rows filed under `host`'s lists, or None for any other index."""
     mapped = id_mapped_rows(index)
     if mapped is None:
         return None
@@ -110,17 +172,20 @@ def file_under(host: SegmentLists, index: faiss.Index) -> SegmentLists | None:
     if (
         not isinstance(flat, faiss.IndexFlat)
         or flat.metric_type != faiss.METRIC_INNER_PRODUCT
-        or int(flat.d) != int(host.host_ivf.d)
+        or int(flat.d) != int(host.ivf.d)
     ):
         return None
-    quantizer = host.host_ivf.quantizer
-    ivf = faiss.IndexIVFFlat(quantizer, int(flat.d), int(host.host_ivf.nlist), faiss.METRIC_INNER_PRODUCT)
-    if len(row_ids):
-        ivf.add(flat.reconstruct_n(0, len(row_ids)))
-    return SegmentLists(host.host, ivf, host.host_ivf, row_ids, (*host.keepalive, quantizer))
+    rows, dim = len(row_ids), int(flat.d)
+    vectors = faiss.rev_swig_ptr(flat.get_xb(), rows * dim).reshape(rows, dim) if rows else np.zeros((0, dim))
+    # The nearest centroid of each row: the list the host's own `add` would have put it in.
+    _, nearest = host.ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return FiledRows(host, nearest[:, 0].astype(np.int32), vectors, row_ids, index)
 
 
-def largest_host(candidates: Sequence[tuple[SegmentLists | None, int]]) -> SegmentLists | None:
+SegmentLists = HostLists | FiledRows
+
+
+def largest_host(candidates: Sequence[tuple[HostLists | None, int]]) -> HostLists | None:
     """The host of a version: of its IVF-Flat segments' lists (with their live counts), the largest's."""
-    hosts = [(live, lists) for lists, live in candidates if lists is not None and lists.host_ivf is lists.ivf]
+    hosts = [(live, lists) for lists, live in candidates if lists is not None]
     return max(hosts, key=lambda pair: pair[0])[1] if hosts else None

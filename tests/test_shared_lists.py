@@ -13,7 +13,7 @@ from image_search.index_spec import IndexSpec
 from image_search.manifest import ImageRecord
 from image_search.segment_search import search_segments, searchable
 from image_search.segments import Version, build_segment, with_changes
-from image_search.shared_lists import file_under, host_lists, largest_host
+from image_search.shared_lists import FiledRows, file_under, host_lists, largest_host
 from image_search.storage import LocalStore
 from serve_app.config import SearcherOptions
 from serve_app.deployments.searcher import assemble_index, load_segment
@@ -63,7 +63,7 @@ def test_filed_segments_answer_as_one_ivf_index_over_the_live_vectors(nprobe: in
     searchables = [searchable("host", segments[0][1], segments[0][2], lists=host)]
     for name, index, dead in segments[1:]:
         filed = file_under(host, index)
-        assert filed is not None and filed.host == "host"
+        assert filed is not None and filed.host is host
         searchables.append(searchable(name, index, dead, lists=filed))
     queries = unit(np.random.default_rng(8), 25)
     k = 10
@@ -126,7 +126,7 @@ def test_a_searcher_files_its_flat_segments_once_and_keeps_them_across_versions(
     one, two = assemble_index(first, loaded), assemble_index(second, loaded)
     (host_one, small_one), (host_two, small_two) = one.segments, two.segments
     assert host_one.lists is not None and host_one.lists is loaded[0].lists is host_two.lists
-    assert small_one.lists is not None and small_one.lists.host == big.name
+    assert isinstance(small_one.lists, FiledRows) and small_one.lists.host.name == big.name
     assert small_two.lists is small_one.lists  # filed once, not per version
     assert small_two.live_count == 58
     queries = unit(np.random.default_rng(4), 5)

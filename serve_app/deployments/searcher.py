@@ -48,7 +48,7 @@ from image_search.segments import (
     read_version,
 )
 from image_search.shards import version_shard
-from image_search.shared_lists import SegmentLists, file_under, host_lists, largest_host
+from image_search.shared_lists import FiledRows, HostLists, SegmentLists, file_under, host_lists, largest_host
 from image_search.storage import Store, is_s3_uri, open_store
 from serve_app.computed_once import ComputedOnce
 from serve_app.config import SearcherOptions
@@ -75,17 +75,17 @@ class LoadedSegment:
     index: faiss.Index
     rows: SegmentRows  # ids per row and the raw vectors (filtered exact scans, stored vectors)
     fp16_scan: Fp16Scan | None = None  # small Flat segments: built once, used by every version
-    lists: SegmentLists | None = None  # an IVF-Flat segment's own lists: it can host the small ones
+    lists: HostLists | None = None  # an IVF-Flat segment's own lists: it can host the small ones
     # A Flat segment filed under a host's lists (image_search/shared_lists.py), by host name: built
     # once, kept for the newest host only (a retained version holds its own reference).
-    filed: dict[str, SegmentLists | None] = field(default_factory=dict, compare=False)
+    filed: dict[str, FiledRows | None] = field(default_factory=dict, compare=False)
 
-    def filed_under(self, host: SegmentLists) -> SegmentLists | None:
-        if host.host not in self.filed:
+    def filed_under(self, host: HostLists) -> FiledRows | None:
+        if host.name not in self.filed:
             filed = file_under(host, self.index)
             self.filed.clear()
-            self.filed[host.host] = filed
-        return self.filed[host.host]
+            self.filed[host.name] = filed
+        return self.filed[host.name]
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,10 @@ def assemble_index(version: Version, segments: Sequence[LoadedSegment]) -> Loade
     host = largest_host([(s.lists, s.index.ntotal - len(version.deleted_ids(s.name))) for s in segments])
 
     def lists_of(segment: LoadedSegment) -> SegmentLists | None:
-        if host is None or segment.lists is not None:  # no host, or the host (or an IVF with its own lists)
-            return segment.lists if segment.lists is host else None
+        if host is None:
+            return None
+        if segment.lists is not None:  # the host itself, or another IVF segment (searched on its own lists)
+            return host if segment.lists is host else None
         return segment.filed_under(host)
 
     searchables = tuple(
