@@ -26,9 +26,9 @@ host, not per version. Dead rows are skipped by position (live_rows.py) in both 
 
 API: `host_lists(name, index) -> HostLists | None` (an IVF-Flat segment's own lists);
 `file_under(host, index) -> FiledRows | None` (a Flat segment's rows filed under the host's);
-`largest_host([(lists, live count)])`; both kinds `search(queries, k, live_rows, coarse)`, `coarse`
-a `Coarse` that carries one search's assignment from segment to segment; `search_filed(...)`
-searches all the filed segments of a version as one.
+`largest_host([(lists, live count)])`; `host.search(queries, k, live_rows, coarse)` and
+`search_filed([(filed, live_rows)], queries, k, coarse)` (all of a version's filed segments as one
+part), `coarse` a `Coarse` that carries one search's assignment from segment to segment.
 """
 
 from __future__ import annotations
@@ -46,18 +46,24 @@ from image_search.live_rows import MISSING_ID, LiveRows, id_mapped_rows
 class Coarse:
     """One search's assignment of its queries to the host's lists, computed by the first segment asking."""
 
-    by_host: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    by_host: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    probed_by_host: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def of(self, host: HostLists, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(centroid scores (n, nprobe), list numbers (n, nprobe), probed (n, nlist) bool) for `host`."""
+    def of(self, host: HostLists, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(centroid scores (n, nprobe), list numbers (n, nprobe)) of the queries for `host`."""
         if host.name not in self.by_host:
-            nprobe = host.nprobe
-            centroid_scores, lists = host.ivf.quantizer.search(queries, nprobe)
+            self.by_host[host.name] = host.ivf.quantizer.search(queries, host.nprobe)
+        return self.by_host[host.name]
+
+    def probed(self, host: HostLists, queries: np.ndarray) -> np.ndarray:
+        """(n, nlist) bool: whether each query probes each list (only the filed segments need it)."""
+        if host.name not in self.probed_by_host:
+            _, lists = self.of(host, queries)
             probed = np.zeros((len(queries), host.nlist), dtype=bool)
             rows, columns = np.nonzero(lists >= 0)  # FAISS pads with -1 where it found fewer lists
             probed[rows, lists[rows, columns]] = True
-            self.by_host[host.name] = (centroid_scores, lists, probed)
-        return self.by_host[host.name]
+            self.probed_by_host[host.name] = probed
+        return self.probed_by_host[host.name]
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class HostLists:
         self, queries: np.ndarray, k: int, live_rows: LiveRows | None, coarse: Coarse
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top k of the host's live rows in the queries' lists, as ids: what `search` answers."""
-        centroid_scores, lists, _ = coarse.of(self, queries)
+        centroid_scores, lists = coarse.of(self, queries)
         params = faiss.SearchParametersIVF()
         params.nprobe = self.nprobe
         if live_rows is not None:
@@ -115,12 +121,6 @@ class FiledRows:
     row_ids: np.ndarray  # int64: the id of each row position
     keepalive: faiss.Index  # the Flat index whose memory `vectors` views
 
-    def search(
-        self, queries: np.ndarray, k: int, live_rows: LiveRows | None, coarse: Coarse
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top k of the segment's live rows in the queries' host lists (score desc, then id asc), as ids."""
-        return search_filed([(self, live_rows)], queries, k, coarse)
-
 
 def search_filed(
     filed: Sequence[tuple[FiledRows, LiveRows | None]], queries: np.ndarray, k: int, coarse: Coarse
@@ -128,7 +128,7 @@ def search_filed(
     """Top k over several segments filed under one host, as one part (one top-k, not one per segment:
     a search_segments part costs its merge, and each filed segment finds only a few rows)."""
     (host,) = {id(segment.host): segment.host for segment, _ in filed}.values()
-    _, _, probed = coarse.of(host, queries)
+    probed = coarse.probed(host, queries)
     n = len(queries)
     out_scores = np.full((n, k), -np.inf, dtype=np.float32)
     out_ids = np.full((n, k), MISSING_ID, dtype=np.int64)

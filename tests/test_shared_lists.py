@@ -97,9 +97,9 @@ def test_only_an_inner_product_ivf_flat_hosts_and_only_a_flat_segment_is_filed()
     host = host_lists("host", segments[0][1])
     assert host is not None
     assert file_under(host, segments[0][1]) is None  # an IVF segment keeps its own lists
-    l2 = build_faiss_index(unit(np.random.default_rng(1), 50), IndexSpec("Flat"), np.arange(50))
+    inner_product_flat = build_faiss_index(unit(np.random.default_rng(1), 50), IndexSpec("Flat"), np.arange(50))
     assert file_under(host, faiss.IndexIDMap2(faiss.IndexFlatL2(DIM))) is None
-    assert file_under(host, l2) is not None
+    assert file_under(host, inner_product_flat) is not None
 
 
 def test_the_largest_live_ivf_segment_hosts() -> None:
